@@ -1,0 +1,128 @@
+"""`busgen-jax <stage> [flags]`: parses flags, then calls the stage.
+
+Every stage takes `--config` (an ml-collections config file; `path.py:arg` passes an argument to its
+get_config) or, without it, the stage's built-in default config, plus `--config.key=value` overrides and
+`--workdir`. `busgen-jax <stage> --helpfull` lists everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  help: str
+  default_config: Callable | None        # the config used when --config is not given
+  define_flags: Callable[[], None]
+  main: Callable[[list[str]], None]
+
+
+def _define_config(default_config: Callable | None, argv: list[str]) -> None:
+  from ml_collections import config_flags
+  given = any(a == "--config" or a.startswith("--config=") for a in argv)
+  if given or default_config is None:
+    config_flags.DEFINE_config_file("config", None, "ml-collections config file (path.py[:arg])", lock_config=True)
+  else:
+    config_flags.DEFINE_config_dict("config", default_config(), "the stage's default config", lock_config=True)
+  flags.DEFINE_string("workdir", None, "working/output directory")
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+def _convert_flags():
+  flags.DEFINE_string("format", None, "shorthand for --config.format (phantom, busi, busbra, manifest)")
+  flags.DEFINE_string("input", None, "shorthand for --config.input (input root or manifest file)")
+  flags.DEFINE_string("output", None, "shorthand for --config.output (data_dir; --workdir works too)")
+  flags.DEFINE_integer("shard_index", None, "shorthand for --config.shard_index")
+  flags.DEFINE_integer("num_shards", None, "shorthand for --config.num_shards")
+
+
+def _convert_main(argv):
+  from busgen_jax.data import convert
+  cfg = FLAGS.config
+  with cfg.unlocked():
+    for name in ("format", "input", "shard_index", "num_shards"):
+      if FLAGS[name].value is not None:
+        cfg[name] = FLAGS[name].value
+    output = FLAGS.output or FLAGS.workdir
+    if output:
+      cfg.output = output
+  ds = convert.run(cfg)
+  report = json.loads((ds / convert.REPORT).read_text()) if (ds / convert.REPORT).exists() else None
+  if report:
+    print(f"{ds}\n  {report['inputs']} inputs -> {report['converted']} converted, {report['rejected']} rejected "
+          f"{report['rejections_by_code']}; splits {report['counts']['split']}")
+
+
+def _default_convert_config():
+  from busgen_jax.data import convert
+  return convert.default_config()
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+def _inspect_flags():
+  flags.DEFINE_string("split", None, "split for the contact sheet (default: train)")
+  flags.DEFINE_string("sheet", None, "contact sheet PNG path (default: <dataset dir>/contact_sheet.png)")
+  flags.DEFINE_integer("num_images", 48, "images on the contact sheet")
+  flags.DEFINE_bool("json", False, "print the summary as JSON")
+
+
+def _inspect_main(argv):
+  from pathlib import Path
+  from busgen_jax.data import inspect, reader
+  paths = argv[1:] or ([FLAGS.workdir] if FLAGS.workdir else [])
+  if len(paths) != 1:
+    raise app.UsageError("usage: busgen-jax inspect DATASET_DIR [--split train] [--sheet out.png]")
+  ds = reader.open_dataset(paths[0])
+  summary = inspect.summarize(ds)
+  sheet = inspect.contact_sheet(ds, Path(FLAGS.sheet) if FLAGS.sheet else ds.dir / "contact_sheet.png",
+                                split=FLAGS.split, n=FLAGS.num_images)
+  summary["contact_sheet"] = str(sheet)
+  print(json.dumps(summary, indent=1) if FLAGS.json else inspect.format_summary(summary) + f"\ncontact sheet: {sheet}")
+
+
+STAGES: dict[str, Stage] = {
+    "convert": Stage("convert a dataset (phantom, BUSI, BUS-BRA, manifest) to ArrayRecord shards",
+                     _default_convert_config, _convert_flags, _convert_main),
+    "inspect": Stage("print a dataset's counts and label distributions, write a contact sheet",
+                     None, _inspect_flags, _inspect_main),
+}
+
+
+def _usage() -> str:
+  width = max(map(len, STAGES))
+  return "usage: busgen-jax <stage> [flags]\n\nstages:\n" + "\n".join(
+      f"  {name:{width}s}  {s.help}" for name, s in STAGES.items()) + "\n\n`busgen-jax <stage> --help` for its flags."
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  name = argv[1]
+  if name not in STAGES:
+    print(f"busgen-jax: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
+    sys.exit(2)
+  stage = STAGES[name]
+  stage_argv = [f"busgen-jax {name}"] + argv[2:]
+  if name != "inspect":
+    _define_config(stage.default_config, stage_argv)
+  else:
+    flags.DEFINE_string("workdir", None, "dataset directory (or give it as the argument)")
+  stage.define_flags()
+  logging.set_verbosity(logging.INFO)
+  app.run(stage.main, argv=stage_argv)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,124 @@
+"""Our reader of record-schema datasets: random access, decoded to NumPy, no TensorFlow imported.
+
+The same directory is also readable as `tfds.builder_from_directory(dir).as_data_source(split)`,
+`tfds.data_source(name, data_dir=<output>)`, and raw with `grain.ArrayRecordDataSource(ds.files(split))`
+(records are TFDS-serialised tf.train.Example; decode with `ds.decode(record)`).
+
+    ds = busgen_jax.data.reader.open_dataset("/data/busbra")   # data_dir, <name>/ or <name>/<version>/
+    src = ds.source("train")           # len(src), src[i] -> dict of NumPy arrays / str
+    ds.vocab("device")                 # the dataset's own label names
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TEXT_FIELDS = ("id", "case_id", "source_dataset", "source_file", "sha256", "split", "gen_model", "gen_conditions")
+
+
+def find_dataset_dir(path: str | Path) -> Path:
+  """The folder holding dataset_info.json: `path` itself, or the single dataset/version below it."""
+  p = Path(path).expanduser()
+  if (p / "dataset_info.json").is_file():
+    return p
+  dirs = sorted({q.parent for pattern in ("*/dataset_info.json", "*/*/dataset_info.json") for q in p.glob(pattern)})
+  if len(dirs) == 1:
+    return dirs[0]
+  if not dirs:
+    raise FileNotFoundError(f"{p}: no dataset here (no dataset_info.json in it or one or two levels below)")
+  raise ValueError(f"{p}: several datasets below ({', '.join(str(d.relative_to(p)) for d in dirs)}); name one")
+
+
+class Dataset:
+  """A converted or generated dataset directory."""
+
+  def __init__(self, path: str | Path):
+    self.dir = find_dataset_dir(path)
+    self.info = json.loads((self.dir / "dataset_info.json").read_text())
+    self.name = self.info["name"]
+    self._splits = {s["name"]: [int(n) for n in s.get("shardLengths", [])] for s in self.info.get("splits", [])}
+
+  @property
+  def splits(self) -> dict[str, int]:
+    return {name: sum(lengths) for name, lengths in self._splits.items()}
+
+  @functools.cached_property
+  def features(self):
+    import tensorflow_datasets as tfds  # tfds itself does not import TensorFlow for this
+    return tfds.features.FeatureConnector.from_config(str(self.dir))
+
+  def vocab(self, field: str) -> list[str]:
+    """Label names of a ClassLabel field (pathology, device, birads, histology)."""
+    return list(self.features[field].names)
+
+  @property
+  def report(self) -> dict[str, Any]:
+    p = self.dir / "conversion_report.json"
+    if not p.exists():
+      p = self.dir / "generation_report.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+  def files(self, split: str) -> list[str]:
+    if split not in self._splits:
+      raise KeyError(f"{self.dir}: no split {split!r} (splits: {sorted(self._splits)})")
+    n = len(self._splits[split])
+    return [str(self.dir / f"{self.name}-{split}.array_record-{i:05d}-of-{n:05d}") for i in range(n)]
+
+  def decode(self, record: bytes) -> dict[str, Any]:
+    ex = self.features.deserialize_example_np(record)
+    out = dict(ex)
+    for k in TEXT_FIELDS:
+      if isinstance(out.get(k), bytes):
+        out[k] = out[k].decode("utf-8")
+    out["boxes"] = np.asarray(out["boxes"], np.float32).reshape(-1, 4)
+    return out
+
+  def source(self, split: str) -> "RecordSource":
+    return RecordSource(str(self.dir), split)
+
+
+class RecordSource:
+  """A random-access source of decoded examples (Grain's RandomAccessDataSource protocol); picklable."""
+
+  def __init__(self, dataset_dir: str, split: str):
+    self.dataset_dir = dataset_dir
+    self.split = split
+    self._dataset = None
+    self._records = None
+    self._len = Dataset(dataset_dir).splits[split]
+
+  def _open(self):
+    if self._records is None:
+      from array_record.python.array_record_data_source import ArrayRecordDataSource
+      self._dataset = Dataset(self.dataset_dir)
+      files = [f for f, n in zip(self._dataset.files(self.split), self._dataset._splits[self.split]) if n > 0]
+      self._records = ArrayRecordDataSource(files) if files else []
+    return self._records
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of range for split {self.split!r} of {self._len}")
+    records = self._open()
+    return self._dataset.decode(records[index])
+
+  def __getstate__(self):
+    return {"dataset_dir": self.dataset_dir, "split": self.split, "_len": self._len}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _dataset=None, _records=None)
+
+  def __repr__(self):
+    return f"RecordSource({self.dataset_dir!r}, {self.split!r}, len={self._len})"
+
+
+def open_dataset(path: str | Path) -> Dataset:
+  return Dataset(path)
+
