@@ -90,7 +90,23 @@ def _inspect_main(argv):
   print(json.dumps(summary, indent=1) if FLAGS.json else inspect.format_summary(summary) + f"\ncontact sheet: {sheet}")
 
 
+# ---------------------------------------------------------------------------------------------------- demo
+
+def _demo_main(argv):
+  from busgen_jax import demo
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  demo.run(FLAGS.config, FLAGS.workdir)
+
+
+def _default_demo_config():
+  from busgen_jax import demo
+  return demo.default_config()
+
+
 STAGES: dict[str, Stage] = {
+    "demo": Stage("the end-to-end job on the built-in phantom data (writes <workdir>/report.md)",
+                  _default_demo_config, lambda: None, _demo_main),
     "convert": Stage("convert a dataset (phantom, BUSI, BUS-BRA, manifest) to ArrayRecord shards",
                      _default_convert_config, _convert_flags, _convert_main),
     "inspect": Stage("print a dataset's counts and label distributions, write a contact sheet",

@@ -129,7 +129,7 @@ def _json_default(o):
 def write_shard(source: base.Source, vocab: schema.Vocab, image_cfg: dict, ds_dir: Path, name: str,
                 fingerprint: str, task: ShardTask) -> dict:
   from array_record.python import array_record_module
-  feats = schema.features(vocab)
+  serialize = schema.Serializer(vocab)
   path = ds_dir / shard_filename(name, task.split, task.shard, task.num_split_shards)
   tmp = path.with_name(path.name + ".tmp")
   writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
@@ -140,7 +140,7 @@ def write_shard(source: base.Source, vocab: schema.Vocab, image_cfg: dict, ds_di
       try:
         ex, warn = source.load(item)
         ex = resize_for_storage(ex, image_cfg["resize"], image_cfg["size"])
-        record = feats.serialize_example(schema.to_feature_dict(ex, task.split))
+        record = serialize(schema.to_feature_dict(ex, task.split))
       except base.Reject as e:
         rejections.append({"file": item.source_file or item.key, "code": e.code, "reason": e.message})
         continue

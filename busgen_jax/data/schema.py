@@ -180,3 +180,17 @@ def to_feature_dict(ex: Example, split: str) -> dict:
       "gen_seed": ex.gen_seed,
       "gen_conditions": json.dumps(dict(ex.gen_conditions), sort_keys=True) if ex.gen_conditions else "",
   }
+
+
+class Serializer:
+  """Example dict -> record bytes, deterministically: tf.Example's feature map is otherwise written in hash
+  order, which differs between processes, and identical inputs must give identical shards."""
+
+  def __init__(self, vocab: Vocab):
+    from tensorflow_datasets.core import example_serializer
+    self.features = features(vocab)
+    self._serializer = example_serializer.ExampleSerializer(self.features.get_serialized_info())
+
+  def __call__(self, feature_dict: dict) -> bytes:
+    proto = self._serializer.get_tf_example(self.features.encode_example(feature_dict))
+    return proto.SerializeToString(deterministic=True)

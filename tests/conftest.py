@@ -1,0 +1,31 @@
+"""Test setup: 8 simulated CPU devices for sharding tests, absl flags parsed, shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Grain's worker processes read absl flags; outside absl.app.run they must be marked parsed.
+flags.FLAGS.mark_as_parsed()
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+  if not SHARED.is_dir():
+    pytest.skip("../shared is absent (a user's machine has none)")
+  return SHARED
+
+
+@pytest.fixture(scope="session")
+def busbra_dir(shared_dir) -> Path:
+  p = shared_dir / "data" / "busbra"
+  if not (p / "bus_data.csv").is_file():
+    pytest.skip("../shared/data/busbra is absent")
+  return p
