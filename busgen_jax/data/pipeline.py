@@ -1,0 +1,247 @@
+"""The one Grain input pipeline, shared by diffusion training, sampling conditions and classifiers.
+
+    index streams (per source: filter, per-epoch shuffle, class balancing, endless epochs)
+      -> MapDataset.mix(weights) -> this process's slice -> load + transform (random_map, seeded per index)
+      -> batch (per-process share of the global batch) -> to_iter_dataset -> mp_prefetch (workers)
+
+Everything random is a function of (seed, position), so the same seed gives the same batches for any number of
+worker processes, and the iterator's state is its position (Grain checkpoints it). Records are decoded only
+after the per-process slice, so each host decodes only its own examples.
+
+Labels are mapped to one global vocabulary (`data.device_vocab`, else the union of the sources' names with
+"unknown" first), since each dataset stores its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+
+from busgen_jax.data import reader, schema, transforms
+
+LABEL_FIELDS = ("pathology", "device", "birads", "histology")
+_EPOCHS = 1_000_000  # "endless": a virtual length far beyond any run
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Named sources: path (dataset dir or data_dir), split, mixing weight, filters (lists of label names).
+  c.sources = ml_collections.ConfigDict({"real": {"path": "", "split": "train", "weight": 1.0,
+                                                  "filters": {"pathology": [], "device": [], "birads": [],
+                                                              "histology": []}}})
+  c.image_size = 128
+  c.batch_size = 32                  # global batch, across all processes
+  c.seed = 0
+  c.shuffle = True
+  c.balance = "none"                 # "none" | "subsample" (BUSGen: larger classes cut each epoch) | "weighted"
+  c.balance_field = "pathology"
+  c.crop = "random"                  # "random" (keeps every box) | "center"
+  c.flip = True
+  c.ultrasound_augment = ()          # names from transforms.US_AUGMENTATIONS, for classifiers
+  c.device_vocab = ()                # global device names; () = union of the sources' vocabularies
+  c.worker_count = 0                 # Grain worker processes (0: in the main process)
+  c.worker_buffer_size = 2
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+def scan_labels(ds: reader.Dataset, split: str) -> dict[str, np.ndarray]:
+  """The label fields of every record of a split, parsed without decoding images; cached beside the shards."""
+  cache = ds.dir / f"labels-{split}.npz"
+  if cache.exists():
+    with np.load(cache) as z:
+      return {k: z[k] for k in z.files}
+  import tensorflow_datasets as tfds
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
+  skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
+  files = [f for f, n in zip(ds.files(split), ds._splits[split]) if n > 0]
+  records = ArrayRecordDataSource(files) if files else []
+  out = {k: np.zeros(len(records), np.int32) for k in LABEL_FIELDS}
+  for i in range(len(records)):
+    ex = ds.features.deserialize_example_np(records[i], decoders=skip)
+    for k in LABEL_FIELDS:
+      out[k][i] = ex[k]
+  try:  # a read-only dataset is fine: the scan is just redone
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
+  except OSError:
+    pass
+  return out
+
+
+def global_vocab(datasets: Mapping[str, reader.Dataset], names: tuple[str, ...] = ()) -> dict[str, list[str]]:
+  if names:
+    device = list(names) if names[0] == schema.UNKNOWN else [schema.UNKNOWN, *names]
+  else:
+    device = [schema.UNKNOWN] + sorted({n for d in datasets.values() for n in d.vocab("device")} - {schema.UNKNOWN})
+  histology = [schema.UNKNOWN] + sorted(
+      {n for d in datasets.values() for n in d.vocab("histology")} - {schema.UNKNOWN})
+  return {"pathology": list(schema.PATHOLOGY), "birads": list(schema.BIRADS), "device": device,
+          "histology": histology}
+
+
+# ------------------------------------------------------------------------------------------------ index streams
+
+class EpochIndex:
+  """Endless stream of record indices: epoch e is a seeded permutation of the selected indices, or a
+  class-balanced draw from them ("subsample": every class cut to the smallest's size, as BUSGen does each
+  epoch; "weighted": drawn with replacement, weights inverse to class frequency). Random access, picklable."""
+
+  def __init__(self, indices: np.ndarray, classes: np.ndarray, *, balance: str, shuffle: bool, seed: int):
+    if balance not in ("none", "subsample", "weighted"):
+      raise ValueError(f"data.balance must be none, subsample or weighted, got {balance!r}")
+    if not len(indices):
+      raise ValueError("a data source selects no examples (check its split and filters)")
+    self.indices, self.classes = np.asarray(indices), np.asarray(classes)
+    self.balance, self.shuffle, self.seed = balance, shuffle, seed
+    self._groups = [self.indices[self.classes == c] for c in np.unique(self.classes)]
+    m = min(len(g) for g in self._groups)
+    self.epoch_len = m * len(self._groups) if balance == "subsample" else len(self.indices)
+    self._cache: tuple[int, np.ndarray] | None = None
+
+  def epoch(self, e: int) -> np.ndarray:
+    cached = self._cache  # one read: Grain's read threads share this object
+    if cached is not None and cached[0] == e:
+      return cached[1]
+    rng = np.random.default_rng([self.seed, e])
+    if self.balance == "subsample":
+      m = self.epoch_len // len(self._groups)
+      order = np.concatenate([rng.permutation(g)[:m] for g in self._groups])
+      order = rng.permutation(order)
+    elif self.balance == "weighted":
+      counts = {c: n for c, n in zip(*np.unique(self.classes, return_counts=True))}
+      w = np.array([1.0 / counts[c] for c in self.classes])
+      order = self.indices[rng.choice(len(self.indices), size=len(self.indices), p=w / w.sum())]
+    else:
+      order = rng.permutation(self.indices) if self.shuffle else self.indices
+    self._cache = (e, order)
+    return order
+
+  def __len__(self):
+    return self.epoch_len * _EPOCHS
+
+  def __getitem__(self, i: int) -> int:
+    return int(self.epoch(i // self.epoch_len)[i % self.epoch_len])
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": None}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+@dataclasses.dataclass
+class LoadAndTransform(grain.RandomMapTransform):
+  """(source id, record index) -> model-ready example. Picklable: sources reopen lazily in each worker."""
+  sources: tuple[reader.RecordSource, ...]
+  label_maps: tuple[dict[str, np.ndarray], ...]   # per source: field -> dataset index -> global index
+  image_size: int
+  crop: str = "random"
+  flip: bool = True
+  ultrasound_augment: tuple[str, ...] = ()
+
+  def random_map(self, element, rng: np.random.Generator):
+    s, index = element
+    ex = self.sources[s][index]
+    image, mask, boxes = ex["image"][..., 0], ex["mask"][..., 0], ex["boxes"]
+    window = transforms.square_crop_window(*image.shape, boxes, rng if self.crop == "random" else None)
+    image, boxes, mask = transforms.crop(image, boxes, mask, window)
+    if self.flip and rng.uniform() < 0.5:
+      image, boxes, mask = transforms.hflip(image, boxes, mask)
+    image = transforms.resize(np.ascontiguousarray(image), self.image_size)
+    mask = transforms.resize(np.ascontiguousarray(mask), self.image_size, is_mask=True)
+    for name in self.ultrasound_augment:
+      image = transforms.US_AUGMENTATIONS[name](image, rng)
+    out = {
+        "image": transforms.to_model_range(image),
+        "box": transforms.rasterize_boxes(boxes, self.image_size, self.image_size)[..., None],
+        "mask": (mask > 127).astype(np.float32)[..., None],
+        "has_mask": np.bool_(ex["has_mask"]),
+        "source": np.int32(s),
+    }
+    for field, table in self.label_maps[s].items():
+      out[field] = np.int32(table[ex[field]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+@dataclasses.dataclass
+class Pipeline:
+  dataset: grain.IterDataset
+  vocab: dict[str, list[str]]
+  local_batch_size: int
+  source_names: tuple[str, ...]
+
+  def __iter__(self):
+    return iter(self.dataset)
+
+
+def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+          process_count: int | None = None) -> Pipeline:
+  """The pipeline for this process (defaults: jax.process_index()/process_count(), or 0/1 without JAX)."""
+  if process_index is None or process_count is None:
+    process_index, process_count = _process()
+  if cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
+  names = tuple(sorted(cfg.sources.keys()))
+  datasets = {n: reader.open_dataset(cfg.sources[n].path) for n in names}
+  vocab = global_vocab(datasets, tuple(cfg.device_vocab))
+  streams, weights, sources, label_maps = [], [], [], []
+  for s, n in enumerate(names):
+    sc, ds = cfg.sources[n], datasets[n]
+    labels = scan_labels(ds, sc.split)
+    keep = np.ones(len(labels["pathology"]), bool)
+    for field, allowed in sc.get("filters", {}).items():
+      if allowed:
+        unknown = sorted(set(allowed) - set(ds.vocab(field)))
+        if unknown:
+          raise ValueError(f"data.sources.{n}.filters.{field}: {unknown} not in {ds.dir}'s {field} vocabulary "
+                           f"{ds.vocab(field)}")
+        keep &= np.isin(labels[field], [ds.vocab(field).index(a) for a in allowed])
+    idx = np.nonzero(keep)[0]
+    index_stream = EpochIndex(idx, labels[cfg.balance_field][idx], balance=cfg.balance, shuffle=cfg.shuffle,
+                              seed=cfg.seed * 1000 + s)
+    streams.append(grain.MapDataset.source(index_stream).map(_Tag(s)))
+    weights.append(float(sc.weight))
+    sources.append(ds.source(sc.split))
+    label_maps.append({f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32)
+                       for f in LABEL_FIELDS})
+  mixed = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
+  mixed = mixed[process_index::process_count]
+  load = LoadAndTransform(tuple(sources), tuple(label_maps), cfg.image_size, cfg.crop, cfg.flip,
+                          tuple(cfg.ultrasound_augment))
+  local_batch = cfg.batch_size // process_count
+  ds = mixed.random_map(load, seed=cfg.seed).batch(local_batch, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.worker_count else 2, prefetch_buffer_size=4))
+  if cfg.worker_count:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                     per_worker_buffer_size=cfg.worker_buffer_size))
+  return Pipeline(it, vocab, local_batch, names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+  source: int
+
+  def __call__(self, index: int) -> tuple[int, int]:
+    return self.source, index
+
+
+def _global_index(names: list[str], name: str) -> int:
+  return names.index(name) if name in names else 0  # a label outside the global vocabulary is the null row
+
+
+def _process() -> tuple[int, int]:
+  try:
+    import jax
+    return jax.process_index(), jax.process_count()
+  except ImportError:
+    return 0, 1
+
