@@ -37,8 +37,8 @@ def _iterate(p):
     it.close()
 
 
-def _indices(cfg, n_batches, **build_kw):
-  """The (source, record) pairs the pipeline reads, via a pipeline over the same index streams."""
+def _batches(cfg, n_batches, **build_kw):
+  """The first n batches of a freshly built pipeline (its iterator closed)."""
   p = pipeline.build(cfg, **build_kw)
   with _iterate(p) as it:
     return [next(it) for _ in range(n_batches)]
@@ -65,7 +65,7 @@ def test_process_slices_are_disjoint_and_cover(data_dirs):
     cfg = _cfg(a, batch_size=4 * count, flip=False, crop="center")
     seen = []
     for i in range(count):
-      batches = _indices(cfg, 2, process_index=i, process_count=count)
+      batches = _batches(cfg, 2, process_index=i, process_count=count)
       seen.append({bytes(x) for bt in batches for x in bt["image"].reshape(len(bt["image"]), -1)})
     for i in range(count):
       for j in range(i + 1, count):
@@ -78,7 +78,7 @@ def test_mixing_weights_and_subsample_balance(data_dirs):
   with cfg.unlocked():
     cfg.sources.real.weight = 0.3
     cfg.sources.gen = {"path": str(b), "split": "train", "weight": 0.7, "filters": {}}
-  batches = _indices(cfg, 8, process_index=0, process_count=1)
+  batches = _batches(cfg, 8, process_index=0, process_count=1)
   source = np.concatenate([x["source"] for x in batches])  # sources sorted by name: gen=0, real=1
   assert abs(np.mean(source == 0) - 0.7) < 0.05
   real_path = np.concatenate([x["pathology"][x["source"] == 1] for x in batches])
@@ -89,8 +89,8 @@ def test_workers_do_not_change_batches_and_state_restores(data_dirs):
   a, _ = data_dirs
   cfg0 = _cfg(a, worker_count=0)
   cfg2 = _cfg(a, worker_count=2)
-  ref = _indices(cfg0, 6, process_index=0, process_count=1)
-  got = _indices(cfg2, 6, process_index=0, process_count=1)
+  ref = _batches(cfg0, 6, process_index=0, process_count=1)
+  got = _batches(cfg2, 6, process_index=0, process_count=1)
   for x, y in zip(ref, got):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
@@ -109,9 +109,25 @@ def test_workers_do_not_change_batches_and_state_restores(data_dirs):
 def test_filters_and_errors(data_dirs):
   a, _ = data_dirs
   cfg = _cfg(a, **{"sources.real.filters.pathology": ["malignant"]})
-  batch = _indices(cfg, 2, process_index=0, process_count=1)
+  batch = _batches(cfg, 2, process_index=0, process_count=1)
   assert all((x["pathology"] == 2).all() for x in batch)
   with pytest.raises(ValueError, match="not in .* pathology vocabulary"):
     pipeline.build(_cfg(a, **{"sources.real.filters.pathology": ["cancer"]}), process_index=0, process_count=1)
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.build(_cfg(a, batch_size=9), process_index=0, process_count=2)
+
+
+def test_epoch_index_balancing_modes():
+  classes = np.array([1] * 90 + [2] * 10)
+  idx = np.arange(100)
+  sub = pipeline.EpochIndex(idx, classes, balance="subsample", shuffle=True, seed=0)
+  e0 = sub.epoch(0)
+  assert len(e0) == 20 and np.bincount(classes[e0]).tolist() == [0, 10, 10]
+  assert not np.array_equal(e0, sub.epoch(1)) and sub[3] == int(e0[3])
+  w = pipeline.EpochIndex(idx, classes, balance="weighted", shuffle=True, seed=0)
+  draws = np.concatenate([w.epoch(e) for e in range(20)])
+  assert abs(np.mean(classes[draws] == 2) - 0.5) < 0.05  # inverse-frequency weights balance the classes
+  np.testing.assert_array_equal(w.epoch(3), pipeline.EpochIndex(idx, classes, balance="weighted", shuffle=True,
+                                                                  seed=0).epoch(3))
+  plain = pipeline.EpochIndex(idx, classes, balance="none", shuffle=True, seed=0)
+  assert sorted(plain.epoch(0).tolist()) == list(range(100))

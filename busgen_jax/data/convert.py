@@ -151,7 +151,7 @@ def write_shard(source: base.Source, vocab: schema.Vocab, image_cfg: dict, ds_di
       writer.write(record)
       warnings += warn
       converted.append([ex.id, ex.sha256])
-      for field in ("pathology", "device", "birads", "histology"):
+      for field in schema.LABEL_FIELDS:
         counts[field][getattr(ex, field)] += 1
       counts["boxes"][str(len(ex.boxes))] += 1
   finally:

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from busgen_jax.data.reader import Dataset
-
-LABEL_FIELDS = ("pathology", "device", "birads", "histology")
+from busgen_jax.data.schema import LABEL_FIELDS
 _COLORS = {"benign": (60, 200, 60), "malignant": (230, 50, 50), "normal": (80, 140, 255), "unknown": (230, 200, 40)}
 
 

@@ -24,7 +24,6 @@ import numpy as np
 
 from busgen_jax.data import reader, schema, transforms
 
-LABEL_FIELDS = ("pathology", "device", "birads", "histology")
 _EPOCHS = 1_000_000  # "endless": a virtual length far beyond any run
 
 
@@ -58,14 +57,12 @@ def scan_labels(ds: reader.Dataset, split: str) -> dict[str, np.ndarray]:
     with np.load(cache) as z:
       return {k: z[k] for k in z.files}
   import tensorflow_datasets as tfds
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
   skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
-  files = [f for f, n in zip(ds.files(split), ds._splits[split]) if n > 0]
-  records = ArrayRecordDataSource(files) if files else []
-  out = {k: np.zeros(len(records), np.int32) for k in LABEL_FIELDS}
+  records = ds.records(split)
+  out = {k: np.zeros(len(records), np.int32) for k in schema.LABEL_FIELDS}
   for i in range(len(records)):
     ex = ds.features.deserialize_example_np(records[i], decoders=skip)
-    for k in LABEL_FIELDS:
+    for k in schema.LABEL_FIELDS:
       out[k][i] = ex[k]
   try:  # a read-only dataset is fine: the scan is just redone
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
@@ -104,6 +101,9 @@ class EpochIndex:
     self._groups = [self.indices[self.classes == c] for c in np.unique(self.classes)]
     m = min(len(g) for g in self._groups)
     self.epoch_len = m * len(self._groups) if balance == "subsample" else len(self.indices)
+    _, inverse, counts = np.unique(self.classes, return_inverse=True, return_counts=True)
+    self._weights = 1.0 / counts[inverse]  # "weighted": inverse class frequency
+    self._weights /= self._weights.sum()
     self._cache: tuple[int, np.ndarray] | None = None
 
   def epoch(self, e: int) -> np.ndarray:
@@ -116,9 +116,7 @@ class EpochIndex:
       order = np.concatenate([rng.permutation(g)[:m] for g in self._groups])
       order = rng.permutation(order)
     elif self.balance == "weighted":
-      counts = {c: n for c, n in zip(*np.unique(self.classes, return_counts=True))}
-      w = np.array([1.0 / counts[c] for c in self.classes])
-      order = self.indices[rng.choice(len(self.indices), size=len(self.indices), p=w / w.sum())]
+      order = self.indices[rng.choice(len(self.indices), size=len(self.indices), p=self._weights)]
     else:
       order = rng.permutation(self.indices) if self.shuffle else self.indices
     self._cache = (e, order)
@@ -212,7 +210,7 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
     weights.append(float(sc.weight))
     sources.append(ds.source(sc.split))
     label_maps.append({f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32)
-                       for f in LABEL_FIELDS})
+                       for f in schema.LABEL_FIELDS})
   mixed = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
   mixed = mixed[process_index::process_count]
   load = LoadAndTransform(tuple(sources), tuple(label_maps), cfg.image_size, cfg.crop, cfg.flip,

@@ -78,6 +78,12 @@ class Dataset:
     out["boxes"] = np.asarray(out["boxes"], np.float32).reshape(-1, 4)
     return out
 
+  def records(self, split: str):
+    """Raw records of a split (bytes), random access; shards left empty by rejections are skipped."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    files = [f for f, n in zip(self.files(split), self._splits[split]) if n > 0]
+    return ArrayRecordDataSource(files) if files else []
+
   def source(self, split: str) -> "RecordSource":
     return RecordSource(str(self.dir), split)
 
@@ -94,10 +100,8 @@ class RecordSource:
 
   def _open(self):
     if self._records is None:
-      from array_record.python.array_record_data_source import ArrayRecordDataSource
       self._dataset = Dataset(self.dataset_dir)
-      files = [f for f, n in zip(self._dataset.files(self.split), self._dataset._splits[self.split]) if n > 0]
-      self._records = ArrayRecordDataSource(files) if files else []
+      self._records = self._dataset.records(self.split)
     return self._records
 
   def __len__(self) -> int:

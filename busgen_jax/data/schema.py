@@ -40,6 +40,7 @@ UNKNOWN = "unknown"
 PATHOLOGY = ("unknown", "benign", "malignant", "normal")
 BIRADS = ("unknown", "0", "1", "2", "3", "4", "4A", "4B", "4C", "5", "6")
 LESION_PATHOLOGIES = ("benign", "malignant")
+LABEL_FIELDS = ("pathology", "device", "birads", "histology")  # the ClassLabel fields
 
 _PATHOLOGY_SYNONYMS = {"b": "benign", "m": "malignant", "n": "normal", "": UNKNOWN, "none": UNKNOWN, "null": UNKNOWN}
 
