@@ -104,11 +104,56 @@ def _default_demo_config():
   return demo.default_config()
 
 
+# ---------------------------------------------------------------------------------------------------- train
+
+def _train_main(argv):
+  from busgen_jax.train import diffusion
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  diffusion.train(FLAGS.config, FLAGS.workdir)
+
+
+def _default_train_config():
+  from busgen_jax.train import diffusion
+  return diffusion.default_config()
+
+
+# ---------------------------------------------------------------------------------------------------- import-official
+
+def _import_flags():
+  flags.DEFINE_string("checkpoint", None, "official checkpoint (.pt/.pth/.ckpt read weights-only, or .npz)")
+  flags.DEFINE_string("output", None, "output directory (or --workdir)")
+  flags.DEFINE_string("key", None, "entry of the checkpoint dict holding the state dict (default: found)")
+
+
+def _import_main(argv):
+  from busgen_jax import official
+  output = FLAGS.output or FLAGS.workdir
+  if not FLAGS.checkpoint or not output:
+    raise app.UsageError("usage: busgen-jax import-official --checkpoint ckpt.pt --output DIR [--config.ch=...]")
+  c = FLAGS.config
+  cfg = official.model_config(ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
+                              num_groups=c.num_groups, T=c.T, dev_num=c.dev_num)
+  out = official.import_checkpoint(FLAGS.checkpoint, output, cfg, key=FLAGS.key)
+  print(f"{out}: imported {FLAGS.checkpoint} (use --config.init_from={out} to train from it)")
+
+
+def _default_import_config():
+  import ml_collections
+  # The official constructor's arguments (full model defaults).
+  return ml_collections.ConfigDict({"ch": 128, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2, "num_groups": 32,
+                                    "T": 500, "dev_num": 20})
+
+
 STAGES: dict[str, Stage] = {
     "demo": Stage("the end-to-end job on the built-in phantom data (writes <workdir>/report.md)",
                   _default_demo_config, lambda: None, _demo_main),
     "convert": Stage("convert a dataset (phantom, BUSI, BUS-BRA, manifest) to ArrayRecord shards",
                      _default_convert_config, _convert_flags, _convert_main),
+    "train": Stage("train (or resume) the BUSGen diffusion model: --config configs/<...>.py --workdir DIR",
+                   _default_train_config, lambda: None, _train_main),
+    "import-official": Stage("import an official BUSGen PyTorch checkpoint into an Orbax checkpoint",
+                             _default_import_config, _import_flags, _import_main),
     "inspect": Stage("print a dataset's counts and label distributions, write a contact sheet",
                      None, _inspect_flags, _inspect_main),
 }

@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA:CPU compilation dominates the suite: a persistent cache shared by tests, xdist workers and the
+# subprocesses tests start (they inherit these variables) compiles each distinct program once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "xla")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -1,0 +1,74 @@
+"""Training objectives: forward noising, eps / v prediction, SNR weighting, classifier-free label dropout."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from busgen_jax.diffusion.schedule import Schedule
+
+CONDITION_KEYS = ("pathology", "device", "box", "mask")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.prediction = "eps"        # "eps" (official) | "v"
+  c.weighting = "none"        # "none" (official) | "min_snr"
+  c.min_snr_gamma = 5.0
+  c.cond_drop_prob = 0.1      # classifier-free guidance: probability of nulling the conditions
+  c.cond_drop_mode = "batch"  # "batch" (official: the whole batch at once) | "example"
+  return c
+
+
+def drop_conditions(cond: Mapping[str, jax.Array], key: jax.Array, prob: float, mode: str = "batch") -> dict:
+  """Null the conditions (label 0, empty box/mask channels) with probability `prob`, for the whole batch at
+  once ("batch", as the official code does) or independently per example ("example")."""
+  if mode not in ("batch", "example"):
+    raise ValueError(f"cond_drop_mode must be batch or example, got {mode!r}")
+  B = next(iter(cond.values())).shape[0]
+  drop = jax.random.uniform(key, (1 if mode == "batch" else B,)) < prob
+  out = {}
+  for k, v in cond.items():
+    keep = jnp.broadcast_to(~drop, (B,)).reshape((B,) + (1,) * (v.ndim - 1))
+    out[k] = jnp.where(keep, v, jnp.zeros_like(v))
+  return out
+
+
+def diffusion_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], key: jax.Array, sched: Schedule,
+                   c: ml_collections.ConfigDict) -> jax.Array:
+  """Mean loss over the batch: t ~ U{0..T-1}, x_t = sqrt(ab) x0 + sqrt(1-ab) eps, regress eps (or v)."""
+  kt, kn = jax.random.split(key)
+  B = x0.shape[0]
+  t = jax.random.randint(kt, (B,), 0, sched.T)
+  noise = jax.random.normal(kn, x0.shape, jnp.float32)
+  a = jnp.asarray(sched.sqrt_ab, jnp.float32)[t][:, None, None, None]
+  s = jnp.asarray(sched.sqrt_1m_ab, jnp.float32)[t][:, None, None, None]
+  xt = a * x0 + s * noise
+  pred = eps_fn(xt, t, cond)
+  if c.prediction == "eps":
+    target = noise
+  elif c.prediction == "v":
+    target = a * noise - s * x0
+  else:
+    raise ValueError(f"objective.prediction must be eps or v, got {c.prediction!r}")
+  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+  snr = jnp.asarray(sched.snr, jnp.float32)[t]
+  if c.weighting == "min_snr":   # Hang et al. 2023: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v
+    w = jnp.minimum(snr, c.min_snr_gamma) / (snr if c.prediction == "eps" else snr + 1)
+  elif c.weighting == "none":
+    w = jnp.ones_like(snr)
+  else:
+    raise ValueError(f"objective.weighting must be none or min_snr, got {c.weighting!r}")
+  return jnp.mean(w * per_example)
+
+
+def eps_from_prediction(pred: jax.Array, xt: jax.Array, t: jax.Array, sched: Schedule, prediction: str):
+  """A model output (eps or v) as an eps prediction, for the samplers."""
+  if prediction == "eps":
+    return pred
+  a = jnp.asarray(sched.sqrt_ab, jnp.float32)[t][:, None, None, None]
+  s = jnp.asarray(sched.sqrt_1m_ab, jnp.float32)[t][:, None, None, None]
+  return s * xt + a * pred   # v = a eps - s x0, x_t = a x0 + s eps  =>  eps = s x_t + a v

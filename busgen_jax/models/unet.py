@@ -1,0 +1,332 @@
+"""The BUSGen conditional UNet in Flax NNX (NHWC), configurable from test-tiny to the official sizes.
+
+Follows the official model rule by rule (../shared/reference/README.md): a learnable time table initialised
+with interleaved sinusoids -> linear, swish, linear; pathology and device embeddings (row 0 = null),
+concatenated -> linear, swish, linear; res blocks GroupNorm-swish-conv (+ per-channel time and condition
+projections) GroupNorm-swish-dropout-conv (+ 1x1 shortcut); self-attention after every down-path res block
+and the first middle block; downsample = 3x3/s2 conv + 5x5/s2 conv; upsample = 5x5/s2 transposed conv
+(padding 2, output padding 1) then 3x3 conv. The lesion box (and optionally the lesion mask) enter as extra
+input channels of the first conv.
+
+Parameters carry logical axis names (metadata "axes") that parallel.Rules maps onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+CONV_AXES = (None, None, "conv_in", "channels")
+DENSE_AXES = ("embed", "channels")
+VECTOR_AXES = ("vector",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The official full model (ch 128, ch_mult 1,2,2,2, 2 res blocks, 32 groups, T 500, 19 devices + null)."""
+  c = ml_collections.ConfigDict()
+  c.ch = 128
+  c.ch_mult = (1, 2, 2, 2)
+  c.num_res_blocks = 2
+  c.num_groups = 32
+  c.T = 500
+  c.dropout = 0.1
+  c.attn_levels = (-1,)        # down-path levels with attention after each res block; (-1,) = all (official)
+  c.mid_attn = True            # attention after the first middle block (official)
+  c.num_pathology = 3          # rows of the pathology table: null, benign, malignant (official)
+  c.num_devices = 20           # rows of the device table: null + 19 devices (official full model)
+  c.conditions = ("pathology", "device", "box")  # any of these, plus "mask" (lesion-mask channel)
+  c.dtype = "float32"          # compute dtype ("bfloat16": bf16 activations, f32 parameters)
+  c.remat = False              # rematerialise each res block in the backward pass
+  c.attention = "auto"         # "dense" | "chunked" (memory-efficient) | "cudnn" (GPU) | "auto"
+  c.attention_chunk = 1024     # query rows per chunk for chunked attention
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+def _conv(cin, cout, k, rng, stride=1, padding=None, dtype=None):
+  p = (k - 1) // 2 if padding is None else padding
+  return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)), dtype=dtype, rngs=nnx.Rngs(0),
+                  kernel_init=_torch_uniform(rng, cin * k * k), bias_init=_torch_uniform(rng, cin * k * k),
+                  kernel_metadata={"axes": CONV_AXES}, bias_metadata={"axes": ("channels",)})
+
+
+def _dense(cin, cout, rng, dtype=None):
+  return nnx.Linear(cin, cout, dtype=dtype, rngs=nnx.Rngs(0), kernel_init=_torch_uniform(rng, cin),
+                    bias_init=_torch_uniform(rng, cin),
+                    kernel_metadata={"axes": DENSE_AXES}, bias_metadata={"axes": ("channels",)})
+
+
+def _norm(c, groups, dtype):
+  return nnx.GroupNorm(c, num_groups=groups, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0),
+                       scale_metadata={"axes": VECTOR_AXES}, bias_metadata={"axes": VECTOR_AXES})
+
+
+# Initial values are drawn on the host with NumPy, in construction order from the model's seed: jitted
+# jax.random initialisers take ~20 s to compile even for the tiny model on CPU; NumPy takes milliseconds
+# and nothing large is ever built on one device (the trainer places the values straight onto their shardings).
+
+
+def _torch_uniform(rng: np.random.Generator, fan_in: int):
+  """PyTorch's default conv/linear init (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+
+
+def sinusoid_table(T: int, d: int) -> np.ndarray:
+  """Rows t of [sin(t f0), cos(t f0), sin(t f1), cos(t f1), ...], f_i = 10000^(-2i/d) (official init)."""
+  freqs = np.exp(-np.arange(0, d, 2) / d * math.log(10000.0))
+  ang = np.arange(T)[:, None] * freqs[None, :]
+  return np.stack([np.sin(ang), np.cos(ang)], -1).reshape(T, d).astype(np.float32)
+
+
+class Embedding(nnx.Module):
+  def __init__(self, rows: int, dim: int, init: np.ndarray | None, rng: np.random.Generator):
+    value = jnp.asarray(init if init is not None else rng.standard_normal((rows, dim)), jnp.float32)
+    self.embedding = nnx.Param(value, axes=("vocab", "embed"))
+
+  def __call__(self, idx):
+    return jnp.take(self.embedding.value, idx, axis=0)
+
+
+def attention(q, k, v, *, impl: str, chunk: int):
+  """Single-head softmax(q k^T / sqrt(C)) v over all pixels; q, k, v (B, L, C).
+
+  "dense": the whole (L, L) logits at once, as two matmuls XLA fuses around the softmax; "cudnn":
+  jax.nn.dot_product_attention's fused GPU kernel (bf16); "chunked": `chunk` query rows at a time under
+  jax.checkpoint, so neither pass holds more than chunk x L logits (160 px full-resolution attention has
+  L = 25,600: 2.6 GB of f32 logits per image when materialised); "auto": dense up to `chunk` pixels (or while
+  L <= 4096), chunked above."""
+  B, L, C = q.shape
+  if impl == "auto":
+    impl = "dense" if L <= max(chunk, 4096) or L % chunk else "chunked"
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
+                                        implementation="cudnn")[:, :, 0]
+  scale = 1.0 / math.sqrt(C)
+
+  def rows(qc):  # (B, n, C) queries against every key
+    w = jnp.einsum("bqc,bkc->bqk", qc, k, preferred_element_type=jnp.float32) * scale
+    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+    return jnp.einsum("bqk,bkc->bqc", w, v)
+
+  if impl == "dense":
+    return rows(q)
+  if impl != "chunked":
+    raise ValueError(f"model.attention must be dense, chunked, cudnn or auto, got {impl!r}")
+  if L % chunk:
+    raise ValueError(f"chunked attention: {L} pixels are not divisible by attention_chunk={chunk}")
+  qs = q.reshape(B, L // chunk, chunk, C).swapaxes(0, 1)
+  return jax.lax.map(jax.checkpoint(rows), qs).swapaxes(0, 1).reshape(B, L, C)
+
+
+class AttnBlock(nnx.Module):
+  def __init__(self, c, groups, cfg, rng, dtype):
+    self.group_norm = _norm(c, groups, dtype)
+    self.proj_q = _conv(c, c, 1, rng, dtype=dtype)
+    self.proj_k = _conv(c, c, 1, rng, dtype=dtype)
+    self.proj_v = _conv(c, c, 1, rng, dtype=dtype)
+    self.proj = _conv(c, c, 1, rng, dtype=dtype)
+    self.impl, self.chunk = cfg.attention, cfg.attention_chunk
+
+  def __call__(self, x):
+    B, H, W, C = x.shape
+    h = self.group_norm(x)
+    q, k, v = (p(h).reshape(B, H * W, C) for p in (self.proj_q, self.proj_k, self.proj_v))
+    h = attention(q, k, v, impl=self.impl, chunk=self.chunk).reshape(B, H, W, C)
+    return x + self.proj(h)
+
+
+class ResBlock(nnx.Module):
+  def __init__(self, cin, cout, tdim, attn, cfg, rng, dtype):
+    g = cfg.num_groups
+    self.norm1, self.conv1 = _norm(cin, g, dtype), _conv(cin, cout, 3, rng, dtype=dtype)
+    self.temb_proj = _dense(tdim, cout, rng, dtype)
+    self.cond_proj = _dense(tdim, cout, rng, dtype)
+    self.norm2, self.conv2 = _norm(cout, g, dtype), _conv(cout, cout, 3, rng, dtype=dtype)
+    self.dropout = nnx.Dropout(cfg.dropout)
+    self.shortcut = _conv(cin, cout, 1, rng, dtype=dtype) if cin != cout else None
+    self.attn = AttnBlock(cout, g, cfg, rng, dtype) if attn else None
+
+  def __call__(self, x, temb, cemb, rngs=None, deterministic=True):
+    h = self.conv1(nnx.swish(self.norm1(x)))
+    h = h + self.temb_proj(nnx.swish(temb))[:, None, None, :] + self.cond_proj(nnx.swish(cemb))[:, None, None, :]
+    h = nnx.swish(self.norm2(h))
+    h = self.conv2(self.dropout(h, deterministic=deterministic, rngs=rngs))
+    h = h + (self.shortcut(x) if self.shortcut is not None else x)
+    return self.attn(h) if self.attn is not None else h
+
+
+class DownSample(nnx.Module):
+  def __init__(self, c, rng, dtype):
+    self.c1 = _conv(c, c, 3, rng, stride=2, padding=1, dtype=dtype)
+    self.c2 = _conv(c, c, 5, rng, stride=2, padding=2, dtype=dtype)
+
+  def __call__(self, x):
+    return self.c1(x) + self.c2(x)
+
+
+class TransposedConv(nnx.Module):
+  """PyTorch ConvTranspose2d(5x5, stride 2, padding 2, output_padding 1), computed as a sub-pixel convolution.
+
+  The kernel is stored as the equivalent forward conv over the zero-dilated input, (kh, kw, in, out) = torch's
+  (in, out, kh, kw) spatially flipped (the importer converts). Output pixel (2i+a, 2j+b) only meets the kernel
+  taps of its parity, so one 3x3 stride-1 conv with 4x the output channels (a phase each) followed by
+  depth-to-space gives exactly the same sums without the zeros: the input-dilated form's kernel gradient runs
+  ~25x slower on XLA:CPU."""
+
+  _PHASE_TAPS = np.array([[1, 3, 5], [0, 2, 4]])  # taps (offsets -1, 0, +1) of the front-zero-padded kernel
+
+  def __init__(self, c, k, rng, dtype, padding=2):
+    if (k, padding) != (5, 2):
+      raise ValueError("TransposedConv implements the official 5x5 / padding 2 / output padding 1 upsampler")
+    self.kernel = nnx.Param(_torch_uniform(rng, c * k * k)(None, (k, k, c, c)), axes=CONV_AXES)
+    self.bias = nnx.Param(_torch_uniform(rng, c * k * k)(None, (c,)), axes=("channels",))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    dt = self.dtype or x.dtype
+    k = jnp.pad(self.kernel.value, ((1, 0), (1, 0), (0, 0), (0, 0))).astype(dt)    # (6, 6, I, O)
+    t = self._PHASE_TAPS
+    phases = k[t[:, None, :, None], t[None, :, None, :]]                             # (a, b, 3, 3, I, O)
+    B, H, W, C = x.shape
+    kp = jnp.transpose(phases, (2, 3, 4, 0, 1, 5)).reshape(3, 3, C, 4 * C)          # out channels (a, b, O)
+    y = jax.lax.conv_general_dilated(x.astype(dt), kp, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(B, H, W, 2, 2, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C)
+    return y + self.bias.value.astype(dt)
+
+
+class UpSample(nnx.Module):
+  def __init__(self, c, rng, dtype):
+    self.t = TransposedConv(c, 5, rng, dtype)
+    self.c = _conv(c, c, 3, rng, dtype=dtype)
+
+  def __call__(self, x):
+    return self.c(self.t(x))
+
+
+# ------------------------------------------------------------------------------------------------ the UNet
+
+class UNet(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, seed: int = 0):
+    unknown = set(cfg.conditions) - {"pathology", "device", "box", "mask"}
+    if unknown:
+      raise ValueError(f"model.conditions: unknown {sorted(unknown)} (pathology, device, box, mask)")
+    self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)  # static (hashable) in the graph definition
+    dtype = None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
+    rng = np.random.default_rng(seed)
+    ch, tdim = cfg.ch, cfg.ch * 4
+    # Time: learnable table initialised with sinusoids, then linear-swish-linear.
+    self.time_table = Embedding(cfg.T, ch, sinusoid_table(cfg.T, ch), rng)
+    self.time_1, self.time_2 = _dense(ch, tdim, rng, dtype), _dense(tdim, tdim, rng, dtype)
+    # Conditions: pathology and device tables (row 0 = null), concatenated, then linear-swish-linear.
+    self.pathology_table = Embedding(cfg.num_pathology, ch, None, rng)
+    self.device_table = Embedding(cfg.num_devices, ch, None, rng)
+    self.cond_1, self.cond_2 = _dense(2 * ch, tdim, rng, dtype), _dense(tdim, tdim, rng, dtype)
+    self.in_channels = 3 + ("box" in cfg.conditions) + ("mask" in cfg.conditions)
+    self.head = _conv(self.in_channels, ch, 3, rng, dtype=dtype)
+
+    levels = len(cfg.ch_mult)
+    attn_levels = set(range(levels)) if tuple(cfg.attn_levels) == (-1,) else set(cfg.attn_levels)
+    down, chs, now = [], [ch], ch
+    for i, mult in enumerate(cfg.ch_mult):
+      for _ in range(cfg.num_res_blocks):
+        down.append(ResBlock(now, ch * mult, tdim, i in attn_levels, cfg, rng, dtype))
+        now = ch * mult
+        chs.append(now)
+      if i != levels - 1:
+        down.append(DownSample(now, rng, dtype))
+        chs.append(now)
+    self.down = nnx.List(down)
+    self.middle = nnx.List([ResBlock(now, now, tdim, cfg.mid_attn, cfg, rng, dtype),
+                            ResBlock(now, now, tdim, False, cfg, rng, dtype)])
+    up = []
+    for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+      for _ in range(cfg.num_res_blocks + 1):
+        up.append(ResBlock(chs.pop() + now, ch * mult, tdim, False, cfg, rng, dtype))
+        now = ch * mult
+      if i != 0:
+        up.append(UpSample(now, rng, dtype))
+    self.up = nnx.List(up)
+    self.tail_norm = _norm(now, cfg.num_groups, dtype)
+    self.tail_conv = _conv(now, 3, 3, rng, dtype=dtype)
+
+  def condition_channels(self, cond: Mapping[str, Any], like: jax.Array) -> list[jax.Array]:
+    return [cond[k].astype(like.dtype) for k in ("box", "mask") if k in self.cfg.conditions]
+
+  def __call__(self, x, t, cond: Mapping[str, Any], *, rngs: nnx.Rngs | None = None, train: bool = False):
+    """x (B,H,W,3) in [-1,1]-ish, t (B,) integer steps in [0,T), cond: "pathology"/"device" (B,) ints (0 = null),
+    "box"/"mask" (B,H,W,1) channels (all zero = unconditional). Returns the noise prediction (B,H,W,3)."""
+    cfg = self.cfg
+    dtype = x.dtype if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
+    B = x.shape[0]
+    temb = self.time_2(nnx.swish(self.time_1(self.time_table(t))))
+    zeros = jnp.zeros((B,), jnp.int32)
+    pathology = cond["pathology"] if "pathology" in cfg.conditions else zeros
+    device = cond["device"] if "device" in cfg.conditions else zeros
+    cemb = jnp.concatenate([self.pathology_table(pathology), self.device_table(device)], axis=-1)
+    cemb = self.cond_2(nnx.swish(self.cond_1(cemb)))
+
+    h = self.head(jnp.concatenate([x, *self.condition_channels(cond, x)], axis=-1).astype(dtype))
+    hs = [h]
+    deterministic = not train or cfg.dropout == 0
+    for layer in self.down:
+      h = self._res(layer, h, temb, cemb, rngs, deterministic) if isinstance(layer, ResBlock) else layer(h)
+      hs.append(h)
+    for layer in self.middle:
+      h = self._res(layer, h, temb, cemb, rngs, deterministic)
+    for layer in self.up:
+      if isinstance(layer, ResBlock):
+        h = self._res(layer, jnp.concatenate([h, hs.pop()], axis=-1), temb, cemb, rngs, deterministic)
+      else:
+        h = layer(h)
+    return self.tail_conv(nnx.swish(self.tail_norm(h))).astype(jnp.float32)
+
+  def _res(self, block, h, temb, cemb, rngs, deterministic):
+    if self.cfg.remat:
+      return nnx.remat(lambda b, h, t, c, r: b(h, t, c, r, deterministic))(block, h, temb, cemb, rngs)
+    return block(h, temb, cemb, rngs, deterministic)
+
+
+def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> UNet:
+  """A UNet with initialised parameters (drawn from `seed` on the host)."""
+  return UNet(cfg, seed=seed)
+
+
+def abstract(cfg: ml_collections.ConfigDict) -> UNet:
+  """The model with ShapeDtypeStruct parameters (no memory, no compute): for shapes, shardings, restoring."""
+  return nnx.eval_shape(lambda: UNet(cfg))
+
+
+def param_axes(model: nnx.Module) -> dict:
+  """Pure-dict tree (like nnx.to_pure_dict of the params) of each parameter's logical axis names."""
+  state = nnx.state(model, nnx.Param)
+  axes = jax.tree.map(lambda v: tuple(v.get_metadata().get("axes") or (None,) * v.value.ndim), state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def flops_per_image(cfg: ml_collections.ConfigDict, size: int, *, backward: bool = True) -> float:
+  """Model FLOPs per image (forward, or forward + backward = 3x forward) from XLA's cost analysis."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.attention = "dense"  # the chunked form's loop body would be counted once
+  graphdef, params = nnx.split(abstract(cfg))
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  cond = {"pathology": t, "device": t, "box": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
+          "mask": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)}
+  fwd = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c))
+  cost = fwd.lower(params, x, t, cond).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) * (3.0 if backward else 1.0)

@@ -1,0 +1,150 @@
+"""Meshes, logical-axis rules, shardings, multi-host init, and process-local -> global arrays.
+
+The only module that knows about devices and hosts. Everything else names logical axes ("batch", "channels",
+...) and asks here how they land on the mesh:
+
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 2})       # -1: all the devices the others leave
+    rules = parallel.Rules(cfg.sharding_rules)               # logical name -> mesh axes
+    shardings = parallel.param_shardings(abstract_params, mesh, rules)
+    batch = parallel.global_batch(local_batch, mesh, rules)  # per-host numpy -> one global jax.Array each
+
+Meshes use AxisType.Auto (Explicit axis types break convolutions in jax 0.10).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# Default logical -> mesh rules: the batch over every data-parallel axis, parameters' widest dimension over fsdp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("channels", "fsdp"),       # conv / dense output features
+    ("vocab", None),
+    ("embed", None),
+)
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` when launched multi-host (TPU pod slices, or explicit arguments/env).
+
+  On a Cloud TPU VM slice with several hosts the arguments are discovered; on one CPU machine give them
+  (or set BUSGEN_COORDINATOR, BUSGEN_NUM_PROCESSES, BUSGEN_PROCESS_ID)."""
+  coordinator = coordinator or os.environ.get("BUSGEN_COORDINATOR")
+  if num_processes is None and "BUSGEN_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["BUSGEN_NUM_PROCESSES"])
+  if process_id is None and "BUSGEN_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["BUSGEN_PROCESS_ID"])
+  if jax.distributed.is_initialized():
+    return
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  elif _tpu_pod_worker_count() > 1:
+    jax.distributed.initialize()
+
+
+def _tpu_pod_worker_count() -> int:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len(hosts.split(",")) if hosts else 0
+
+
+# ------------------------------------------------------------------------------------------------ meshes
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with the named axes in order; one size may be -1 (the devices the others leave)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = list(axes.keys()), [int(v) for v in axes.values()]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if known <= 0 or len(devices) % known:
+    raise ValueError(f"mesh {dict(axes)} does not divide the {len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} uses {math.prod(sizes)} devices, "
+                     f"but there are {len(devices)}")
+  return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+class Rules:
+  """Logical axis name -> mesh axis (or tuple of axes, or None). Names absent from the rules replicate."""
+
+  def __init__(self, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    self.rules = {name: (tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules}
+
+  def spec(self, logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for these logical axes. With `shape`, a mesh axis that does not divide its dimension
+    (or is absent from the mesh) is dropped, so tiny models still run on big meshes (replicated there)."""
+    out, used = [], set()
+    for i, name in enumerate(logical):
+      axes = self.rules.get(name) if name else None
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+      if shape is not None:
+        kept = []
+        for a in axes:
+          if shape[i] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+            kept.append(a)
+        axes = tuple(kept)
+      axes = tuple(a for a in axes if mesh.shape[a] > 1) if shape is not None else axes
+      used.update(axes)
+      out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+  def data_axes(self, mesh: Mesh) -> tuple[str, ...]:
+    axes = self.rules.get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    return tuple(a for a in axes if a in mesh.shape)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+  return math.prod(mesh.shape[a] for a in rules.data_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  axes = rules.data_axes(mesh)
+  return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules) -> None:
+  n = data_parallel_size(mesh, rules)
+  if global_batch % n:
+    raise ValueError(f"the global batch size {global_batch} is not divisible by the data-parallel size {n} "
+                     f"(mesh {dict(mesh.shape)}, batch over {rules.data_axes(mesh)}); use a multiple of {n}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"the global batch size {global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+  """This process's share of a batch (its rows, in order) -> global jax.Arrays sharded over the data axes.
+
+  Every process passes its own `global/process_count` rows; the global batch is their concatenation in
+  process order (the order the pipeline's per-process slices are taken in)."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    check_batch_size(v.shape[0] * jax.process_count(), mesh, rules)
+    sharding = batch_sharding(mesh, rules, v.ndim)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * jax.process_count(), *v.shape[1:]))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+def shardings(arrays, logical, mesh: Mesh, rules: Rules):
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) from a matching pytree of logical-axis
+  tuples (None: replicated)."""
+  return jax.tree.map(
+      lambda x, names: NamedSharding(mesh, rules.spec(names or (None,) * np.ndim(x), mesh, np.shape(x))),
+      arrays, logical)

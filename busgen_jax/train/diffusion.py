@@ -1,0 +1,272 @@
+"""Diffusion training: `busgen-jax train --config configs/<...>.py --workdir DIR`. Read top to bottom:
+
+  mesh + rules -> Grain pipeline -> abstract model -> shardings -> restore the latest checkpoint (state and data
+  iterator) or initialise -> loop { global batch -> jitted train_step (donated state) -> log / checkpoint /
+  sample grid / preemption } -> final checkpoint.
+
+The train step is a pure function of (state, batch) under jax.jit with explicit in/out shardings: parameters
+and optimizer state sharded by their logical axes (fsdp), the batch over the data axes. The same program runs
+on 1 CPU device, 8 simulated devices or a multi-host TPU pod.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from busgen_jax import parallel
+from busgen_jax.data import pipeline
+from busgen_jax.diffusion import objectives, samplers, schedule
+from busgen_jax.models import unet
+from busgen_jax.train import checkpoint, state as train_state, writers
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 1000
+  c.accum_steps = 1            # gradient accumulation: micro-batches per optimizer step
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.sample_every = 0           # steps between sample grids in TensorBoard (0: never)
+  c.num_samples = 16
+  c.sample_steps = 50
+  c.guidance_scale = 2.8       # official: w + 1 = 2.8
+  c.init_from = ""             # a checkpoint directory to start from (e.g. `busgen-jax import-official` output)
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.sharding_rules = parallel.DEFAULT_RULES
+  c.data = pipeline.default_config()
+  c.model = unet.default_config()
+  c.schedule = schedule.default_config()
+  c.objective = objectives.default_config()
+  c.optim = train_state.default_config()
+  return c
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+class SimulatedCrash(RuntimeError):
+  """Raised by train(stop_after=...) to end a run as a crash would: no final checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+def conditions(batch, model_cfg) -> dict:
+  return {k: batch[k] for k in model_cfg.conditions}
+
+
+def make_train_step(graphdef, sched: schedule.Schedule, cfg: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation):
+  """(state, batch) -> (state, metrics). A step whose loss or gradients are not finite changes nothing."""
+  lr = train_state.learning_rate(cfg.optim, cfg.num_steps)
+
+  def loss_fn(params, batch, key):
+    model = nnx.merge(graphdef, params)
+    k_drop, k_cfg, k_loss = jax.random.split(key, 3)
+    cond = objectives.drop_conditions(conditions(batch, cfg.model), k_cfg, cfg.objective.cond_drop_prob,
+                                      cfg.objective.cond_drop_mode)
+    rngs = nnx.Rngs(dropout=k_drop)
+    eps_fn = lambda x, t, c: model(x, t, c, rngs=rngs, train=True)
+    return objectives.diffusion_loss(eps_fn, batch["image"], cond, k_loss, sched, cfg.objective)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state, batch):
+    rng, key = jax.random.split(state["rng"])
+    params = state["params"]
+    n = cfg.accum_steps
+    if n == 1:
+      loss, grads = grad_fn(params, batch, key)
+    else:  # micro-batch i takes rows i, i+n, ...: each device keeps its own rows
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def acc(carry, xs):
+        mb, k = xs
+        l, g = grad_fn(params, mb, k)
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(acc, zero, (micro, jax.random.split(key, n)))
+      loss, grads = jax.tree.map(lambda x: x / n, (loss, grads))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new = {"step": state["step"] + 1, "params": new_params,
+           "ema": train_state.ema_update(state["ema"], new_params, state["step"], cfg.optim),
+           "opt_state": opt_state, "rng": rng}
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    return new, {"loss": loss, "grad_norm": grad_norm, "lr": lr(state["step"]), "finite": finite}
+
+  return step
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+class Setup:
+  """Everything static about a run: mesh, model graph, shardings, the jitted step."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh or parallel.make_mesh(dict(cfg.mesh))
+    self.rules = parallel.Rules(cfg.sharding_rules)
+    parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
+    if cfg.data.batch_size % (cfg.accum_steps * parallel.data_parallel_size(self.mesh, self.rules)):
+      raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by accum_steps x data-parallel "
+                       f"size = {cfg.accum_steps} x {parallel.data_parallel_size(self.mesh, self.rules)}")
+    abstract_model = unet.abstract(cfg.model)
+    self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    self.abstract_params = nnx.to_pure_dict(abstract_params)
+    self.sched = schedule.Schedule.from_config(cfg.schedule)
+    if self.sched.T != cfg.model.T:
+      raise ValueError(f"schedule.T={self.sched.T} differs from model.T={cfg.model.T}")
+    self.tx = train_state.optimizer(cfg.optim, cfg.num_steps)
+    repl = parallel.replicated(self.mesh)
+    param_sh = parallel.shardings(self.abstract_params, unet.param_axes(abstract_model), self.mesh, self.rules)
+    abstract_state = jax.eval_shape(lambda p: train_state.init_state(p, self.tx, 0), self.abstract_params)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
+                                   transform_non_params=lambda _: repl)
+    self.state_shardings = {"step": repl, "params": param_sh, "ema": param_sh, "opt_state": opt_sh, "rng": repl}
+    self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                       abstract_state, self.state_shardings)
+    self.batch_keys = ("image", *cfg.model.conditions)
+    batch_sh = {k: parallel.batch_sharding(self.mesh, self.rules, 1 if k in ("pathology", "device") else 4)
+                for k in self.batch_keys}
+    self.train_step = jax.jit(make_train_step(self.graphdef, self.sched, cfg, self.tx),
+                              in_shardings=(self.state_shardings, batch_sh),
+                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+
+  def init_state(self, seed: int, params=None) -> dict:
+    """Fresh state, created directly in its shardings. `params` (host arrays) replace the initial weights."""
+    if params is None:
+      params = nnx.to_pure_dict(nnx.state(unet.create(self.cfg.model, seed), nnx.Param))
+    _check_like(params, self.abstract_params)
+    params = jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]),
+                          params, self.state_shardings["params"])
+    init = jax.jit(lambda p: train_state.init_state(p, self.tx, seed), out_shardings=self.state_shardings)
+    return init(params)
+
+  def eps_fn(self, params):
+    model = nnx.merge(self.graphdef, params)
+    return lambda x, t, c: model(x, t, c)
+
+
+def _check_like(params, abstract):
+  got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  if got != want:
+    diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+    raise ValueError(f"initial params do not match the model config: first differences {diff}")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> dict:
+  """Train (resuming from the latest checkpoint in workdir/checkpoints). Returns the last logged metrics.
+
+  `stop_after` ends the run abruptly after that many steps of this invocation, without a final
+  checkpoint, as a crash would (tests use it)."""
+  parallel.maybe_initialize_distributed()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  setup = Setup(cfg)
+  pipe = pipeline.build(cfg.data)
+  for field, rows in (("pathology", cfg.model.num_pathology), ("device", cfg.model.num_devices)):
+    if field in cfg.model.conditions and len(pipe.vocab[field]) > rows:
+      logging.warning("the data's %s vocabulary has %d names, the model %d rows: labels beyond are rejected "
+                      "when they occur", field, len(pipe.vocab[field]), rows)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
+                                 async_save=cfg.async_checkpoints)
+  it = iter(pipe)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, setup.abstract_state, it)
+    logging.info("resumed from %s/%d", ckpt.directory, latest)
+  else:
+    init = checkpoint.load_params(cfg.init_from) if cfg.init_from else None
+    state = setup.init_state(cfg.seed, init)
+  meta = {"model": cfg.model.to_dict(), "vocab": pipe.vocab, "config": cfg.to_json()}
+  writer, progress = writers.create(str(workdir), cfg.num_steps, process_index=jax.process_index(),
+                                    every_steps=cfg.log_every)
+  sample = _sampler(setup, cfg) if cfg.sample_every else None
+
+  step = start = first = int(state["step"])
+  pending, last, t0 = None, {}, time.perf_counter()
+  try:
+    with jax.set_mesh(setup.mesh):
+      while step < cfg.num_steps:
+        local = next(it)
+        _check_labels(local, cfg.model)
+        batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
+        state, metrics = setup.train_step(state, batch)
+        step += 1
+        if pending is not None:           # check the previous step while this one runs
+          _check_finite(*pending, ckpt)
+        pending = (step, metrics)
+        progress(step)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          _check_finite(step, metrics, ckpt)
+          dt = time.perf_counter() - t0
+          last = {k: float(v) for k, v in metrics.items() if k != "finite"}
+          last["images_per_sec"] = cfg.data.batch_size * (step - start) / dt
+          writer.write_scalars(step, last)
+          start, t0 = step, time.perf_counter()
+        if ckpt.should_save(step) or step == cfg.num_steps:
+          _check_finite(step, metrics, ckpt)
+          ckpt.save(step, state, it, meta)
+          if ckpt.reached_preemption(step):
+            logging.warning("preemption signal: saved step %d, exiting", step)
+            break
+        if sample is not None and step % cfg.sample_every == 0:
+          writer.write_images(step, {"samples": writers.grid(sample(state["ema"], local, step))})
+        if stop_after is not None and step - first >= stop_after:
+          raise SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
+  finally:
+    writer.flush()
+    ckpt.close()
+    it.close()
+  return last
+
+
+def _check_labels(local, model_cfg):
+  for field, rows in (("pathology", model_cfg.num_pathology), ("device", model_cfg.num_devices)):
+    if field in model_cfg.conditions and local[field].max(initial=0) >= rows:
+      raise ValueError(f"a batch has {field} index {local[field].max()} but model.num_{field}"
+                       f"{'' if field == 'pathology' else 's'}={rows}: filter the data (data.sources.*.filters) "
+                       f"or enlarge the embedding table")
+
+
+def _check_finite(step, metrics, ckpt):
+  if not bool(metrics["finite"]):
+    raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={float(metrics['loss'])}, "
+                         f"grad_norm={float(metrics['grad_norm'])}); the step was not applied and the last good "
+                         f"checkpoint (step {ckpt.latest_step()}) is kept")
+
+
+def _sampler(setup: Setup, cfg):
+  """EMA samples for the image summaries: DDIM with guidance, conditions from the current batch."""
+  n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
+
+  @jax.jit
+  def run(ema, cond, key):
+    x_T = jax.random.normal(key, (n, cfg.data.image_size, cfg.data.image_size, 3))
+    uncond = jax.tree.map(jnp.zeros_like, cond)
+    return samplers.ddim(setup.eps_fn(ema), x_T, setup.sched, steps=cfg.sample_steps, cond=cond, uncond=uncond,
+                         guidance_scale=cfg.guidance_scale)
+
+  def sample(ema, local_batch, step):
+    cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
+    return np.asarray(run(ema, cond, jax.random.PRNGKey(step)))
+
+  return sample

@@ -1,0 +1,40 @@
+"""One process of the 2-process jax.distributed test (tests/test_train.py runs two of these)."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def main(config_json, workdir, out):
+  from busgen_jax import parallel
+  from busgen_jax.data import pipeline
+  from busgen_jax.train import diffusion
+  parallel.maybe_initialize_distributed()
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  # The global batch: each process's pipeline slice, in process order.
+  mesh, rules = parallel.make_mesh(dict(cfg.mesh)), parallel.Rules(cfg.sharding_rules)
+  pipe = pipeline.build(cfg.data)
+  it = iter(pipe)
+  local = next(it)
+  it.close()
+  batch = parallel.global_batch({"image": local["image"], "pathology": local["pathology"]}, mesh, rules)
+  mine = [np.asarray(s.data) for s in batch["pathology"].addressable_shards]
+  metrics = diffusion.train(cfg, workdir)
+  json.dump({"process": jax.process_index(), "global_shape": list(batch["image"].shape),
+             "local_rows": int(local["image"].shape[0]), "mine": np.concatenate(mine).tolist(),
+             "local_pathology": local["pathology"].tolist(), "loss": metrics["loss"]}, open(out, "w"))
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,158 @@
+"""Diffusion training: loss decreases, sharded == single device, crash + resume is exact (data iterator
+included), restore onto another mesh, the non-finite guard, classifier-free dropout, and 2 processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from busgen_jax import parallel
+from busgen_jax.data import convert, pipeline
+from busgen_jax.diffusion import objectives
+from busgen_jax.train import checkpoint, diffusion
+from helpers import convert_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+  out = tmp_path_factory.mktemp("train_data")
+  return convert.convert(convert_config("phantom", "", out, **{"phantom.num_examples": 80, "phantom.size": 32}))
+
+
+def tiny_config(data_path, **overrides):
+  c = diffusion.default_config()
+  c.num_steps, c.log_every, c.checkpoint_every = 6, 2, 2
+  c.data.sources.real.path = str(data_path)
+  c.data.image_size, c.data.batch_size = 16, 8
+  c.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
+                 num_devices=7, dropout=0.0)
+  c.optim.update(lr=2e-3, warmup_steps=2, ema_decay=0.9)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _batch(setup, cfg, n=1):
+  p = pipeline.build(cfg.data)
+  it = iter(p)
+  try:
+    out = [parallel.global_batch({k: b[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
+           for b in (next(it) for _ in range(n))]
+  finally:
+    it.close()
+  return out
+
+
+def test_loss_goes_down(phantom):
+  cfg = tiny_config(phantom, num_steps=60)
+  setup = diffusion.Setup(cfg)
+  state = setup.init_state(0)
+  losses = []
+  for batch in _batch(setup, cfg, 60):
+    state, m = setup.train_step(state, batch)
+    losses.append(float(m["loss"]))
+  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_sharded_step_equals_single_device(phantom):
+  cfg = tiny_config(phantom)
+  one = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
+  eight = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 4, "fsdp": 2}))
+  assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(eight.state_shardings["params"]))
+  results = []
+  for setup in (one, eight):
+    state = setup.init_state(0)
+    for batch in _batch(setup, cfg, 2):
+      state, m = setup.train_step(state, batch)
+    results.append((float(m["loss"]), jax.device_get(state["params"])))
+  assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), results[0][1], results[1][1])
+
+
+def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
+  cfg = tiny_config(phantom)
+  diffusion.train(cfg, tmp_path / "a")
+  with pytest.raises(diffusion.SimulatedCrash):
+    diffusion.train(cfg, tmp_path / "b", stop_after=3)
+  assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2   # mid-epoch
+  diffusion.train(cfg, tmp_path / "b")
+  for which in ("params", "ema"):
+    a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which=which)
+    b = checkpoint.load_params(tmp_path / "b" / "checkpoints", which=which)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  # The same checkpoint restores onto a different mesh (data 2 x fsdp 4), sharded as that mesh asks.
+  other = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 2, "fsdp": 4}))
+  ck = checkpoint.Checkpointer(tmp_path / "a" / "checkpoints")
+  state, meta = ck.restore(6, other.abstract_state)
+  ck.close()
+  assert meta["vocab"]["pathology"][:3] == ["unknown", "benign", "malignant"]
+  kernel = state["params"]["down"][0]["conv1"]["kernel"]
+  assert kernel.sharding.spec[-1] == "fsdp"
+  a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which="params")
+  np.testing.assert_array_equal(np.asarray(kernel), a["down"][0]["conv1"]["kernel"])
+  state, m = other.train_step(state, _batch(other, cfg)[0])
+  assert int(state["step"]) == 7 and np.isfinite(float(m["loss"]))
+
+
+def test_non_finite_stops_and_keeps_the_last_good_checkpoint(phantom, tmp_path):
+  cfg = tiny_config(phantom, **{"checkpoint_every": 1, "optim.lr": 1e35, "optim.grad_clip": 0.0,
+                                "optim.warmup_steps": 1, "optim.schedule": "constant"})
+  with pytest.raises(diffusion.NonFiniteError, match="last good checkpoint"):
+    diffusion.train(cfg, tmp_path)
+  ck = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  last = ck.latest_step()
+  ck.close()
+  assert last is not None and last < cfg.num_steps
+  params = checkpoint.load_params(tmp_path / "checkpoints", which="params")
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_classifier_free_dropout_modes():
+  cond = {"pathology": jnp.arange(1, 65) % 3 + 1, "box": jnp.ones((64, 4, 4, 1))}
+  for seed in range(20):
+    out = objectives.drop_conditions(cond, jax.random.key(seed), 0.5, "batch")
+    dropped = np.asarray(out["pathology"]) == 0
+    assert dropped.all() or not dropped.any()            # the whole batch at once (official)
+    assert (np.asarray(out["box"]).reshape(64, -1).max(1) == 0).tolist() == dropped.tolist()
+  out = objectives.drop_conditions(cond, jax.random.key(0), 0.5, "example")
+  frac = np.mean(np.asarray(out["pathology"]) == 0)
+  assert 0.25 < frac < 0.75
+  kept = np.asarray(out["pathology"]) != 0
+  np.testing.assert_array_equal(np.asarray(out["pathology"])[kept], np.asarray(cond["pathology"])[kept])
+  assert (np.asarray(out["box"])[~kept] == 0).all() and (np.asarray(out["box"])[kept] == 1).all()
+
+
+def test_two_processes_train_and_checkpoint(phantom, tmp_path):
+  """2 CPU processes x 2 devices with jax.distributed: a global batch from both processes' slices, a few
+  sharded training steps, one checkpoint with each process's data-iterator state."""
+  cfg = tiny_config(phantom, num_steps=2)
+  cfg.mesh = {"data": 2, "fsdp": 2}
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, BUSGEN_COORDINATOR=f"127.0.0.1:{port}", BUSGEN_NUM_PROCESSES="2",
+               BUSGEN_PROCESS_ID=str(i), PYTHONPATH=str(ROOT))
+    procs.append(subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "distributed_worker.py"), cfg.to_json(), str(tmp_path / "run"),
+         str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-3000:] for l in logs)
+  out = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  assert all(o["global_shape"] == [8, 16, 16, 3] and o["local_rows"] == 4 for o in out)
+  for o in out:  # each process holds its own rows of the global batch
+    assert o["mine"] == o["local_pathology"]
+  assert out[0]["loss"] == out[1]["loss"]
+  step = tmp_path / "run" / "checkpoints" / "2"
+  assert (step / "state").is_dir()
+  assert len(list((step / "data").iterdir())) >= 2   # one iterator state per process
