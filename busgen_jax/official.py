@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from busgen_jax.models import unet
 
@@ -90,7 +90,7 @@ def _to_ours(name: str, value: np.ndarray, target_shape: tuple) -> np.ndarray:
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict) -> dict:
   """Official state dict -> our params (pure dict). Every name on both sides must be matched."""
   ours = nnx.to_pure_dict(nnx.state(unet.abstract(cfg), nnx.Param))
-  flat = dict(_flatten(ours))
+  flat = traverse_util.flatten_dict(ours)
   names = {official_name(p): p for p in flat}
   missing = sorted(set(names) - set(state_dict))
   unknown = sorted(set(state_dict) - set(names))
@@ -98,24 +98,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ml_collections
     raise ValueError(f"official checkpoint does not match the model ({len(state_dict)} names in the checkpoint, "
                      f"{len(names)} in the model): missing {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
                      f"unknown {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
-  out = {}
-  for name, path in names.items():
-    _set(out, path, _to_ours(name, state_dict[name], flat[path].shape))
-  return out
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
+  return traverse_util.unflatten_dict(
+      {path: _to_ours(name, state_dict[name], flat[path].shape) for name, path in names.items()})
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -77,31 +77,27 @@ class Rules:
   """Logical axis name -> mesh axis (or tuple of axes, or None). Names absent from the rules replicate."""
 
   def __init__(self, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
-    self.rules = {name: (tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules}
+    # Normalised once: every name maps to a tuple of mesh axes (a single axis or None in the config).
+    self.rules = {name: (axes,) if isinstance(axes, str) else tuple(axes or ()) for name, axes in rules}
 
   def spec(self, logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None) -> P:
     """PartitionSpec for these logical axes. With `shape`, a mesh axis that does not divide its dimension
     (or is absent from the mesh) is dropped, so tiny models still run on big meshes (replicated there)."""
     out, used = [], set()
     for i, name in enumerate(logical):
-      axes = self.rules.get(name) if name else None
-      axes = (axes,) if isinstance(axes, str) else (axes or ())
-      axes = tuple(a for a in axes if a in mesh.shape and a not in used)
-      if shape is not None:
+      axes = tuple(a for a in self.rules.get(name, ()) if a in mesh.shape and a not in used)
+      if shape is not None:  # keep the axes that divide this dimension and do shard it (size > 1)
         kept = []
         for a in axes:
-          if shape[i] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+          if mesh.shape[a] > 1 and shape[i] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
             kept.append(a)
         axes = tuple(kept)
-      axes = tuple(a for a in axes if mesh.shape[a] > 1) if shape is not None else axes
       used.update(axes)
       out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
 
   def data_axes(self, mesh: Mesh) -> tuple[str, ...]:
-    axes = self.rules.get("batch") or ()
-    axes = (axes,) if isinstance(axes, str) else axes
-    return tuple(a for a in axes if a in mesh.shape)
+    return tuple(a for a in self.rules.get("batch", ()) if a in mesh.shape)
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
@@ -131,13 +127,14 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> d
 
   Every process passes its own `global/process_count` rows; the global batch is their concatenation in
   process order (the order the pipeline's per-process slices are taken in)."""
-  out = {}
-  for k, v in local.items():
-    v = np.asarray(v)
-    check_batch_size(v.shape[0] * jax.process_count(), mesh, rules)
-    sharding = batch_sharding(mesh, rules, v.ndim)
-    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * jax.process_count(), *v.shape[1:]))
-  return out
+  local = {k: np.asarray(v) for k, v in local.items()}
+  rows = {v.shape[0] for v in local.values()}
+  if len(rows) != 1:
+    raise ValueError(f"the fields of a batch disagree on its size: { {k: v.shape[0] for k, v in local.items()} }")
+  n = rows.pop() * jax.process_count()
+  check_batch_size(n, mesh, rules)
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v, (n, *v.shape[1:]))
+          for k, v in local.items()}
 
 
 # ------------------------------------------------------------------------------------------------ parameters

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from busgen_jax import official
 from busgen_jax.models import unet
@@ -41,7 +41,7 @@ def test_full_model_maps_every_official_name(shared_dir):
   want = {n: tuple(int(d) for d in s.strip("()").split(",") if d.strip()) for n, s in
           (r.split("\t") for r in rows if r.strip())}
   params = nnx.to_pure_dict(nnx.state(unet.abstract(official.model_config()), nnx.Param))
-  flat = dict(official._flatten(params))
+  flat = traverse_util.flatten_dict(params)
   ours = {official.official_name(p): v.shape for p, v in flat.items()}
   assert set(ours) == set(want)
   assert unet.num_params(params) == sum(int(np.prod(s)) for s in want.values()) == 47_768_835
