@@ -227,7 +227,7 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
                len(plan.rejected), len(tasks), time.time() - t0)
 
   mine = [t for t in tasks if t.index % cfg.num_shards == cfg.shard_index]
-  todo = [t for t in mine if not _shard_done(ds, t, fingerprint)]
+  todo = [t for t in mine if not shard_done(ds, t.index, fingerprint)]
   if len(todo) < len(mine):
     logging.info("resuming: %d of this host's %d shards are already written", len(mine) - len(todo), len(mine))
   image_cfg = cfg.image.to_dict()
@@ -243,7 +243,7 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
     logging.info("shard %s/%d %s: %d written, %d rejected | %d/%d inputs, %.0f/s, ETA %.0fs", rep["index"] + 1,
                  len(tasks), rep["split"], rep["num_examples"], len(rep["rejections"]), done, n_items, rate,
                  (n_items - done) / max(rate, 1e-9))
-  if all(_shard_done(ds, t, fingerprint) for t in tasks):
+  if all(shard_done(ds, t.index, fingerprint) for t in tasks):
     merge(ds)
   else:
     logging.info("this host's shards are done; the dataset is merged when every host has finished "
@@ -251,8 +251,9 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
   return ds
 
 
-def _shard_done(ds: Path, task: ShardTask, fingerprint: str) -> bool:
-  p = ds / "shard_reports" / f"shard-{task.index:05d}.json"
+def shard_done(ds: Path, index: int, fingerprint: str) -> bool:
+  """Whether shard `index` is written (its file exists) by a run with this fingerprint."""
+  p = ds / "shard_reports" / f"shard-{index:05d}.json"
   if not p.exists():
     return False
   rep = json.loads(p.read_text())

@@ -2,10 +2,11 @@
 
   python -m busgen_jax.train.benchmark --model official --size 64 --batch 4
   python -m busgen_jax.train.benchmark --model tiny --size 32 --batch 16 --pipeline_data DATASET_DIR
+  python -m busgen_jax.train.benchmark --model official --size 64 --batch 8 --notrain --sample_steps 50
 
 Reports the f32 matmul peak (best of several 2048^3 products), the train step's images/s and achieved
 GFLOP/s (model FLOPs from XLA's cost analysis: forward x 3 for forward + backward), their fraction of the
-peak, and with --pipeline_data the Grain pipeline's images/s at the same image size for 0, 1 and 2 workers
+peak; with --sample_steps the sampler's images/s (guided: two network passes per step); with --pipeline_data the Grain pipeline's images/s at the same image size for 0, 1 and 2 workers
 and its ratio to what the train step consumes.
 """
 
@@ -27,6 +28,9 @@ flags.DEFINE_integer("steps", 3, "timed steps (after one warm-up step)")
 flags.DEFINE_string("dtype", "float32", "compute dtype")
 flags.DEFINE_string("pipeline_data", "", "a dataset directory: also time the Grain pipeline on it")
 flags.DEFINE_integer("pipeline_batches", 40, "batches per pipeline measurement")
+flags.DEFINE_integer("sample_steps", 0, "also time sampling: DPM-Solver++ (single-step, order 3) with guidance "
+                     "over this many steps (official: 50); 0: skip")
+flags.DEFINE_bool("train", True, "time the train step")
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -87,6 +91,38 @@ def time_train(cfg) -> dict:
           "gflop_per_image": flops / 1e9, "gflop_per_s": flops * B / step_s / 1e9}
 
 
+def time_sample(cfg) -> dict:
+  """Images/s of the official sampler (DPM-Solver++ 3S with guidance 2.8) at the benchmark's batch."""
+  from flax import nnx
+  from busgen_jax.diffusion import samplers, schedule
+  from busgen_jax.models import unet
+  B, S = cfg.data.batch_size, cfg.data.image_size
+  plan = samplers.make_plan(schedule.Schedule.from_config(cfg.schedule).betas, steps=FLAGS.sample_steps)
+  graphdef, params = nnx.split(unet.create(cfg.model, 0), nnx.Param)
+
+  @jax.jit
+  def sample(params, x_T, cond, keys):
+    net = nnx.merge(graphdef, params)
+    uncond = jax.tree.map(jnp.zeros_like, cond)
+    return samplers.run(plan, lambda x, t, c: net(x, t, c), x_T, cond=cond, uncond=uncond, guidance_scale=2.8,
+                        keys=keys)
+
+  cond = {"pathology": jnp.ones(B, jnp.int32), "device": jnp.ones(B, jnp.int32),
+          "box": jnp.zeros((B, S, S, 1)), "mask": jnp.zeros((B, S, S, 1))}
+  cond = {k: v for k, v in cond.items() if k in cfg.model.conditions}
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, S, S, 3))
+  keys = jax.random.split(jax.random.PRNGKey(1), B)
+  t = time.perf_counter()
+  jax.block_until_ready(sample(params, x_T, cond, keys))
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  jax.block_until_ready(sample(params, x_T, cond, keys))
+  dt = time.perf_counter() - t
+  fwd = unet.flops_per_image(cfg.model, S) / 3
+  return {"sample_steps": FLAGS.sample_steps, "sample_compile_and_first_s": compile_s, "sample_s": dt,
+          "sample_images_per_s": B / dt, "sample_gflop_per_s": 2 * plan.num_evals * fwd * B / dt / 1e9}
+
+
 def time_pipeline(path: str, size: int, batch: int) -> dict:
   from busgen_jax.data import pipeline
   out = {}
@@ -114,13 +150,18 @@ def main(argv):
   peak = matmul_peak()
   result = {"device": str(jax.devices()[0].device_kind), "model": FLAGS.model, "size": FLAGS.size,
             "batch": FLAGS.batch, "dtype": FLAGS.dtype, "matmul_peak_gflop_per_s": peak / 1e9}
-  result.update(time_train(cfg))
-  result["fraction_of_matmul_peak"] = result["gflop_per_s"] * 1e9 / peak
+  if FLAGS.train:
+    result.update(time_train(cfg))
+    result["fraction_of_matmul_peak"] = result["gflop_per_s"] * 1e9 / peak
+  if FLAGS.sample_steps:
+    result.update(time_sample(cfg))
+    result["sample_fraction_of_matmul_peak"] = result["sample_gflop_per_s"] * 1e9 / peak
   result["matmul_peak_after_gflop_per_s"] = matmul_peak() / 1e9   # the machine is shared: bracket the run
   if FLAGS.pipeline_data:
     pipe = time_pipeline(FLAGS.pipeline_data, FLAGS.size, FLAGS.batch)
     result["pipeline_images_per_s"] = pipe
-    result["pipeline_over_train_step"] = {w: v / result["images_per_s"] for w, v in pipe.items()}
+    if FLAGS.train:
+      result["pipeline_over_train_step"] = {w: v / result["images_per_s"] for w, v in pipe.items()}
   print(json.dumps(result, indent=1))
 
 

@@ -76,10 +76,11 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------------ params only
 
-def save_params(directory: str | Path, params: Any, meta: dict | None = None) -> None:
-  """A params-only checkpoint (step 0; "params" and "ema" both hold these weights), e.g. an imported one."""
+def save_params(directory: str | Path, params: Any, meta: dict | None = None, *, step: int = 0) -> None:
+  """A params-only checkpoint ("params" and "ema" both hold these weights; the directory keeps only this
+  step), e.g. an imported model or the best classifier so far."""
   ck = Checkpointer(directory, keep=1, async_save=False)
-  ck.save(0, {"params": params, "ema": params}, meta=meta, force=True)
+  ck.save(step, {"params": params, "ema": params}, meta=meta, force=True)
   ck.close()
 
 
@@ -108,3 +109,15 @@ def _int_keys(tree):
   if not isinstance(tree, dict):
     return tree
   return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+
+
+def load_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta JSON) of a checkpoint directory's latest (or given) step."""
+  directory = Path(directory).absolute()
+  mngr = ocp.CheckpointManager(directory, item_handlers={"meta": ocp.handlers.JsonCheckpointHandler()})
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint found")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
+  return step, dict(meta or {})

@@ -1,0 +1,447 @@
+"""Synthetic-dataset generation: `busgen-jax sample --config configs/sample_phantom.py --workdir DIR`.
+
+Read top to bottom: checkpoint (EMA weights, model config, label vocabularies) -> conditions (pathology x
+device grid or a condition file; lesion boxes from a box prior; optional lesion masks) -> N examples with global
+indices -> shards of consecutive indices, shard k written by process k mod P on its own devices (params
+replicated, batch sharded) -> per shard: jitted sampler, PNG records, a shard report -> merge (TFDS metadata
++ report) -> a contact sheet per condition.
+
+Everything about example i (its noise, box, mask) derives from (seed, i), and every device runs the same
+per-device batch, so the same seed and config give the same images on 1 or 8 devices or several hosts. A
+shard is written atomically and skipped when a later run finds it done: an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from busgen_jax import parallel
+from busgen_jax.data import convert, schema, transforms
+from busgen_jax.diffusion import box_prior as box_prior_lib, samplers, schedule
+from busgen_jax.models import unet
+
+SHEETS = "sheets"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""            # `busgen-jax train` <workdir>/checkpoints, or an `import-official` directory
+  c.which = "ema"              # ema | params
+  c.step = -1                  # -1: the latest
+  c.image_size = 0             # 0: the training run's data.image_size
+  c.device_names = ()          # device vocabulary when the checkpoint has none (imported official models)
+  c.schedule = schedule.default_config()
+  c.sampler = samplers.default_config()
+  c.seed = 0
+  c.num_per_condition = 8
+  c.pathology = ("benign", "malignant")   # names (or official indices); the grid is pathology x device
+  c.device = ("unknown",)      # names in the checkpoint's vocabulary; ("all",) for every known device
+  c.box = "prior"              # prior: sampled from box_prior | none: unconditional box channel
+  c.box_prior = ""             # `busgen-jax fit-box-prior` output (JSON or NPZ)
+  c.condition_file = ""        # JSON list of {"pathology", "device", "num", optional "boxes"} instead of the grid
+  c.mask = ml_collections.ConfigDict({
+      "source": "",            # "" | a dataset directory (its real masks) | a folder of PNG masks
+      "split": "train",
+      "deform": True,          # random affine deformation of the chosen mask (per example, seeded)
+      "max_rotate": 20.0, "min_scale": 0.8, "max_scale": 1.2, "max_shift": 0.1})
+  c.per_device_batch = 4
+  c.examples_per_shard = 256
+  c.name = "generated"
+  c.version = "1.0.0"
+  c.split = "train"
+  c.output = ""                # data_dir; default <workdir>/data; the dataset goes to <output>/<name>/<version>
+  c.sheet_size = 16            # images per condition on its contact sheet
+  c.mesh = ml_collections.ConfigDict({"data": -1})   # over this host's devices
+  c.local_devices = 0          # use the first n of this host's devices (0: all)
+  return c
+
+
+class SimulatedCrash(RuntimeError):
+  """generate(stop_after_shards=...) ends the run as a crash would."""
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+@dataclasses.dataclass
+class Model:
+  cfg: ml_collections.ConfigDict
+  params: Any
+  vocab: dict[str, list[str]]
+  image_size: int
+  step: int
+  name: str
+
+
+def load_model(cfg: ml_collections.ConfigDict) -> Model:
+  from busgen_jax import official
+  from busgen_jax.train import checkpoint
+  path = Path(cfg.checkpoint).expanduser()
+  if not cfg.checkpoint or not path.is_dir():
+    raise FileNotFoundError(f"--config.checkpoint={cfg.checkpoint!r}: not a checkpoint directory")
+  step, meta = checkpoint.load_meta(path, None if cfg.step < 0 else cfg.step)
+  if (path / official.MODEL_CONFIG).exists():          # an imported official checkpoint
+    model_cfg = ml_collections.ConfigDict(json.loads((path / official.MODEL_CONFIG).read_text()))
+    vocab, size = {}, 0
+  elif "model" in meta:
+    model_cfg = ml_collections.ConfigDict(meta["model"])
+    vocab = meta.get("vocab", {})
+    size = json.loads(meta["config"])["data"]["image_size"] if "config" in meta else 0
+  else:
+    raise ValueError(f"{path}/{step}: the checkpoint has no model config (not written by busgen-jax?)")
+  vocab = dict(vocab)
+  vocab.setdefault("pathology", list(schema.PATHOLOGY))
+  if cfg.device_names:
+    names = list(cfg.device_names)
+    vocab["device"] = names if names[0] == schema.UNKNOWN else [schema.UNKNOWN, *names]
+  vocab.setdefault("device", [schema.UNKNOWN])
+  size = cfg.image_size or size
+  if not size:
+    raise ValueError("--config.image_size is required (the checkpoint does not say its training size)")
+  params = checkpoint.load_params(path, which=cfg.which, step=step)
+  return Model(model_cfg, params, vocab, int(size), step, f"{path.parent.name}/{path.name}" if path.name ==
+               "checkpoints" else path.name)
+
+
+# ------------------------------------------------------------------------------------------------ conditions
+
+def _index(vocab: list[str], value, field: str) -> int:
+  if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.isdigit()):
+    i = int(value)
+    if not 0 <= i < len(vocab):
+      raise ValueError(f"{field} index {i} outside the model's vocabulary ({len(vocab)} names)")
+    return i
+  if field == "pathology":
+    value = schema.normalize_pathology(value)
+  if value not in vocab:
+    raise ValueError(f"unknown {field} {value!r}; the model knows {vocab}")
+  return vocab.index(value)
+
+
+def conditions(cfg: ml_collections.ConfigDict, vocab: dict) -> list[dict]:
+  """The condition sets, each {"pathology", "device" (names), "num", "boxes" (optional)}."""
+  if cfg.condition_file:
+    p = Path(cfg.condition_file)
+    try:
+      items = json.loads(p.read_text())
+      assert isinstance(items, list) and all(isinstance(x, dict) for x in items)
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f"{p}: expected a JSON list of condition objects ({type(e).__name__}: {e})") from e
+  else:
+    devices = vocab["device"][1:] if tuple(cfg.device) == ("all",) else list(cfg.device)
+    items = [{"pathology": p, "device": d} for p in cfg.pathology for d in devices]
+  out = []
+  for i, it in enumerate(items):
+    unknown = set(it) - {"pathology", "device", "num", "boxes"}
+    if unknown:
+      raise ValueError(f"condition {i}: unknown keys {sorted(unknown)}")
+    pi = _index(vocab["pathology"], it.get("pathology", schema.UNKNOWN), "pathology")
+    di = _index(vocab["device"], it.get("device", schema.UNKNOWN), "device")
+    c = {"pathology": vocab["pathology"][pi], "device": vocab["device"][di],
+         "num": int(it.get("num", cfg.num_per_condition))}
+    if "boxes" in it:
+      b = np.asarray(it["boxes"], np.float32).reshape(-1, 4)
+      if ((b < 0) | (b > 1)).any() or (b[:, 2:] <= b[:, :2]).any():
+        raise ValueError(f"condition {i}: boxes must be normalised x1<x2, y1<y2 in [0, 1], got {b.tolist()}")
+      c["boxes"] = b.tolist()
+    out.append(c)
+  return out
+
+
+def _masks(cfg, image_size: int) -> dict[str, list[np.ndarray]] | None:
+  """Real lesion masks by pathology ("*" = any) from a dataset or a folder of PNGs, at the model size."""
+  src = cfg.mask.source
+  if not src:
+    return None
+  from PIL import Image
+  p = Path(src).expanduser()
+  out: dict[str, list[np.ndarray]] = {"*": []}
+  if any(p.glob("*.png")) and not (p / "dataset_info.json").exists():
+    for f in sorted(p.glob("*.png")):
+      try:
+        m = np.asarray(Image.open(f).convert("L")) > 127
+      except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{f}: not a readable mask PNG ({e})") from e
+      if m.any():
+        out["*"].append(transforms.resize(m.astype(np.uint8) * 255, image_size, is_mask=True) > 127)
+  else:
+    import tensorflow_datasets as tfds
+    from busgen_jax.data import reader
+    ds = reader.open_dataset(p)
+    names = ds.vocab("pathology")
+    records = ds.records(cfg.mask.split)
+    for i in range(len(records)):
+      ex = ds.features.deserialize_example_np(records[i], decoders={"image": tfds.decode.SkipDecoding()})
+      if not ex["has_mask"] or not ex["mask"].any():
+        continue
+      m = ex["mask"][..., 0]
+      side = min(m.shape)          # centre square, as the pipeline's fallback crop
+      top, left = (m.shape[0] - side) // 2, (m.shape[1] - side) // 2
+      m = transforms.resize(np.ascontiguousarray(m[top:top + side, left:left + side]), image_size, is_mask=True) > 127
+      if m.any():
+        out["*"].append(m)
+        out.setdefault(names[ex["pathology"]], []).append(m)
+  if not out["*"]:
+    raise ValueError(f"{p}: no non-empty lesion masks found")
+  return out
+
+
+def _deform(mask: np.ndarray, rng: np.random.Generator, c) -> np.ndarray:
+  """A random affine deformation (rotation, scale, shift about the lesion centre) of a boolean mask."""
+  from PIL import Image
+  h, w = mask.shape
+  ys, xs = np.nonzero(mask)
+  cy, cx = ys.mean(), xs.mean()
+  a = np.deg2rad(rng.uniform(-c.max_rotate, c.max_rotate))
+  s = rng.uniform(c.min_scale, c.max_scale)
+  ty, tx = rng.uniform(-c.max_shift, c.max_shift, 2) * (h, w)
+  # PIL maps output (x, y) to input: inverse of "scale+rotate about the centre, then shift".
+  cos, sin = np.cos(a) / s, np.sin(a) / s
+  ox, oy = cx + tx, cy + ty
+  coeffs = (cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy)
+  out = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).transform((w, h), Image.Transform.AFFINE, coeffs,
+                                                                         Image.Resampling.NEAREST)) > 127
+  return out if out.any() else mask
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+  ys, xs = np.nonzero(mask)
+  h, w = mask.shape
+  return np.array([[xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]], np.float32)
+
+
+class Examples:
+  """Example i -> (condition, boxes, mask), reproducibly from (seed, i)."""
+
+  def __init__(self, cfg, conds: list[dict], image_size: int, prior, masks):
+    self.cfg, self.conds, self.size, self.prior, self.masks = cfg, conds, image_size, prior, masks
+    self.starts = np.cumsum([0] + [c["num"] for c in conds])
+    self.total = int(self.starts[-1])
+
+  def condition(self, i: int) -> int:
+    return int(np.searchsorted(self.starts, i, side="right") - 1)
+
+  def __call__(self, i: int) -> dict:
+    ci = self.condition(i)
+    c = self.conds[ci]
+    rng = np.random.default_rng([self.cfg.seed, i, 0xB0C5])
+    mask = None
+    if self.masks is not None:
+      pool = self.masks.get(c["pathology"]) or self.masks["*"]
+      mask = pool[rng.integers(len(pool))]
+      if self.cfg.mask.deform:
+        mask = _deform(mask, rng, self.cfg.mask)
+      boxes = _mask_box(mask)
+    elif "boxes" in c:
+      boxes = np.asarray(c["boxes"], np.float32)
+    elif self.cfg.box == "prior" and c["pathology"] in schema.LESION_PATHOLOGIES:
+      boxes = self.prior.sample(c["pathology"], 1, rng, c["device"])
+    else:
+      boxes = np.zeros((0, 4), np.float32)
+    return {"index": i, "condition": ci, "boxes": boxes, "mask": mask, **c}
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+class Sampler:
+  """The jitted sampler over this host's devices: (params, indices, conditions) -> images in [-1, 1]."""
+
+  def __init__(self, cfg, model: Model):
+    devices = jax.local_devices()[:cfg.local_devices or None]
+    self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
+    self.batch = cfg.per_device_batch * self.mesh.size
+    self.size = model.image_size
+    self.model_conditions = tuple(model.cfg.conditions)
+    self.sched = schedule.Schedule.from_config(cfg.schedule)
+    if self.sched.T != model.cfg.T:
+      raise ValueError(f"schedule.T={self.sched.T} differs from the model's T={model.cfg.T}")
+    plan = samplers.plan_from_config(self.sched.betas, cfg.sampler)
+    graphdef, state = nnx.split(unet.abstract(model.cfg), nnx.Param)
+    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), repl)
+    self.rows = rows
+    seed, scale = cfg.seed, cfg.sampler.guidance_scale
+    clip = cfg.sampler.clip_x0 or None
+    size = self.size
+
+    def sample(params, index, cond):
+      net = nnx.merge(graphdef, params)
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
+      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), (size, size, 3)))(keys)
+      uncond = jax.tree.map(jnp.zeros_like, cond)
+      return samplers.run(plan, lambda x, t, c: net(x, t, c), x_T, cond=cond, uncond=uncond,
+                          guidance_scale=scale, keys=keys, clip_x0=clip)
+
+    self._sample = jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows)
+    self.plan = plan
+
+  def __call__(self, examples: list[dict], vocab) -> np.ndarray:
+    n = len(examples)
+    pad = examples + [examples[-1]] * (self.batch - n)      # fixed batch: one compilation
+    cond = {"pathology": np.array([vocab["pathology"].index(e["pathology"]) for e in pad], np.int32),
+            "device": np.array([vocab["device"].index(e["device"]) for e in pad], np.int32),
+            "box": np.stack([transforms.rasterize_boxes(e["boxes"], self.size, self.size) for e in pad])[..., None],
+            "mask": np.stack([np.zeros((self.size, self.size), np.float32) if e["mask"] is None else
+                              e["mask"].astype(np.float32) for e in pad])[..., None]}
+    cond = {k: v for k, v in cond.items() if k in self.model_conditions}
+    index = np.array([e["index"] for e in pad], np.int32)
+    out = self._sample(self.params, jax.device_put(index, self.rows), jax.device_put(cond, self.rows))
+    return np.asarray(out)[:n]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """(H, W, 3) in [-1, 1] -> uint8 (H, W): the channel mean (the model's grayscale is replicated)."""
+  return np.clip(np.round((x.mean(-1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_shards: int | None = None) -> Path:
+  """Generates this process's shards (resuming), merges when all are done. Returns the dataset directory."""
+  from array_record.python import array_record_module
+  t_start = time.time()
+  work = Path(workdir).expanduser()
+  model = load_model(cfg)
+  conds = conditions(cfg, model.vocab)
+  prior = None
+  if cfg.box == "prior" and not cfg.mask.source and any(
+      c["pathology"] in schema.LESION_PATHOLOGIES and "boxes" not in c for c in conds):
+    if not cfg.box_prior:
+      raise ValueError("--config.box=prior needs --config.box_prior (from `busgen-jax fit-box-prior`), "
+                       "or use --config.box=none")
+    prior = box_prior_lib.BoxPrior.load(cfg.box_prior)
+  elif cfg.box not in ("prior", "none"):
+    raise ValueError(f"--config.box must be 'prior' or 'none', got {cfg.box!r}")
+  if cfg.mask.source and "mask" not in model.cfg.conditions:
+    raise ValueError("--config.mask.source given but the model has no mask condition (model.conditions)")
+  examples = Examples(cfg, conds, model.image_size, prior, _masks(cfg, model.image_size))
+  ds = Path(cfg.output or work / "data").expanduser() / cfg.name / cfg.version
+  (ds / "shard_reports").mkdir(parents=True, exist_ok=True)
+  n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
+  provenance = {"model": model.name, "step": model.step, "which": cfg.which, "seed": cfg.seed,
+                "sampler": cfg.sampler.to_dict(), "image_size": model.image_size}
+  fingerprint = hashlib.sha256(json.dumps(
+      [provenance, conds, cfg.box, {k: v.tolist() for k, v in prior.groups.items()} if prior else None,
+       cfg.mask.to_dict(), cfg.examples_per_shard, cfg.name, cfg.split], sort_keys=True,
+      default=str).encode()).hexdigest()[:16]
+  vocab_json = {"device": model.vocab["device"], "histology": [schema.UNKNOWN]}
+  process, processes = jax.process_index(), jax.process_count()
+  if process == 0:
+    convert._write_json(ds / "shard_reports" / "plan.json", {
+        "fingerprint": fingerprint, "num_tasks": n_shards, "num_inputs": examples.total, "vocab": vocab_json,
+        "rejected": [], "duplicates": [], "ignored_files": [], "warnings": [],
+        "config": {"name": cfg.name, "format": "generated", "input": model.name, "generation": cfg.to_dict(),
+                   "conditions": conds, "provenance": provenance}})
+  mine = [k for k in range(n_shards) if k % processes == process]
+  todo = [k for k in mine if not convert.shard_done(ds, k, fingerprint)]
+  if len(todo) < len(mine):
+    logging.info("resuming: %d of this process's %d shards are already written", len(mine) - len(todo), len(mine))
+  sampler = Sampler(cfg, model)
+  serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"])))
+  n_todo = sum(min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) for k in todo)
+  done, t0 = 0, time.time()
+  for n_written, k in enumerate(todo):
+    lo, hi = k * cfg.examples_per_shard, min((k + 1) * cfg.examples_per_shard, examples.total)
+    path = ds / convert.shard_filename(cfg.name, cfg.split, k, n_shards)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    converted, counts = [], {"pathology": {}, "device": {}, "boxes": {}}
+    try:
+      for b0 in range(lo, hi, sampler.batch):
+        batch = [examples(i) for i in range(b0, min(b0 + sampler.batch, hi))]
+        images = sampler(batch, model.vocab)
+        for e, x in zip(batch, images):
+          ex = _record(e, to_uint8(x), cfg, provenance)
+          writer.write(serialize(schema.to_feature_dict(ex, cfg.split)))
+          converted.append([ex.id, ex.sha256])
+          for f, v in (("pathology", e["pathology"]), ("device", e["device"]), ("boxes", str(len(e["boxes"])))):
+            counts[f][v] = counts[f].get(v, 0) + 1
+        done += len(batch)
+        rate = done / max(time.time() - t0, 1e-9)
+        logging.info("shard %d/%d: %d/%d images this run, %.2f images/s, ETA %.0fs", k + 1, n_shards, done,
+                     n_todo, rate, (n_todo - done) / max(rate, 1e-9))
+    finally:
+      writer.close()
+    os.replace(tmp, path)
+    convert._write_json(ds / "shard_reports" / f"shard-{k:05d}.json", {
+        "fingerprint": fingerprint, "index": k, "split": cfg.split, "shard": k, "file": path.name,
+        "num_examples": hi - lo, "num_bytes": path.stat().st_size, "num_inputs": hi - lo, "rejections": [],
+        "warnings": [], "converted": converted, "counts": counts})
+    if stop_after_shards is not None and n_written + 1 >= stop_after_shards:
+      raise SimulatedCrash(f"stop_after_shards={stop_after_shards}")
+  if processes > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("busgen-generate-shards-written")
+  if process == 0:
+    if all(convert.shard_done(ds, k, fingerprint) for k in range(n_shards)):
+      report = convert.merge(ds)
+      sheets = contact_sheets(ds, examples, cfg, n_shards)
+      convert._write_json(ds / "generation.json", {
+          "provenance": provenance, "conditions": conds, "num_examples": report["converted"],
+          "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
+          "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})
+    else:
+      logging.info("this host's shards are done; the dataset is merged when every host has finished")
+  return ds
+
+
+def _record(e: dict, image: np.ndarray, cfg, provenance: dict) -> schema.Example:
+  png = schema.encode_png(image)
+  gen = {"condition": e["condition"], "index": e["index"], "pathology": e["pathology"], "device": e["device"],
+         "boxes": np.round(e["boxes"], 5).tolist(), "mask": e["mask"] is not None,
+         "sampler": f"{cfg.sampler.algorithm}/{cfg.sampler.method}/order{cfg.sampler.order}/"
+                    f"{cfg.sampler.steps}steps/{cfg.sampler.skip_type}",
+         "guidance_scale": cfg.sampler.guidance_scale}
+  return schema.Example(
+      id=f"{cfg.name}-{e['index']:08d}", image=image, boxes=e["boxes"], pathology=e["pathology"], mask=e["mask"],
+      device=e["device"], case_id=f"{cfg.name}-{e['index']:08d}", source_dataset=cfg.name,
+      sha256=hashlib.sha256(png).hexdigest(), gen_model=provenance["model"], gen_step=provenance["step"],
+      gen_seed=cfg.seed, gen_conditions=gen)
+
+
+def contact_sheets(ds: Path, examples: Examples, cfg, n_shards: int) -> list[Path]:
+  """One PNG per condition: its first sheet_size images (lesion boxes outlined)."""
+  from array_record.python import array_record_module
+  from PIL import Image, ImageDraw
+  from busgen_jax.data import reader
+  d = reader.open_dataset(ds)
+  out = []
+  (ds / SHEETS).mkdir(exist_ok=True)
+  for ci, c in enumerate(examples.conds):
+    idx = range(int(examples.starts[ci]), int(examples.starts[ci]) + min(c["num"], cfg.sheet_size))
+    tiles = []
+    for i in idx:
+      k = i // cfg.examples_per_shard
+      r = array_record_module.ArrayRecordReader(str(ds / convert.shard_filename(cfg.name, cfg.split, k, n_shards)))
+      ex = d.decode(r.read([i - k * cfg.examples_per_shard])[0])
+      r.close()
+      im = Image.fromarray(ex["image"][..., 0]).convert("RGB")
+      draw = ImageDraw.Draw(im)
+      for x1, y1, x2, y2 in ex["boxes"]:
+        draw.rectangle([x1 * im.width, y1 * im.height, x2 * im.width - 1, y2 * im.height - 1], outline=(0, 255, 0))
+      tiles.append(im)
+    if not tiles:
+      continue
+    cols = min(8, len(tiles))
+    rows = -(-len(tiles) // cols)
+    s = tiles[0].width
+    sheet = Image.new("RGB", (cols * s, rows * s))
+    for j, t in enumerate(tiles):
+      sheet.paste(t, ((j % cols) * s, (j // cols) * s))
+    name = f"condition-{ci:03d}-{c['pathology']}-{c['device']}.png".replace("/", "_").replace(" ", "_")
+    sheet.save(ds / SHEETS / name)
+    out.append(ds / SHEETS / name)
+  return out

@@ -1,0 +1,302 @@
+"""Samplers (official DPM-Solver parity, convergence on an analytic model, guidance, ancestral noise), lesion-box
+priors, and sharded, resumable, device-count-independent generation into the record format."""
+
+import hashlib
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from busgen_jax import generate, sampling
+from busgen_jax.data import convert, pipeline, reader, schema
+from busgen_jax.diffusion import box_prior, samplers
+from busgen_jax.train import diffusion
+from helpers import convert_config
+
+BETAS = np.linspace(1e-4, 0.028, 500)
+AB = np.cumprod(1 - BETAS)
+
+
+def gaussian_eps(ab):
+  """The exact eps of data N(c, 0.25): the reference README's analytic network without its tanh term."""
+  def eps_fn(x, t, c):
+    a = ab[t].reshape(-1, *([1] * (x.ndim - 1)))
+    c = c.reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * c) / (0.25 * a + 1 - a)
+  return eps_fn
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+def test_dpm_solver_matches_the_official_reference(shared_dir):
+  ref = np.load(shared_dir / "reference" / "dpm_solver_reference.npz")
+  runs = json.loads((shared_dir / "reference" / "dpm_solver_reference.json").read_text())["runs"]
+  with jax.enable_x64(True):
+    ab = jnp.asarray(AB)
+    base = gaussian_eps(ab)
+    eps_fn = lambda x, t, c: base(x, t, c) + 0.05 * jnp.tanh(x)
+    x_T = jnp.asarray(ref["x_T"])
+    assert x_T.dtype == jnp.float64
+    for i, r in enumerate(runs):
+      B = x_T.shape[0]
+      out = sampling.sample_with_eps_fn(
+          eps_fn, x_T, betas=BETAS, cond=jnp.full((B,), r["cond"]), uncond=jnp.full((B,), r["uncond"]),
+          guidance_scale=r["guidance_scale"], algorithm=r["algorithm_type"], method=r["method"], order=r["order"],
+          steps=r["steps"], skip_type=r["skip_type"])
+      want = ref[f"x_0/{i}"]
+      rel = np.abs(np.asarray(out) - want).max() / np.abs(want).max()
+      assert rel <= 1e-6, (r, rel)
+
+
+def test_every_dpm_solver_variant_converges_to_the_exact_ode_solution():
+  """For Gaussian data the probability-flow ODE is solved exactly: x_t = sqrt(ab) c + sqrt(var_t) z."""
+  ab = jnp.asarray(AB, jnp.float32)
+  eps_fn = gaussian_eps(ab)
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 64))
+  c = jnp.array([0.3, -0.2, 0.5])
+  var = lambda a: 0.25 * a + 1 - a
+  x_T = np.sqrt(AB[-1]) * c[:, None] + np.sqrt(var(AB[-1])) * z
+  exact = np.sqrt(AB[0]) * c[:, None] + np.sqrt(var(AB[0])) * z
+  for alg, method, order, skip in itertools.product(("dpmsolver", "dpmsolver++"), ("singlestep", "multistep"),
+                                                    (1, 2, 3), samplers.SKIP_TYPES):
+    errs = {}
+    for steps in (10, 40):
+      plan = samplers.make_plan(BETAS, algorithm=alg, method=method, order=order, steps=steps, skip_type=skip)
+      assert plan.num_evals == steps
+      errs[steps] = float(np.abs(np.asarray(samplers.run(plan, eps_fn, x_T, cond=c)) - exact).max())
+    # The official integer-time conversion (floor) leaves an O(1/N) bias (~0.005 here) that more steps
+    # cannot remove; above it, more steps must help.
+    assert errs[40] < 0.12 and errs[40] < max(errs[10], 0.01), (alg, method, order, skip, errs)
+
+
+def test_plans_have_the_official_evaluation_counts_and_lower_orders():
+  p = samplers.dpm_solver_plan(BETAS, steps=50, order=3, method="singlestep")
+  assert p.num_evals == 50 and p.predict == "x0"
+  assert samplers._singlestep_orders(50, 3) == [3] * 16 + [2]
+  assert samplers._singlestep_orders(51, 3) == [3] * 16 + [2, 1]
+  assert samplers._singlestep_orders(7, 2) == [2, 2, 2, 1]
+  p = samplers.dpm_solver_plan(BETAS, steps=20, order=2, method="multistep", algorithm="dpmsolver")
+  assert p.num_evals == 20 and p.predict == "eps"
+  assert samplers.dpm_solver_plan(BETAS, steps=5, order=3, method="multistep", denoise_to_zero=True).num_evals == 6
+  # time indices: first evaluation at t=1 -> index N-1, all in range, decreasing
+  assert p.t_index[0] == 499 and (np.diff(p.t_index) < 0).all() and p.t_index.min() >= 0
+  for bad in ({"order": 4}, {"skip_type": "cosine"}, {"method": "adaptive"}, {"algorithm": "heun"}):
+    with pytest.raises(ValueError):
+      samplers.make_plan(BETAS, **{"steps": 6, **bad})
+  with pytest.raises(ValueError, match="steps >= order"):
+    samplers.dpm_solver_plan(BETAS, steps=2, order=3, method="multistep")
+
+
+def test_ddim_and_ddpm():
+  ab = jnp.asarray(AB, jnp.float32)
+  eps_fn = gaussian_eps(ab)
+  c = jnp.array([0.3, -0.2])
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 64))
+  var = lambda a: 0.25 * a + 1 - a
+  x_T = np.sqrt(AB[-1]) * c[:, None] + np.sqrt(var(AB[-1])) * z
+  exact = np.sqrt(AB[0]) * c[:, None] + np.sqrt(var(AB[0])) * z
+  x = sampling.sample_with_eps_fn(eps_fn, x_T, betas=BETAS, cond=c, algorithm="ddim", steps=500)
+  assert np.abs(np.asarray(x) - exact).max() < 2e-2
+  with pytest.raises(ValueError, match="stochastic"):
+    sampling.sample_with_eps_fn(eps_fn, x_T, betas=BETAS, cond=c, algorithm="ddpm", steps=10)
+  # Ancestral DDPM over every timestep reproduces the data distribution N(c, 0.25).
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  x = sampling.sample_with_eps_fn(eps_fn, jax.random.normal(jax.random.PRNGKey(2), (2, 8192)), betas=BETAS, cond=c,
+                                  algorithm="ddpm", keys=keys)
+  np.testing.assert_allclose(np.asarray(x.mean(1)), np.asarray(c), atol=0.03)
+  np.testing.assert_allclose(np.asarray(x.std(1)), 0.5, atol=0.03)
+  # Its noise is per example: the same key gives the same sample whatever the batch around it.
+  x1 = sampling.sample_with_eps_fn(eps_fn, jax.random.normal(jax.random.PRNGKey(2), (2, 8192))[:1], betas=BETAS,
+                                   cond=c[:1], algorithm="ddpm", keys=keys[:1])
+  np.testing.assert_allclose(np.asarray(x1[0]), np.asarray(x[0]), atol=1e-5)
+
+
+def test_guidance_is_one_batched_call_and_the_official_combination():
+  calls = []
+
+  def eps_fn(x, t, cond):
+    calls.append(x.shape[0])
+    return x * 0 + cond[:, None]
+
+  x = jnp.zeros((3, 4))
+  g = samplers.guided(eps_fn, jnp.full((3,), 2.0), jnp.full((3,), 0.5), 2.8)
+  out = g(x, jnp.zeros((3,), jnp.int32))
+  assert calls == [6]
+  np.testing.assert_allclose(np.asarray(out), 0.5 + 2.8 * (2.0 - 0.5))
+  samplers.guided(eps_fn, jnp.ones((3,)), jnp.zeros((3,)), 1.0)(x, jnp.zeros((3,), jnp.int32))
+  assert calls[-1] == 3   # scale 1: the conditional pass only
+
+
+# ------------------------------------------------------------------------------------------------ box prior
+
+def test_box_prior_fit_sample_and_storage(tmp_path):
+  rng = np.random.default_rng(0)
+  def boxes(n, cx, cy, w, h):
+    c = np.stack([rng.normal(cx, 0.05, n), rng.normal(cy, 0.05, n)], 1)
+    wh = np.stack([rng.normal(w, 0.02, n), rng.normal(h, 0.02, n)], 1)
+    return [np.concatenate([ci - whi / 2, ci + whi / 2])[None] for ci, whi in zip(c, wh)]
+  benign, malignant = boxes(300, 0.3, 0.4, 0.2, 0.1), boxes(300, 0.6, 0.5, 0.3, 0.3)
+  devices = ["a"] * 150 + ["b"] * 150 + ["a"] * 298 + ["c"] * 2
+  prior = box_prior.fit(benign + malignant + [np.zeros((0, 4))], ["benign"] * 300 + ["malignant"] * 300 + ["normal"],
+                        devices + ["a"], by_device=True, min_group_size=5)
+  assert set(prior.groups) == {"benign", "malignant", "benign|a", "benign|b", "malignant|a"}  # "malignant|c": 2 < 5
+  s = prior.sample("benign", 4000, np.random.default_rng(1))
+  f = box_prior.box_features(s)
+  np.testing.assert_allclose(f[:, :2].mean(0), [0.3, 0.4], atol=0.01)
+  np.testing.assert_allclose(f[:, 3].mean(), 0.02, rtol=0.1)           # area w*h
+  np.testing.assert_allclose(np.median(f[:, 2]), 0.5, rtol=0.1)        # aspect h/w
+  m = prior.sample("malignant", 4000, np.random.default_rng(1), device="c")   # falls back to the pathology
+  np.testing.assert_allclose(box_prior.box_features(m)[:, :2].mean(0), [0.6, 0.5], atol=0.01)
+  assert (s >= 0).all() and (s <= 1).all() and (s[:, 2:] > s[:, :2]).all()
+  # boxes near the border are shifted inside, keeping their size
+  inside = box_prior.features_to_boxes(np.array([[0.99, 0.02, 1.0, 0.04]]))[0]
+  assert inside[2] <= 1 and inside[1] >= 0
+  np.testing.assert_allclose(inside[2] - inside[0], 0.2, atol=1e-6)
+  np.testing.assert_array_equal(prior.sample("benign", 5, np.random.default_rng(7)),
+                                prior.sample("benign", 5, np.random.default_rng(7)))
+  for name in ("p.json", "p.npz"):
+    back = box_prior.BoxPrior.load(prior.save(tmp_path / name))
+    assert back.bandwidth == 0.001 and set(back.groups) == set(prior.groups)
+    np.testing.assert_allclose(back.groups["benign|b"], prior.groups["benign|b"])
+  (tmp_path / "bad.json").write_text('{"format": "something"}')
+  with pytest.raises(ValueError, match="bad.json"):
+    box_prior.BoxPrior.load(tmp_path / "bad.json")
+  with pytest.raises(KeyError, match="no boxes for 'normal'"):
+    prior.sample("normal", 1, rng)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 2-step `busgen-jax train` run on phantom data (its checkpoint carries the model config and vocab)
+  and a box prior fitted on the same data."""
+  root = tmp_path_factory.mktemp("gen")
+  data = convert.convert(convert_config("phantom", "", root / "data", **{
+      "phantom.num_examples": 60, "phantom.size": 32}))
+  cfg = diffusion.default_config()
+  cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 2
+  cfg.data.sources.real.path = str(data)
+  cfg.data.image_size, cfg.data.batch_size = 16, 8
+  cfg.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
+                   num_devices=7, dropout=0.0, conditions=("pathology", "device", "box", "mask"))
+  diffusion.train(cfg, root / "run")
+  prior = box_prior.fit_datasets([str(data)]).save(root / "prior.json")
+  return {"data": data, "checkpoint": root / "run" / "checkpoints", "prior": prior, "root": root}
+
+
+def gen_config(trained, **kw):
+  c = generate.default_config()
+  c.checkpoint = str(trained["checkpoint"])
+  c.box_prior = str(trained["prior"])
+  c.pathology = ("benign", "malignant")
+  c.device = ("all",)
+  c.num_per_condition = 3
+  c.sampler.update(method="multistep", order=2, steps=3)
+  c.per_device_batch = 1
+  c.examples_per_shard = 4
+  c.update_from_flattened_dict(kw)
+  return c
+
+
+def _records(ds_dir):
+  ds = reader.open_dataset(ds_dir)
+  recs = ds.records("train")
+  return [ds.decode(recs[i]) for i in range(len(recs))]
+
+
+def test_generation_on_8_devices_then_through_the_grain_pipeline(trained, tmp_path):
+  cfg = gen_config(trained)
+  ds_dir = generate.generate(cfg, tmp_path)
+  ds = reader.open_dataset(ds_dir)
+  devices = ds.vocab("device")[1:]
+  n = 2 * len(devices) * 3
+  report = ds.report
+  assert report["format"] == "generated" and report["inputs"] == report["converted"] == n and report["accounted"]
+  exs = _records(ds_dir)
+  idx = sorted(json.loads(e["gen_conditions"])["index"] for e in exs)
+  assert idx == list(range(n))                                # no duplicated or missing index
+  first = exs[0]
+  gen = json.loads(first["gen_conditions"])
+  assert gen["pathology"] == "benign" and gen["device"] == devices[0] and gen["sampler"].startswith("dpmsolver++")
+  assert first["gen_seed"] == 0 and first["gen_step"] == 2 and first["gen_model"] == "run/checkpoints"
+  assert first["source_file"] == "" and first["image"].shape == (16, 16, 1)
+  for e in exs:                                                # every lesion image got a box from the prior
+    assert len(e["boxes"]) == 1 and ds.vocab("pathology")[e["pathology"]] in ("benign", "malignant")
+  assert len(list((ds_dir / generate.SHEETS).glob("*.png"))) == 2 * len(devices)
+  assert json.loads((ds_dir / "generation.json").read_text())["num_examples"] == n
+  import tensorflow_datasets as tfds                          # TFDS reads it as it reads converted data
+  via_tfds = tfds.builder_from_directory(str(ds_dir)).as_data_source("train")
+  assert len(via_tfds) == n
+  np.testing.assert_array_equal(via_tfds[0]["image"], first["image"])
+
+  # The generated dataset feeds the same Grain pipeline; labels map back to the requested names.
+  pcfg = pipeline.default_config()
+  pcfg.sources.real.path = str(ds_dir)
+  pcfg.update(image_size=16, batch_size=4, shuffle=False, flip=False, crop="center")
+  p = pipeline.build(pcfg)
+  it = iter(p)
+  batch = next(it)
+  it.close()
+  assert p.vocab["device"][batch["device"][0]] == devices[0]
+  assert p.vocab["pathology"][batch["pathology"][0]] == "benign"
+  np.testing.assert_allclose(batch["image"][0, ..., 0], first["image"][..., 0] / 127.5 - 1, atol=1e-6)
+
+
+def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, tmp_path):
+  cfg = gen_config(trained, pathology=("malignant",), device=("unknown",), num_per_condition=10)
+  full = generate.generate(cfg, tmp_path / "eight")
+  one = gen_config(trained, pathology=("malignant",), device=("unknown",), num_per_condition=10, local_devices=1)
+  with pytest.raises(generate.SimulatedCrash):
+    generate.generate(one, tmp_path / "one", stop_after_shards=1)
+  ds = tmp_path / "one" / "data" / "generated" / "1.0.0"
+  first = ds / convert.shard_filename("generated", "train", 0, 3)
+  stamp = first.stat().st_mtime_ns
+  assert not (ds / "dataset_info.json").exists()              # not merged: shards missing
+  generate.generate(one, tmp_path / "one")                    # resumes: shard 0 is not redone
+  assert first.stat().st_mtime_ns == stamp
+  sha = lambda d: [e["sha256"] for e in _records(d)]
+  assert sha(full) == sha(ds)
+
+
+def test_mask_conditioned_generation_from_a_folder_of_masks(trained, tmp_path):
+  masks = tmp_path / "masks"
+  masks.mkdir()
+  for i in range(3):
+    m = np.zeros((40, 40), np.uint8)
+    m[8 + i:20 + 2 * i, 10:25] = 255
+    Image.fromarray(m).save(masks / f"m{i}.png")
+  cfg = gen_config(trained, pathology=("benign",), device=("unknown",), num_per_condition=4, **{
+      "mask.source": str(masks)})
+  exs = _records(generate.generate(cfg, tmp_path))
+  assert len(exs) == 4
+  for e in exs:
+    m = e["mask"][..., 0] > 0
+    assert e["has_mask"] and m.any()
+    ys, xs = np.nonzero(m)
+    np.testing.assert_allclose(e["boxes"][0], [xs.min() / 16, ys.min() / 16, (xs.max() + 1) / 16,
+                                               (ys.max() + 1) / 16], atol=1e-6)
+  assert len({hashlib.sha256(e["mask"].tobytes()).hexdigest() for e in exs}) > 1   # deformed per example
+  bad = gen_config(trained, **{"condition_file": str(tmp_path / "c.json")})
+  (tmp_path / "c.json").write_text('[{"pathology": "benign", "colour": "red"}]')
+  with pytest.raises(ValueError, match="unknown keys"):
+    generate.generate(bad, tmp_path / "bad")
+
+
+def test_generation_from_an_imported_official_checkpoint(shared_dir, tmp_path):
+  from busgen_jax import official
+  cfg = official.model_config(ch=32, ch_mult=(1, 2), num_res_blocks=1, num_groups=8, T=500, dev_num=4)
+  ckpt = official.import_checkpoint(shared_dir / "reference" / "busgen_unet_tiny.npz", tmp_path / "imported", cfg)
+  c = generate.default_config()
+  c.update(checkpoint=str(ckpt), image_size=16, device_names=("GE", "Mindray", "Siemens"), device=("Mindray",),
+           pathology=("malignant",), box="none", num_per_condition=2, per_device_batch=1)
+  c.sampler.update(method="multistep", order=1, steps=2)
+  exs = _records(generate.generate(c, tmp_path / "gen"))
+  assert len(exs) == 2 and exs[0]["gen_model"] == "imported" and exs[0]["image"].shape == (16, 16, 1)
+  gen = json.loads(exs[0]["gen_conditions"])
+  assert gen["device"] == "Mindray" and gen["pathology"] == "malignant" and gen["boxes"] == []
