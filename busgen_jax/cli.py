@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -145,6 +146,63 @@ def _default_import_config():
                                     "T": 500, "dev_num": 20})
 
 
+# ---------------------------------------------------------------------------------------------------- sample
+
+def _sample_main(argv):
+  from busgen_jax import generate, parallel
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  parallel.maybe_initialize_distributed()
+  ds = generate.generate(FLAGS.config, FLAGS.workdir)
+  print(f"{ds}: generated dataset (sheets in {ds / generate.SHEETS})")
+
+
+def _default_sample_config():
+  from busgen_jax import generate
+  return generate.default_config()
+
+
+def _fit_box_prior_main(argv):
+  from busgen_jax.diffusion import box_prior
+  out = box_prior.run(FLAGS.config, FLAGS.workdir)
+  print(f"{out}: box prior")
+
+
+def _default_box_prior_config():
+  from busgen_jax.diffusion import box_prior
+  return box_prior.default_config()
+
+
+# ---------------------------------------------------------------------------------------------------- classify
+
+def _classify_main(argv):
+  from busgen_jax.train import classifier
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  results = classifier.train(FLAGS.config, FLAGS.workdir)
+  for name, r in results.items():
+    auc = r.get("auc", r.get("macro_auc"))
+    print(f"{name}: n={r['n']} AUC={auc:.3f} -> {FLAGS.workdir}/eval/{name}.html")
+
+
+def _default_classify_config():
+  from busgen_jax.train import classifier
+  return classifier.default_config()
+
+
+def _evaluate_main(argv):
+  from busgen_jax.train import classifier
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  for name, r in classifier.evaluate_main(FLAGS.config, FLAGS.workdir).items():
+    print(f"{name}: n={r['n']} AUC={r.get('auc', r.get('macro_auc')):.3f} -> {FLAGS.workdir}/{name}.html")
+
+
+def _default_evaluate_config():
+  from busgen_jax.train import classifier
+  return classifier.default_evaluate_config()
+
+
 STAGES: dict[str, Stage] = {
     "demo": Stage("the end-to-end job on the built-in phantom data (writes <workdir>/report.md)",
                   _default_demo_config, lambda: None, _demo_main),
@@ -152,6 +210,14 @@ STAGES: dict[str, Stage] = {
                      _default_convert_config, _convert_flags, _convert_main),
     "train": Stage("train (or resume) the BUSGen diffusion model: --config configs/<...>.py --workdir DIR",
                    _default_train_config, lambda: None, _train_main),
+    "fit-box-prior": Stage("fit per-pathology lesion-box densities (KDE) on a dataset: --config.dataset=DIR",
+                           _default_box_prior_config, lambda: None, _fit_box_prior_main),
+    "sample": Stage("generate a synthetic dataset from a checkpoint (sharded, resumable)",
+                    _default_sample_config, lambda: None, _sample_main),
+    "classify": Stage("train a classifier on real, generated or mixed data; evaluate on held-out real data",
+                      _default_classify_config, lambda: None, _classify_main),
+    "evaluate": Stage("evaluate a saved classifier on any dataset: --config.checkpoint=DIR --config.dataset=DS",
+                      _default_evaluate_config, lambda: None, _evaluate_main),
     "import-official": Stage("import an official BUSGen PyTorch checkpoint into an Orbax checkpoint",
                              _default_import_config, _import_flags, _import_main),
     "inspect": Stage("print a dataset's counts and label distributions, write a contact sheet",
@@ -166,6 +232,10 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+  # XLA compilation dominates short CPU runs: keep compiled programs across runs (JAX's persistent cache;
+  # read when jax is first imported, so set before any stage imports it).
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())

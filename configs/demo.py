@@ -1,11 +1,15 @@
 """The end-to-end demo on the built-in phantom data (the README's main command).
 
-  bash launch/local.sh demo --workdir /tmp/busgen_demo
-  busgen-jax demo --config configs/demo.py --workdir /tmp/busgen_demo --config.data.phantom.num_examples=5000
+  bash launch/local.sh demo --workdir /tmp/busgen_demo                      # ~10 minutes on 2 CPU cores
+  busgen-jax demo --config configs/demo.py:full --workdir gs://.../demo      # accelerator scale
+  busgen-jax demo --config configs/demo.py:ci --workdir /tmp/demo_ci         # the reduced run the tests use
+
+convert -> box prior -> tiny BUSGen -> synthetic repository -> classifiers on real / generated / mixed ->
+evaluation on the held-out real split -> <workdir>/report.html and report.md.
 """
 
 from busgen_jax import demo
 
 
 def get_config(arg: str = ""):
-  return demo.default_config()
+  return demo.default_config(arg.removeprefix("scale=") or "cpu")

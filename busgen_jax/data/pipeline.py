@@ -243,3 +243,53 @@ def _process() -> tuple[int, int]:
   except ImportError:
     return 0, 1
 
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@dataclasses.dataclass(frozen=True)
+class _EvalLoad(grain.MapTransform):
+  load: LoadAndTransform
+
+  def map(self, element):
+    index, valid = element
+    out = self.load.random_map((0, index), np.random.default_rng(0))  # centre crop, no flip: rng unused
+    out["index"], out["valid"] = np.int32(index), np.bool_(valid)
+    return out
+
+
+def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filters: Mapping | None = None,
+               device_vocab: tuple[str, ...] = (), process_index: int | None = None,
+               process_count: int | None = None) -> Pipeline:
+  """One deterministic pass over a split (centre crop, no flip, no augmentation): every selected example once,
+  in record order. The last global batch is padded; `valid` marks real rows and `index` their record.
+  Global batch k holds examples k*B..(k+1)*B-1, process p its slice p*B/P..(p+1)*B/P-1 of them."""
+  if process_index is None or process_count is None:
+    process_index, process_count = _process()
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+  ds = reader.open_dataset(path)
+  vocab = global_vocab({"eval": ds}, tuple(device_vocab))
+  labels = scan_labels(ds, split)
+  keep = np.ones(len(labels["pathology"]), bool)
+  for field, allowed in (filters or {}).items():
+    if allowed:
+      unknown = sorted(set(allowed) - set(ds.vocab(field)))
+      if unknown:
+        raise ValueError(f"{ds.dir}: {field} {unknown} not in its vocabulary {ds.vocab(field)}")
+      keep &= np.isin(labels[field], [ds.vocab(field).index(a) for a in allowed])
+  idx = np.flatnonzero(keep)
+  if not len(idx):
+    raise ValueError(f"{ds.dir} split {split!r}: no examples selected (filters {dict(filters or {})})")
+  pad = -len(idx) % batch_size
+  items = np.concatenate([idx, np.full(pad, idx[-1])])
+  valid = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
+  local = batch_size // process_count
+  mine = np.arange(len(items)).reshape(-1, process_count, local)[:, process_index].reshape(-1)
+  label_maps = ({f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32)
+                 for f in schema.LABEL_FIELDS},)
+  load = LoadAndTransform((ds.source(split),), label_maps, image_size, "center", False, ())
+  elements = [(int(items[i]), bool(valid[i])) for i in mine]
+  it = (grain.MapDataset.source(elements).map(_EvalLoad(load)).batch(local, drop_remainder=False)
+        .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+  return Pipeline(it, vocab, local, (ds.name,))

@@ -1,0 +1,118 @@
+"""Reports: JSON (every number), Markdown and a self-contained HTML page (tables, ROC and reliability plots)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _line_plot(path: Path, series, *, xlabel: str, ylabel: str, title: str, legend: str, ymax: float) -> Path:
+  """series: (x, y, label, plot kwargs); plus the diagonal (chance / perfect calibration)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
+  for x, y, label, kw in series:
+    ax.plot(x, y, label=label, **kw)
+  ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, ymax))
+  ax.legend(loc=legend, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def roc_plot(path: Path, curves: Mapping[str, dict], title: str = "ROC") -> Path:
+  """curves: label -> {"fpr", "tpr", "auc", "auc_ci95"}."""
+  series = [(c["fpr"], c["tpr"], f"{label}: AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]",
+             {"lw": 1.6}) for label, c in curves.items()]
+  return _line_plot(path, series, xlabel="1 - specificity", ylabel="sensitivity", title=title,
+                    legend="lower right", ymax=1.01)
+
+
+def reliability_plot(path: Path, curves: Mapping[str, dict], title: str = "Calibration") -> Path:
+  """curves: label -> a binary report (its "reliability" points and "ece")."""
+  series = [(c["reliability"]["mean_predicted"], c["reliability"]["fraction_positive"],
+             f"{label}: ECE {c['ece']:.3f}", {"marker": "o", "ms": 3}) for label, c in curves.items()]
+  return _line_plot(path, series, xlabel="predicted probability", ylabel="observed frequency", title=title,
+                    legend="upper left", ymax=1.0)
+
+
+def _ci(r: dict, key="auc") -> str:
+  lo, hi = r.get(f"{key}_ci95", [float("nan")] * 2)
+  return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def binary_rows(reports: Mapping[str, dict]) -> list[list[str]]:
+  rows = [["model", "n (positive)", "AUC [95% CI]", "balanced acc.", "sens. / spec. @0.5",
+           "sens. @ spec. 0.9", "ECE"]]
+  for name, r in reports.items():
+    op = r["at_specificity_0.9"]
+    rows.append([name, f"{r['n']} ({r['n_positive']})", _ci(r), f"{r['balanced_accuracy']:.3f}",
+                 f"{r['sensitivity']:.3f} / {r['specificity']:.3f}", f"{op['sensitivity']:.3f}", f"{r['ece']:.3f}"])
+  return rows
+
+
+def multiclass_rows(reports: Mapping[str, dict]) -> list[list[str]]:
+  rows = [["model", "n", "macro AUC", "balanced acc.", "accuracy"]]
+  for name, r in reports.items():
+    rows.append([name, str(r["n"]), f"{r['macro_auc']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['accuracy']:.3f}"])
+  return rows
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+  out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+  out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+  return "\n".join(out)
+
+
+def html_table(rows: Sequence[Sequence[str]]) -> str:
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+  return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def img_tag(path: Path, alt: str = "", width: int | None = None) -> str:
+  data = base64.b64encode(Path(path).read_bytes()).decode()
+  w = f' width="{width}"' if width else ""
+  return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
+
+
+CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}"
+       "th{background:#f3f3f3}img{margin:4px;image-rendering:pixelated}p.note{color:#555;font-size:90%}")
+
+
+def html_page(title: str, body: str) -> str:
+  return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+          f"<style>{CSS}</style></head><body>{body}</body></html>")
+
+
+def write_classifier_report(prefix: Path, rep: dict, *, title: str) -> dict[str, Path]:
+  """prefix.json, prefix.md, prefix.html (+ prefix.roc.png, prefix.calibration.png for binary tasks)."""
+  prefix = Path(prefix)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  paths = {"json": prefix.with_suffix(".json")}
+  paths["json"].write_text(json.dumps(rep, indent=1))
+  if "auc" in rep and "roc_curve" in rep:
+    roc = roc_plot(prefix.with_suffix(".roc.png"), {"model": {**rep["roc_curve"], **rep}}, title)
+    cal = reliability_plot(prefix.with_suffix(".calibration.png"), {"model": rep}, title)
+    rows = binary_rows({"model": rep})
+    figs_md = f"![ROC]({roc.name}) ![calibration]({cal.name})"
+    figs_html = img_tag(roc, "ROC") + img_tag(cal, "calibration")
+  else:
+    rows, figs_md, figs_html = multiclass_rows({"model": rep}), "", ""
+  paths["md"] = prefix.with_suffix(".md")
+  paths["md"].write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{figs_md}\n")
+  paths["html"] = prefix.with_suffix(".html")
+  paths["html"].write_text(html_page(title, f"<h1>{html.escape(title)}</h1>{html_table(rows)}{figs_html}"))
+  return paths

@@ -1,0 +1,338 @@
+"""Downstream classifiers: `busgen-jax classify --config configs/classify_phantom.py --workdir DIR`.
+
+Read top to bottom: task (label field, class names) -> Grain pipeline over real, generated or mixed sources
+(`config.data.sources`, mixing weights) filtered to the task's classes -> model from the registry -> jitted
+train step (params and BatchNorm statistics replicated, batch sharded over the data axes, donated state) ->
+every `eval_every` steps: validation on a real split, the best checkpoint kept by its metric -> at the end:
+the best checkpoint evaluated on every test set -> `DIR/eval/<name>.json|md|html`.
+
+`busgen-jax evaluate --config.checkpoint=DIR/best --config.dataset=DS --workdir OUT` re-evaluates any saved
+classifier on any dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from busgen_jax import parallel
+from busgen_jax.data import pipeline, reader
+from busgen_jax.evaluate import metrics, report as report_lib
+from busgen_jax.models import classifiers
+from busgen_jax.train import checkpoint, state as train_state, writers
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 2000
+  c.log_every = 50
+  c.eval_every = 250
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+  c.task = ml_collections.ConfigDict({"field": "pathology", "classes": ("benign", "malignant"),
+                                      "positive": "malignant"})   # binary: AUC of `positive`
+  c.data = pipeline.default_config()
+  c.data.image_size = 128
+  c.data.batch_size = 64
+  c.data.ultrasound_augment = ("gain", "speckle", "depth_attenuation")
+  # Validation (checkpoint selection) and test sets: real data. path "" = the first train source's path.
+  c.val = ml_collections.ConfigDict({"path": "", "split": "val"})
+  c.test = ml_collections.ConfigDict({"real_test": {"path": "", "split": "test"}})
+  c.select_metric = "auc"        # auc (binary) | macro_auc | balanced_accuracy
+  c.eval_batch_size = 64
+  c.n_bootstrap = 1000
+  c.reference_sensitivity = 0.0  # > 0: also report specificity at this sensitivity (e.g. a radiologist's)
+  c.label_smoothing = 0.0
+  c.model = classifiers.default_config()
+  c.optim = train_state.default_config()
+  c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05, grad_clip=1.0)
+  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.sharding_rules = parallel.DEFAULT_RULES
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ model state
+
+class Setup:
+  """Static pieces: mesh, graph, label lookup, the jitted train and eval steps."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, vocab: dict[str, list[str]], mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh or parallel.make_mesh(dict(cfg.mesh))
+    self.rules = parallel.Rules(cfg.sharding_rules)
+    parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
+    self.classes = list(cfg.task.classes)
+    if len(self.classes) < 2:
+      raise ValueError(f"task.classes needs at least two names, got {self.classes}")
+    field_vocab = vocab[cfg.task.field]
+    missing = [c for c in self.classes if c not in field_vocab]
+    if missing:
+      raise ValueError(f"task.classes {missing} not in the data's {cfg.task.field} vocabulary {field_vocab}")
+    # global vocabulary index -> class index (-1: not a class of the task; filtered out before batching)
+    self.lut = _lut(field_vocab, self.classes)
+    self.positive = self.classes.index(cfg.task.positive) if cfg.task.positive in self.classes else None
+    model = classifiers.create(cfg.model, len(self.classes), cfg.data.image_size, cfg.seed)
+    self.graphdef, params, stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    self.init_params, self.init_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    self.tx = train_state.optimizer(cfg.optim, cfg.num_steps)
+    repl = parallel.replicated(self.mesh)
+    self.repl = repl
+    self.state_shardings = jax.tree.map(lambda _: repl, self.abstract_state())
+    batch_sh = {"image": parallel.batch_sharding(self.mesh, self.rules, 4),
+                "label": parallel.batch_sharding(self.mesh, self.rules, 1)}
+    self.batch_sharding = batch_sh
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
+                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.predict = jax.jit(self._predict, in_shardings=(repl, repl, batch_sh["image"]),
+                           out_shardings=parallel.batch_sharding(self.mesh, self.rules, 2))
+
+  def init_state(self) -> dict:
+    state = {"step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
+             "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(self.cfg.seed)}
+    return jax.device_put(state, self.state_shardings)
+
+  def abstract_state(self):
+    return jax.eval_shape(lambda: {
+        "step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
+        "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(0)})
+
+  def _model(self, params, stats, *, train: bool):
+    model = nnx.merge(self.graphdef, params, stats, self.rest)
+    model.train() if train else model.eval()
+    return model
+
+  def _train_step(self, state, batch):
+    rng, key = jax.random.split(state["rng"])
+    n = len(self.classes)
+    smooth = self.cfg.label_smoothing
+
+    def loss_fn(params):
+      model = self._model(params, state["batch_stats"], train=True)
+      logits = model(batch["image"], rngs=nnx.Rngs(dropout=key))
+      target = optax.smooth_labels(jax.nn.one_hot(batch["label"], n), smooth) if smooth else \
+          jax.nn.one_hot(batch["label"], n)
+      loss = optax.softmax_cross_entropy(logits, target).mean()
+      acc = (logits.argmax(-1) == batch["label"]).mean()
+      return loss, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), acc)
+
+    (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+           "batch_stats": stats, "opt_state": opt_state, "rng": rng}
+    finite = jnp.isfinite(loss)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), "finite": finite}
+
+  def _predict(self, params, stats, images):
+    return jax.nn.softmax(self._model(params, stats, train=False)(images), -1)
+
+  # -------------------------------------------------------------------------------------------- evaluation
+
+  def evaluate(self, params, stats, path: str, split: str, *, n_bootstrap: int | None = None) -> dict:
+    """Probabilities for every example of the task's classes in a split, and its report."""
+    cfg = self.cfg
+    filters = {cfg.task.field: self.classes}
+    pipe = pipeline.build_eval(path, split, image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
+                               filters=filters, device_vocab=tuple(cfg.data.device_vocab))
+    lut = _lut(pipe.vocab[cfg.task.field], self.classes)   # the evaluated dataset's own vocabulary
+    probs, labels, index = [], [], []
+    it = iter(pipe)
+    try:
+      with jax.set_mesh(self.mesh):
+        for local in it:
+          batch = parallel.global_batch({"image": local["image"]}, self.mesh, self.rules)
+          p = self.predict(params, stats, batch["image"])
+          p = np.asarray(jax.experimental.multihost_utils.process_allgather(p, tiled=True)) \
+              if jax.process_count() > 1 else np.asarray(p)
+          rows = _gather_rows({"valid": local["valid"], "label": lut[local[cfg.task.field]],
+                               "index": local["index"]})
+          keep = rows["valid"]
+          probs.append(p[keep])
+          labels.append(rows["label"][keep])
+          index.append(rows["index"][keep])
+    finally:
+      it.close()
+    probs, labels, index = np.concatenate(probs), np.concatenate(labels), np.concatenate(index)
+    cases = _case_ids(path, split, index)
+    nb = cfg.n_bootstrap if n_bootstrap is None else n_bootstrap
+    if len(self.classes) == 2 and self.positive is not None:
+      rep = metrics.binary_report((labels == self.positive).astype(int), probs[:, self.positive], cases=cases,
+                                  n_bootstrap=nb, seed=cfg.seed,
+                                  reference_sensitivity=cfg.reference_sensitivity or None)
+      rep["macro_auc"] = rep["auc"]
+    else:
+      rep = metrics.multiclass_report(labels, probs, self.classes, cases=cases, n_bootstrap=nb, seed=cfg.seed)
+    rep.update(dataset=str(reader.find_dataset_dir(path)), split=split, classes=self.classes,
+               positive=cfg.task.positive if self.positive is not None else None)
+    return {"report": rep, "probs": probs, "labels": labels, "cases": cases}
+
+
+def _lut(field_vocab: list[str], classes: list[str]) -> np.ndarray:
+  lut = np.full(len(field_vocab), -1, np.int32)
+  for k, name in enumerate(classes):
+    if name in field_vocab:
+      lut[field_vocab.index(name)] = k
+  return lut
+
+
+def _gather_rows(local: dict) -> dict:
+  """Every process's rows of a batch, in process order (the order of the global batch)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
+
+
+def _case_ids(path: str, split: str, index: np.ndarray) -> np.ndarray:
+  import tensorflow_datasets as tfds
+  ds = reader.open_dataset(path)
+  records = ds.records(split)
+  skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
+  out = []
+  for i in index:
+    ex = ds.features.deserialize_example_np(records[int(i)], decoders=skip)
+    cid = ex["case_id"].decode() if isinstance(ex["case_id"], bytes) else str(ex["case_id"])
+    out.append(cid or f"#{int(i)}")
+  return np.asarray(out)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def _with_task_filters(cfg):
+  """Every train source keeps only the task's classes (unless the config filters that field itself)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for name in cfg.data.sources.keys():
+    f = cfg.data.sources[name].filters
+    if not f.get(cfg.task.field):
+      f[cfg.task.field] = list(cfg.task.classes)
+  return cfg
+
+
+def _default_real(cfg) -> str:
+  first = sorted(cfg.data.sources.keys())[0]
+  return cfg.data.sources["real"].path if "real" in cfg.data.sources else cfg.data.sources[first].path
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains, keeps the best checkpoint on validation, evaluates it on the test sets. Returns the test reports."""
+  parallel.maybe_initialize_distributed()
+  work = Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  cfg = _with_task_filters(cfg)
+  pipe = pipeline.build(cfg.data)
+  setup = Setup(cfg, pipe.vocab)
+  ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+  best_dir = work / "best"
+  it = iter(pipe)
+  state = None
+  best = {"step": -1, "value": -np.inf}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), setup.abstract_state(),
+        setup.state_shardings), it)
+    best = meta.get("best", best)
+    logging.info("resumed from %s/%d (best so far: %s)", ckpt.directory, latest, best)
+  else:
+    state = setup.init_state()
+  meta = {"model": cfg.model.to_dict(), "task": cfg.task.to_dict(), "image_size": cfg.data.image_size,
+          "vocab": pipe.vocab, "config": cfg.to_json()}
+  writer, progress = writers.create(str(work), cfg.num_steps, process_index=jax.process_index(),
+                                    every_steps=cfg.log_every)
+  val_path = cfg.val.path or _default_real(cfg)
+  step = int(state["step"])
+  t0, start = time.perf_counter(), step
+  try:
+    with jax.set_mesh(setup.mesh):
+      while step < cfg.num_steps:
+        local = next(it)
+        labels = setup.lut[local[cfg.task.field]]
+        if (labels < 0).any():
+          raise AssertionError("a batch holds labels outside task.classes (the task filter failed)")
+        batch = parallel.global_batch({"image": local["image"], "label": labels}, setup.mesh, setup.rules)
+        state, m = setup.train_step(state, batch)
+        step += 1
+        progress(step)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          if not bool(m["finite"]):
+            raise FloatingPointError(f"non-finite classifier loss at step {step}")
+          dt = time.perf_counter() - t0
+          writer.write_scalars(step, {**{k: float(v) for k, v in m.items() if k != "finite"},
+                                      "images_per_sec": cfg.data.batch_size * (step - start) / dt})
+          t0, start = time.perf_counter(), step
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split, n_bootstrap=0)
+          value = float(rep["report"][cfg.select_metric])
+          writer.write_scalars(step, {f"val/{cfg.select_metric}": value})
+          logging.info("step %d: validation %s = %.4f (best %.4f at %d)", step, cfg.select_metric, value,
+                       best["value"], best["step"])
+          if value > best["value"] or best["step"] < 0:
+            best = {"step": step, "value": value}
+            checkpoint.save_params(best_dir, {"params": state["params"], "batch_stats": state["batch_stats"]},
+                                   meta={**meta, "best": best}, step=step)
+        if ckpt.should_save(step) or step == cfg.num_steps:
+          ckpt.save(step, state, it, {**meta, "best": best})
+          if ckpt.reached_preemption(step):
+            logging.warning("preemption: saved step %d, exiting", step)
+            return {}
+  finally:
+    writer.flush()
+    ckpt.close()
+    it.close()
+  return evaluate_checkpoint(best_dir, cfg, work / "eval", tests=cfg.test, setup=setup)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def load_classifier(directory: str | Path) -> tuple[dict, dict]:
+  """(params {"params", "batch_stats"}, meta) of a saved classifier (`DIR/best`)."""
+  _, meta = checkpoint.load_meta(directory)
+  return checkpoint.load_params(directory, which="ema"), meta
+
+
+def evaluate_checkpoint(directory, cfg, out_dir: str | Path, *, tests, setup: Setup | None = None) -> dict:
+  """Evaluates a saved classifier on each `tests` entry ({name: {path, split}}); writes reports."""
+  weights, meta = load_classifier(directory)
+  if setup is None:
+    cfg = ml_collections.ConfigDict(json.loads(meta["config"]))
+    setup = Setup(cfg, meta["vocab"])
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  params = jax.device_put(weights["params"], setup.repl)
+  stats = jax.device_put(weights["batch_stats"], setup.repl)
+  results = {}
+  for name in tests.keys():
+    t = tests[name]
+    path = t.path or _default_real(setup.cfg)
+    res = setup.evaluate(params, stats, path, t.split)
+    rep = {**res["report"], "checkpoint": str(directory), "best": meta.get("best")}
+    report_lib.write_classifier_report(out_dir / name, rep, title=f"{name}: {Path(path).name}/{t.split}")
+    np.savez(out_dir / f"{name}.predictions.npz", probs=res["probs"], labels=res["labels"],
+             cases=res["cases"].astype(str))
+    results[name] = rep
+  return results
+
+
+def default_evaluate_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""            # a classifier's saved directory (`classify` workdir/best)
+  c.dataset = ""               # any dataset in the record schema
+  c.split = "test"
+  return c
+
+
+def evaluate_main(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  if not cfg.checkpoint or not cfg.dataset:
+    raise ValueError("--config.checkpoint and --config.dataset are required")
+  tests = ml_collections.ConfigDict({"eval": {"path": cfg.dataset, "split": cfg.split}})
+  return evaluate_checkpoint(cfg.checkpoint, None, workdir, tests=tests)
