@@ -76,11 +76,12 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------------ params only
 
-def save_params(directory: str | Path, params: Any, meta: dict | None = None, *, step: int = 0) -> None:
-  """A params-only checkpoint ("params" and "ema" both hold these weights; the directory keeps only this
-  step), e.g. an imported model or the best classifier so far."""
+def save_params(directory: str | Path, params: Any, meta: dict | None = None, *, step: int = 0,
+                as_ema: bool = True) -> None:
+  """A params-only checkpoint (the directory keeps only this step), e.g. an imported model or the best
+  classifier so far. "params" holds the weights, and "ema" the same ones unless as_ema=False."""
   ck = Checkpointer(directory, keep=1, async_save=False)
-  ck.save(step, {"params": params, "ema": params}, meta=meta, force=True)
+  ck.save(step, {"params": params, **({"ema": params} if as_ema else {})}, meta=meta, force=True)
   ck.close()
 
 

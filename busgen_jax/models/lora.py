@@ -1,0 +1,202 @@
+"""Low-rank adapters (LoRA) for the UNet, and new label rows for its condition tables.
+
+`inject(model, cfg)` wraps every `nnx.Linear` and `nnx.Conv` whose path matches `cfg.targets` (regular
+expressions over "/"-joined module paths) in place:
+
+  dense / 1x1 projections:  y = base(x) + (alpha / r) * (x A) B,           A (in, r), B (r, out)
+  k x k convolutions:       y = base(x) + (alpha / r) * conv_kxk(x, A) B,  A (k, k, in, r), B (r, out)
+
+A is drawn small, B is zero, so an adapted model starts as the pretrained one. Adapter weights are
+`nnx.LoRAParam`s: `nnx.split(model, nnx.LoRAParam, ...)` separates them (and new label rows, which are
+LoRAParams too) from the frozen base, so the optimizer state holds adapters only and the base passes through
+the train step untouched. `merge(model)` folds every adapter into its base kernel (a k x k conv followed by a
+1 x 1 conv is one k x k conv with kernel A B), for sampling at base speed. `extend_labels(model, field, n)`
+appends n trainable rows to the pathology or device table; existing rows stay frozen, so old labels keep
+their meaning.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.rank = 8
+  c.alpha = 8.0
+  # Which layers get adapters (regexes over module paths such as "downblocks/1/block1/conv" or "attn/proj_q").
+  c.targets = (r".*",)
+  c.exclude = ()               # paths matching these are skipped
+  c.seed = 0
+  return c
+
+
+class LoRADense(nnx.Module):
+  def __init__(self, base: nnx.Linear, rank: int, alpha: float, rng: np.random.Generator):
+    self.base = base
+    fan_in, out = base.in_features, base.out_features
+    self.lora_a = nnx.LoRAParam(jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), (fan_in, rank)), jnp.float32))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out), jnp.float32))
+    self.scale = alpha / rank
+
+  def delta(self) -> jax.Array:
+    return self.scale * self.lora_a.value @ self.lora_b.value
+
+  def __call__(self, x):
+    y = self.base(x)
+    return y + (self.scale * (x.astype(jnp.float32) @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
+
+
+class LoRAConv(nnx.Module):
+  def __init__(self, base: nnx.Conv, rank: int, alpha: float, rng: np.random.Generator):
+    self.base = base
+    k = tuple(base.kernel_size)
+    cin, cout = base.in_features, base.out_features
+    fan_in = cin * int(np.prod(k))
+    self.lora_a = nnx.LoRAParam(jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), (*k, cin, rank)), jnp.float32))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, cout), jnp.float32))
+    self.scale = alpha / rank
+
+  def delta(self) -> jax.Array:
+    return self.scale * jnp.einsum("...ir,ro->...io", self.lora_a.value, self.lora_b.value)
+
+  def __call__(self, x):
+    b = self.base
+    y = b(x)
+    h = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), self.lora_a.value, _tuple(b.strides, len(b.kernel_size)),
+        _padding(b.padding, len(b.kernel_size)), rhs_dilation=_tuple(b.kernel_dilation, len(b.kernel_size)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
+
+
+def _tuple(v, n):
+  if v is None:
+    return (1,) * n
+  return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _padding(p, n):
+  if isinstance(p, str):
+    return p
+  if isinstance(p, int):
+    return [(p, p)] * n
+  return [tuple(q) if not isinstance(q, int) else (q, q) for q in p]
+
+
+class ExtendedEmbedding(nnx.Module):
+  """A condition table with `n` new, trainable rows after the frozen ones."""
+
+  def __init__(self, base, n: int, rng: np.random.Generator):
+    self.base = base
+    dim = base.embedding.value.shape[1]
+    self.extra = nnx.LoRAParam(jnp.asarray(rng.standard_normal((n, dim)) * 0.02, jnp.float32))
+
+  @property
+  def rows(self) -> int:
+    return self.base.embedding.value.shape[0] + self.extra.value.shape[0]
+
+  def __call__(self, idx):
+    return jnp.take(jnp.concatenate([self.base.embedding.value, self.extra.value]), idx, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------ surgery
+
+def _modules(model):
+  """(path string, parent, attribute or index, module) for every submodule."""
+  out = []
+
+  def walk(node, prefix):
+    for name, child in vars(node).items():
+      items = enumerate(child) if isinstance(child, nnx.List) else [(None, child)]
+      for i, c in items:
+        if isinstance(c, nnx.Module):
+          path = "/".join(p for p in (prefix, name, None if i is None else str(i)) if p)
+          out.append((path, child if i is not None else node, i if i is not None else name, c))
+          walk(c, path)
+
+  walk(model, "")
+  return out
+
+
+def _set(parent, key, value):
+  if isinstance(key, int):
+    parent[key] = value
+  else:
+    setattr(parent, key, value)
+
+
+def inject(model: nnx.Module, cfg: ml_collections.ConfigDict) -> list[str]:
+  """Wraps the targeted Linear/Conv layers of `model` in place; returns their paths."""
+  rng = np.random.default_rng(cfg.seed)
+  targets = [re.compile(t) for t in cfg.targets]
+  exclude = [re.compile(t) for t in cfg.exclude]
+  done = []
+  for path, parent, key, m in _modules(model):
+    if not isinstance(m, (nnx.Linear, nnx.Conv)) or isinstance(parent, (LoRADense, LoRAConv)):
+      continue
+    if not any(t.fullmatch(path) for t in targets) or any(t.fullmatch(path) for t in exclude):
+      continue
+    if isinstance(m, nnx.Conv) and (m.feature_group_count != 1 or _tuple(m.input_dilation, 2) != (1, 1)):
+      continue
+    wrap = LoRADense(m, cfg.rank, cfg.alpha, rng) if isinstance(m, nnx.Linear) else LoRAConv(m, cfg.rank, cfg.alpha, rng)
+    _set(parent, key, wrap)
+    done.append(path)
+  if not done:
+    raise ValueError(f"LoRA targets {tuple(cfg.targets)} match no Linear or Conv layer")
+  return done
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its base kernel and removes the wrappers (in place); returns the model."""
+  for path, parent, key, m in _modules(model):
+    if isinstance(m, (LoRADense, LoRAConv)):
+      m.base.kernel.value = m.base.kernel.value + m.delta().astype(m.base.kernel.value.dtype)
+      _set(parent, key, m.base)
+  return model
+
+
+def extend_labels(model: nnx.Module, field: str, n: int, seed: int = 0) -> int:
+  """Appends n trainable rows to the model's `field` table ("pathology" or "device"); returns the first new
+  row's index."""
+  attr = {"pathology": "pathology_table", "device": "device_table"}[field]
+  base = getattr(model, attr)
+  if isinstance(base, ExtendedEmbedding):
+    raise ValueError(f"the {field} table has already been extended")
+  setattr(model, attr, ExtendedEmbedding(base, n, np.random.default_rng(seed)))
+  return base.embedding.value.shape[0]
+
+
+def adapter_state(model: nnx.Module) -> dict:
+  """The adapters (and new label rows) alone, as a pure dict: what `save_adapters` writes."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def num_adapter_params(model: nnx.Module) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter_state(model)))
+
+
+def save_adapters(directory, model: nnx.Module, cfg: ml_collections.ConfigDict, meta: dict | None = None) -> None:
+  """Writes the adapters and new label rows alone (a small Orbax checkpoint) with their LoRA config."""
+  from busgen_jax.train import checkpoint
+  checkpoint.save_params(directory, adapter_state(model), meta={**(meta or {}), "lora": cfg.to_dict()},
+                         as_ema=False)
+
+
+def load_adapters(directory, model: nnx.Module) -> nnx.Module:
+  """Loads adapters saved by `save_adapters` into a model already injected (and extended) the same way."""
+  from busgen_jax.train import checkpoint
+  state = nnx.state(model, nnx.LoRAParam)
+  try:
+    nnx.replace_by_pure_dict(state, checkpoint.load_params(directory, which="params"))
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{directory}: the adapters do not fit this model (inject with the saved LoRA config "
+                     f"and extend the same label tables first): {e}") from e
+  nnx.update(model, state)
+  return model
