@@ -50,7 +50,8 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
 
   c.generate = ml_collections.ConfigDict({
       "num_per_class": 150,            # generated images per pathology (spread over the devices)
-      "steps": 10, "method": "multistep", "order": 2, "guidance_scale": 2.8, "per_device_batch": 50})
+      "steps": 10, "method": "multistep", "order": 2, "guidance_scale": 2.8, "per_device_batch": 50,
+      "local_devices": 0})             # 0: every device of the host
 
   k = classifier.default_config()
   k.num_steps, k.log_every, k.eval_every, k.checkpoint_every = 120, 20, 40, 40
@@ -69,6 +70,7 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.diffusion.data.image_size = 16
     c.diffusion.model.update(ch=16, num_groups=4)
     c.generate.num_per_class, c.generate.steps, c.generate.per_device_batch = 16, 3, 8
+    c.generate.local_devices = 1       # the tests simulate 8 CPU devices; 32 images fill one
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 10, 5, 5
     c.classifier.data.image_size, c.classifier.data.batch_size = 16, 16
     c.classifier.n_bootstrap = 100
@@ -173,7 +175,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
            per_device_batch=cfg.generate.per_device_batch, examples_per_shard=256, name="phantom_generated")
   g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
                    guidance_scale=cfg.generate.guidance_scale)
-  g.local_devices = 1
+  g.local_devices = cfg.generate.local_devices
   gen_dir = generate.generate(g, work / "generated")
   times["generate"] = time.time() - t
 
