@@ -177,19 +177,18 @@ def _masks(cfg, image_size: int) -> dict[str, list[np.ndarray]] | None:
       if m.any():
         out["*"].append(transforms.resize(m.astype(np.uint8) * 255, image_size, is_mask=True) > 127)
   else:
-    import tensorflow_datasets as tfds
     from busgen_jax.data import reader
     ds = reader.open_dataset(p)
     names = ds.vocab("pathology")
     records = ds.records(cfg.mask.split)
     for i in range(len(records)):
-      ex = ds.features.deserialize_example_np(records[i], decoders={"image": tfds.decode.SkipDecoding()})
+      ex = ds.decode(records[i], skip=("image",))
       if not ex["has_mask"] or not ex["mask"].any():
         continue
       m = ex["mask"][..., 0]
-      side = min(m.shape)          # centre square, as the pipeline's fallback crop
-      top, left = (m.shape[0] - side) // 2, (m.shape[1] - side) // 2
-      m = transforms.resize(np.ascontiguousarray(m[top:top + side, left:left + side]), image_size, is_mask=True) > 127
+      top, left, side = transforms.square_crop_window(*m.shape, np.zeros((0, 4)), None)  # the centre crop
+      m = transforms.resize(np.ascontiguousarray(m[top:top + side, left:left + side]), image_size,
+                            is_mask=True) > 127
       if m.any():
         out["*"].append(m)
         out.setdefault(names[ex["pathology"]], []).append(m)
@@ -268,8 +267,8 @@ class Sampler:
     if self.sched.T != model.cfg.T:
       raise ValueError(f"schedule.T={self.sched.T} differs from the model's T={model.cfg.T}")
     plan = samplers.plan_from_config(self.sched.betas, cfg.sampler)
-    graphdef, state = nnx.split(unet.abstract(model.cfg), nnx.Param)
-    repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    graphdef = nnx.graphdef(unet.abstract(model.cfg))
+    repl = parallel.replicated(self.mesh)
     rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), repl)
     self.rows = rows
@@ -280,10 +279,8 @@ class Sampler:
     def sample(params, index, cond):
       net = nnx.merge(graphdef, params)
       keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
-      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), (size, size, 3)))(keys)
-      uncond = jax.tree.map(jnp.zeros_like, cond)
-      return samplers.run(plan, lambda x, t, c: net(x, t, c), x_T, cond=cond, uncond=uncond,
-                          guidance_scale=scale, keys=keys, clip_x0=clip)
+      return samplers.sample_from_keys(plan, lambda x, t, c: net(x, t, c), keys, (size, size, 3), cond=cond,
+                                       guidance_scale=scale, clip_x0=clip)
 
     self._sample = jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows)
     self.plan = plan
@@ -340,7 +337,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   vocab_json = {"device": model.vocab["device"], "histology": [schema.UNKNOWN]}
   process, processes = jax.process_index(), jax.process_count()
   if process == 0:
-    convert._write_json(ds / "shard_reports" / "plan.json", {
+    convert.write_json(ds / "shard_reports" / "plan.json", {
         "fingerprint": fingerprint, "num_tasks": n_shards, "num_inputs": examples.total, "vocab": vocab_json,
         "rejected": [], "duplicates": [], "ignored_files": [], "warnings": [],
         "config": {"name": cfg.name, "format": "generated", "input": model.name, "generation": cfg.to_dict(),
@@ -376,7 +373,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     finally:
       writer.close()
     os.replace(tmp, path)
-    convert._write_json(ds / "shard_reports" / f"shard-{k:05d}.json", {
+    convert.write_json(ds / "shard_reports" / f"shard-{k:05d}.json", {
         "fingerprint": fingerprint, "index": k, "split": cfg.split, "shard": k, "file": path.name,
         "num_examples": hi - lo, "num_bytes": path.stat().st_size, "num_inputs": hi - lo, "rejections": [],
         "warnings": [], "converted": converted, "counts": counts})
@@ -388,8 +385,8 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   if process == 0:
     if all(convert.shard_done(ds, k, fingerprint) for k in range(n_shards)):
       report = convert.merge(ds)
-      sheets = contact_sheets(ds, examples, cfg, n_shards)
-      convert._write_json(ds / "generation.json", {
+      sheets = contact_sheets(ds, examples, cfg)
+      convert.write_json(ds / "generation.json", {
           "provenance": provenance, "conditions": conds, "num_examples": report["converted"],
           "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
           "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})
@@ -412,36 +409,15 @@ def _record(e: dict, image: np.ndarray, cfg, provenance: dict) -> schema.Example
       gen_seed=cfg.seed, gen_conditions=gen)
 
 
-def contact_sheets(ds: Path, examples: Examples, cfg, n_shards: int) -> list[Path]:
-  """One PNG per condition: its first sheet_size images (lesion boxes outlined)."""
-  from array_record.python import array_record_module
-  from PIL import Image, ImageDraw
-  from busgen_jax.data import reader
+def contact_sheets(ds: Path, examples: Examples, cfg) -> list[Path]:
+  """One PNG per condition: its first sheet_size images. Shards hold consecutive indices and generation
+  rejects nothing, so example i is record i of the split."""
+  from busgen_jax.data import inspect, reader
   d = reader.open_dataset(ds)
   out = []
-  (ds / SHEETS).mkdir(exist_ok=True)
   for ci, c in enumerate(examples.conds):
-    idx = range(int(examples.starts[ci]), int(examples.starts[ci]) + min(c["num"], cfg.sheet_size))
-    tiles = []
-    for i in idx:
-      k = i // cfg.examples_per_shard
-      r = array_record_module.ArrayRecordReader(str(ds / convert.shard_filename(cfg.name, cfg.split, k, n_shards)))
-      ex = d.decode(r.read([i - k * cfg.examples_per_shard])[0])
-      r.close()
-      im = Image.fromarray(ex["image"][..., 0]).convert("RGB")
-      draw = ImageDraw.Draw(im)
-      for x1, y1, x2, y2 in ex["boxes"]:
-        draw.rectangle([x1 * im.width, y1 * im.height, x2 * im.width - 1, y2 * im.height - 1], outline=(0, 255, 0))
-      tiles.append(im)
-    if not tiles:
-      continue
-    cols = min(8, len(tiles))
-    rows = -(-len(tiles) // cols)
-    s = tiles[0].width
-    sheet = Image.new("RGB", (cols * s, rows * s))
-    for j, t in enumerate(tiles):
-      sheet.paste(t, ((j % cols) * s, (j // cols) * s))
-    name = f"condition-{ci:03d}-{c['pathology']}-{c['device']}.png".replace("/", "_").replace(" ", "_")
-    sheet.save(ds / SHEETS / name)
-    out.append(ds / SHEETS / name)
+    start, n = int(examples.starts[ci]), min(c["num"], cfg.sheet_size)
+    if n:
+      name = f"condition-{ci:03d}-{c['pathology']}-{c['device']}.png".replace("/", "_").replace(" ", "_")
+      out.append(inspect.contact_sheet(d, ds / SHEETS / name, split=cfg.split, indices=range(start, start + n)))
   return out

@@ -10,4 +10,4 @@
 
 from busgen_jax.diffusion.samplers import (  # noqa: F401
     ALGORITHMS, SKIP_TYPES, Plan, VPSchedule, ddim_plan, ddpm_plan, dpm_solver_plan, guided, make_plan, run,
-    sample_with_eps_fn)
+    sample_from_keys, sample_with_eps_fn)

@@ -112,7 +112,7 @@ def shard_filename(name: str, split: str, shard: int, num: int) -> str:
   return f"{name}-{split}.array_record-{shard:05d}-of-{num:05d}"
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
   os.replace(tmp, path)
@@ -161,7 +161,7 @@ def write_shard(source: base.Source, vocab: schema.Vocab, image_cfg: dict, ds_di
             "file": path.name, "num_examples": len(converted), "num_bytes": path.stat().st_size,
             "num_inputs": len(task.items), "rejections": rejections, "warnings": warnings,
             "converted": converted, "counts": {k: dict(v) for k, v in counts.items()}}
-  _write_json(ds_dir / "shard_reports" / f"shard-{task.index:05d}.json", report)
+  write_json(ds_dir / "shard_reports" / f"shard-{task.index:05d}.json", report)
   return report
 
 
@@ -218,7 +218,7 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
       [cfg.to_dict().get(k) for k in ("format", "name", "version", "image", "split", "examples_per_shard",
                                       cfg.format)] + [[t.split, [it.key for it in t.items]] for t in tasks],
       sort_keys=True, default=str).encode()).hexdigest()[:16]
-  _write_json(ds / "shard_reports" / "plan.json", {
+  write_json(ds / "shard_reports" / "plan.json", {
       "fingerprint": fingerprint, "num_tasks": len(tasks), "num_inputs": plan.num_inputs,
       "vocab": plan.vocab.to_json(), "rejected": [dataclasses.asdict(r) for r in plan.rejected],
       "duplicates": plan.duplicates, "ignored_files": plan.ignored_files, "warnings": plan.warnings,
@@ -323,7 +323,7 @@ def merge(ds: Path) -> dict:
   }
   if not report["accounted"]:  # would be a bug in a source: say so loudly rather than write a wrong report
     raise AssertionError(f"{ds}: {plan['num_inputs']} inputs but {converted} converted + {len(rejections)} rejected")
-  _write_json(ds / REPORT, report)
+  write_json(ds / REPORT, report)
   logging.info("%s: %d inputs -> %d converted, %d rejected %s; splits %s", ds, report["inputs"], converted,
                len(rejections), dict(reasons), counts["split"])
   return report

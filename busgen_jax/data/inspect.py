@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,11 +46,13 @@ def summarize(ds: Dataset) -> dict[str, Any]:
 
 
 def contact_sheet(ds: Dataset, path: Path, *, split: str | None = None, n: int = 48, cols: int = 8,
-                  tile: int = 160, seed: int = 0) -> Path:
-  """A grid of random examples with their boxes (coloured by pathology), mask outlines and labels."""
+                  tile: int = 160, seed: int = 0, indices: Sequence[int] | None = None) -> Path:
+  """A grid of examples with their boxes (coloured by pathology), mask outlines and labels: `n` random ones,
+  or the records at `indices`."""
   split = split or ("train" if "train" in ds.splits else next(iter(ds.splits)))
   src = ds.source(split)
-  idx = np.sort(np.random.default_rng(seed).choice(len(src), size=min(n, len(src)), replace=False))
+  idx = np.asarray(indices) if indices is not None else \
+      np.sort(np.random.default_rng(seed).choice(len(src), size=min(n, len(src)), replace=False))
   rows = max(1, -(-len(idx) // cols))
   sheet = Image.new("RGB", (cols * tile, rows * (tile + 14)), (20, 20, 20))
   draw = ImageDraw.Draw(sheet)

@@ -56,12 +56,10 @@ def scan_labels(ds: reader.Dataset, split: str) -> dict[str, np.ndarray]:
   if cache.exists():
     with np.load(cache) as z:
       return {k: z[k] for k in z.files}
-  import tensorflow_datasets as tfds
-  skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
   records = ds.records(split)
   out = {k: np.zeros(len(records), np.int32) for k in schema.LABEL_FIELDS}
   for i in range(len(records)):
-    ex = ds.features.deserialize_example_np(records[i], decoders=skip)
+    ex = ds.decode(records[i], skip=("image", "mask"))
     for k in schema.LABEL_FIELDS:
       out[k][i] = ex[k]
   try:  # a read-only dataset is fine: the scan is just redone
@@ -195,22 +193,13 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
   for s, n in enumerate(names):
     sc, ds = cfg.sources[n], datasets[n]
     labels = scan_labels(ds, sc.split)
-    keep = np.ones(len(labels["pathology"]), bool)
-    for field, allowed in sc.get("filters", {}).items():
-      if allowed:
-        unknown = sorted(set(allowed) - set(ds.vocab(field)))
-        if unknown:
-          raise ValueError(f"data.sources.{n}.filters.{field}: {unknown} not in {ds.dir}'s {field} vocabulary "
-                           f"{ds.vocab(field)}")
-        keep &= np.isin(labels[field], [ds.vocab(field).index(a) for a in allowed])
-    idx = np.nonzero(keep)[0]
+    idx = _select(ds, labels, sc.get("filters", {}), f"data.sources.{n}.filters.")
     index_stream = EpochIndex(idx, labels[cfg.balance_field][idx], balance=cfg.balance, shuffle=cfg.shuffle,
                               seed=cfg.seed * 1000 + s)
     streams.append(grain.MapDataset.source(index_stream).map(_Tag(s)))
     weights.append(float(sc.weight))
     sources.append(ds.source(sc.split))
-    label_maps.append({f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32)
-                       for f in schema.LABEL_FIELDS})
+    label_maps.append(_label_map(ds, vocab))
   mixed = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
   mixed = mixed[process_index::process_count]
   load = LoadAndTransform(tuple(sources), tuple(label_maps), cfg.image_size, cfg.crop, cfg.flip,
@@ -230,6 +219,23 @@ class _Tag:
 
   def __call__(self, index: int) -> tuple[int, int]:
     return self.source, index
+
+
+def _select(ds: reader.Dataset, labels: dict[str, np.ndarray], filters: Mapping, where: str) -> np.ndarray:
+  """Record indices whose labels pass the filters ({field: allowed names}; empty lists allow all)."""
+  keep = np.ones(len(labels["pathology"]), bool)
+  for field, allowed in filters.items():
+    if allowed:
+      unknown = sorted(set(allowed) - set(ds.vocab(field)))
+      if unknown:
+        raise ValueError(f"{where}{field}: {unknown} not in {ds.dir}'s {field} vocabulary {ds.vocab(field)}")
+      keep &= np.isin(labels[field], [ds.vocab(field).index(a) for a in allowed])
+  return np.flatnonzero(keep)
+
+
+def _label_map(ds: reader.Dataset, vocab: dict[str, list[str]]) -> dict[str, np.ndarray]:
+  """Per label field: the dataset's index -> the global vocabulary's index."""
+  return {f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32) for f in schema.LABEL_FIELDS}
 
 
 def _global_index(names: list[str], name: str) -> int:
@@ -270,15 +276,7 @@ def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filte
     raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
   ds = reader.open_dataset(path)
   vocab = global_vocab({"eval": ds}, tuple(device_vocab))
-  labels = scan_labels(ds, split)
-  keep = np.ones(len(labels["pathology"]), bool)
-  for field, allowed in (filters or {}).items():
-    if allowed:
-      unknown = sorted(set(allowed) - set(ds.vocab(field)))
-      if unknown:
-        raise ValueError(f"{ds.dir}: {field} {unknown} not in its vocabulary {ds.vocab(field)}")
-      keep &= np.isin(labels[field], [ds.vocab(field).index(a) for a in allowed])
-  idx = np.flatnonzero(keep)
+  idx = _select(ds, scan_labels(ds, split), filters or {}, "filters.")
   if not len(idx):
     raise ValueError(f"{ds.dir} split {split!r}: no examples selected (filters {dict(filters or {})})")
   pad = -len(idx) % batch_size
@@ -286,9 +284,7 @@ def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filte
   valid = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
   local = batch_size // process_count
   mine = np.arange(len(items)).reshape(-1, process_count, local)[:, process_index].reshape(-1)
-  label_maps = ({f: np.array([_global_index(vocab[f], name) for name in ds.vocab(f)], np.int32)
-                 for f in schema.LABEL_FIELDS},)
-  load = LoadAndTransform((ds.source(split),), label_maps, image_size, "center", False, ())
+  load = LoadAndTransform((ds.source(split),), (_label_map(ds, vocab),), image_size, "center", False, ())
   elements = [(int(items[i]), bool(valid[i])) for i in mine]
   it = (grain.MapDataset.source(elements).map(_EvalLoad(load)).batch(local, drop_remainder=False)
         .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))

@@ -69,8 +69,14 @@ class Dataset:
     n = len(self._splits[split])
     return [str(self.dir / f"{self.name}-{split}.array_record-{i:05d}-of-{n:05d}") for i in range(n)]
 
-  def decode(self, record: bytes) -> dict[str, Any]:
-    ex = self.features.deserialize_example_np(record)
+  def decode(self, record: bytes, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One record as numpy; fields in `skip` (e.g. "image", "mask") stay undecoded bytes, which makes
+    label and box scans cheap."""
+    decoders = None
+    if skip:
+      import tensorflow_datasets as tfds
+      decoders = {k: tfds.decode.SkipDecoding() for k in skip}
+    ex = self.features.deserialize_example_np(record, decoders=decoders)
     out = dict(ex)
     for k in TEXT_FIELDS:
       if isinstance(out.get(k), bytes):

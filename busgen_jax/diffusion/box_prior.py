@@ -138,17 +138,15 @@ def fit(boxes: Sequence[np.ndarray], pathologies: Sequence[str], devices: Sequen
 
 def fit_datasets(paths: Sequence[str], split: str = "train", **kw) -> BoxPrior:
   """Fits on the boxes of datasets in the record format (images are not decoded)."""
-  import tensorflow_datasets as tfds
   from busgen_jax.data import reader
   boxes, paths_, devices, counts = [], [], [], {}
-  skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
   for p in paths:
     ds = reader.open_dataset(p)
     pathology, device = ds.vocab("pathology"), ds.vocab("device")
     records = ds.records(split)
     for i in range(len(records)):
-      ex = ds.features.deserialize_example_np(records[i], decoders=skip)
-      boxes.append(np.asarray(ex["boxes"], np.float32).reshape(-1, 4))
+      ex = ds.decode(records[i], skip=("image", "mask"))
+      boxes.append(ex["boxes"])
       paths_.append(pathology[ex["pathology"]])
       devices.append(device[ex["device"]])
     counts[str(ds.dir)] = len(records)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -432,18 +432,31 @@ def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None,
   return x
 
 
+def sample_from_keys(plan: Plan, eps_fn: Callable, keys: jax.Array, image_shape: tuple[int, ...], *, cond,
+                     guidance_scale: float, clip_x0: float | None = None) -> jax.Array:
+  """Images from one PRNG key per example: its x_T and its ancestral noise come from its own key, and
+  guidance is against the null condition (every condition zero), so an image does not depend on the batch
+  it is sampled in."""
+  x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), image_shape))(keys)
+  uncond = jax.tree.map(jnp.zeros_like, cond)
+  return run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=guidance_scale, keys=keys,
+             clip_x0=clip_x0)
+
+
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")
 
 
 def make_plan(betas, *, algorithm: str = "dpmsolver++", method: str = "singlestep", order: int = 3,
-              steps: int | None = None, skip_type: str = "time_uniform", eta: float = 0.0, **kw) -> Plan:
+              steps: int | None = None, skip_type: str = "time_uniform", lower_order_final: bool = True,
+              eta: float = 0.0) -> Plan:
   """The plan of any sampler by name (official defaults: DPM-Solver++ single-step order 3, 50 steps).
-  steps=None: 50, or every timestep for DDPM."""
+  steps=None: 50, or every timestep for DDPM. method, order, skip_type and lower_order_final are
+  DPM-Solver's; eta is DDIM's."""
   if steps is None or steps <= 0:
     steps = len(betas) if algorithm == "ddpm" else 50
   if algorithm in ("dpmsolver", "dpmsolver++"):
     return dpm_solver_plan(betas, steps=steps, order=order, skip_type=skip_type, method=method,
-                           algorithm=algorithm, **kw)
+                           algorithm=algorithm, lower_order_final=lower_order_final)
   if algorithm == "ddim":
     return ddim_plan(betas, steps=steps, eta=eta)
   if algorithm == "ddpm":
@@ -467,9 +480,8 @@ def default_config():
 
 
 def plan_from_config(betas, c) -> Plan:
-  kw = {"lower_order_final": c.lower_order_final} if c.algorithm.startswith("dpm") else {}
   return make_plan(betas, algorithm=c.algorithm, method=c.method, order=c.order, steps=c.steps,
-                   skip_type=c.skip_type, eta=c.eta, **kw)
+                   skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta)
 
 
 def sample_with_eps_fn(eps_fn: Callable, x_T: jax.Array, *, betas, cond=None, uncond=None,
@@ -484,8 +496,7 @@ def sample_with_eps_fn(eps_fn: Callable, x_T: jax.Array, *, betas, cond=None, un
   Continuous times map to the network's integer index as floor((t - 1/N) * N). cond/uncond are pytrees
   batched like x_T; guidance evaluates both in one batch: eps_u + guidance_scale * (eps_c - eps_u).
   Works under jax.jit and with sharded inputs; float64 when x_T is float64 (jax.enable_x64)."""
-  kw = {"lower_order_final": lower_order_final} if algorithm.startswith("dpm") else {}
   plan = make_plan(betas, algorithm=algorithm, method=method, order=order, steps=steps, skip_type=skip_type,
-                   eta=eta, **kw)
+                   lower_order_final=lower_order_final, eta=eta)
   return run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=guidance_scale, keys=keys,
              clip_x0=clip_x0)

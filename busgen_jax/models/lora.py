@@ -98,10 +98,6 @@ class ExtendedEmbedding(nnx.Module):
     dim = base.embedding.value.shape[1]
     self.extra = nnx.LoRAParam(jnp.asarray(rng.standard_normal((n, dim)) * 0.02, jnp.float32))
 
-  @property
-  def rows(self) -> int:
-    return self.base.embedding.value.shape[0] + self.extra.value.shape[0]
-
   def __call__(self, idx):
     return jnp.take(jnp.concatenate([self.base.embedding.value, self.extra.value]), idx, axis=0)
 

@@ -101,22 +101,20 @@ def time_sample(cfg) -> dict:
   graphdef, params = nnx.split(unet.create(cfg.model, 0), nnx.Param)
 
   @jax.jit
-  def sample(params, x_T, cond, keys):
+  def sample(params, cond, keys):
     net = nnx.merge(graphdef, params)
-    uncond = jax.tree.map(jnp.zeros_like, cond)
-    return samplers.run(plan, lambda x, t, c: net(x, t, c), x_T, cond=cond, uncond=uncond, guidance_scale=2.8,
-                        keys=keys)
+    return samplers.sample_from_keys(plan, lambda x, t, c: net(x, t, c), keys, (S, S, 3), cond=cond,
+                                     guidance_scale=2.8)
 
   cond = {"pathology": jnp.ones(B, jnp.int32), "device": jnp.ones(B, jnp.int32),
           "box": jnp.zeros((B, S, S, 1)), "mask": jnp.zeros((B, S, S, 1))}
   cond = {k: v for k, v in cond.items() if k in cfg.model.conditions}
-  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, S, S, 3))
   keys = jax.random.split(jax.random.PRNGKey(1), B)
   t = time.perf_counter()
-  jax.block_until_ready(sample(params, x_T, cond, keys))
+  jax.block_until_ready(sample(params, cond, keys))
   compile_s = time.perf_counter() - t
   t = time.perf_counter()
-  jax.block_until_ready(sample(params, x_T, cond, keys))
+  jax.block_until_ready(sample(params, cond, keys))
   dt = time.perf_counter() - t
   fwd = unet.flops_per_image(cfg.model, S) / 3
   return {"sample_steps": FLAGS.sample_steps, "sample_compile_and_first_s": compile_s, "sample_s": dt,

@@ -90,21 +90,20 @@ class Setup:
     self.state_shardings = jax.tree.map(lambda _: repl, self.abstract_state())
     batch_sh = {"image": parallel.batch_sharding(self.mesh, self.rules, 4),
                 "label": parallel.batch_sharding(self.mesh, self.rules, 1)}
-    self.batch_sharding = batch_sh
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh),
                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
     self.predict = jax.jit(self._predict, in_shardings=(repl, repl, batch_sh["image"]),
                            out_shardings=parallel.batch_sharding(self.mesh, self.rules, 2))
 
+  def _fresh_state(self) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
+            "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(self.cfg.seed)}
+
   def init_state(self) -> dict:
-    state = {"step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
-             "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(self.cfg.seed)}
-    return jax.device_put(state, self.state_shardings)
+    return jax.device_put(self._fresh_state(), self.state_shardings)
 
   def abstract_state(self):
-    return jax.eval_shape(lambda: {
-        "step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
-        "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(0)})
+    return jax.eval_shape(self._fresh_state)
 
   def _model(self, params, stats, *, train: bool):
     model = nnx.merge(self.graphdef, params, stats, self.rest)
@@ -138,8 +137,11 @@ class Setup:
 
   # -------------------------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, params, stats, path: str, split: str, *, n_bootstrap: int | None = None) -> dict:
-    """Probabilities for every example of the task's classes in a split, and its report."""
+  def evaluate(self, params, stats, path: str, split: str, *, n_bootstrap: int | None = None,
+               case_ids: bool = True) -> dict:
+    """Probabilities for every example of the task's classes in a split, and its report. Case ids (read
+    from the records, for case-level bootstraps and the saved predictions) are skipped with case_ids=False,
+    as validation during training does."""
     cfg = self.cfg
     filters = {cfg.task.field: self.classes}
     pipe = pipeline.build_eval(path, split, image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
@@ -151,20 +153,17 @@ class Setup:
       with jax.set_mesh(self.mesh):
         for local in it:
           batch = parallel.global_batch({"image": local["image"]}, self.mesh, self.rules)
-          p = self.predict(params, stats, batch["image"])
-          p = np.asarray(jax.experimental.multihost_utils.process_allgather(p, tiled=True)) \
-              if jax.process_count() > 1 else np.asarray(p)
-          rows = _gather_rows({"valid": local["valid"], "label": lut[local[cfg.task.field]],
-                               "index": local["index"]})
+          rows = _gather_rows({"probs": self.predict(params, stats, batch["image"]), "valid": local["valid"],
+                               "label": lut[local[cfg.task.field]], "index": local["index"]})
           keep = rows["valid"]
-          probs.append(p[keep])
+          probs.append(rows["probs"][keep])
           labels.append(rows["label"][keep])
           index.append(rows["index"][keep])
     finally:
       it.close()
     probs, labels, index = np.concatenate(probs), np.concatenate(labels), np.concatenate(index)
-    cases = _case_ids(path, split, index)
     nb = cfg.n_bootstrap if n_bootstrap is None else n_bootstrap
+    cases = _case_ids(path, split, index) if case_ids else None
     if len(self.classes) == 2 and self.positive is not None:
       rep = metrics.binary_report((labels == self.positive).astype(int), probs[:, self.positive], cases=cases,
                                   n_bootstrap=nb, seed=cfg.seed,
@@ -185,25 +184,20 @@ def _lut(field_vocab: list[str], classes: list[str]) -> np.ndarray:
   return lut
 
 
-def _gather_rows(local: dict) -> dict:
-  """Every process's rows of a batch, in process order (the order of the global batch)."""
+def _gather_rows(rows: dict) -> dict:
+  """Host arrays of a whole batch: global jax.Arrays in full, and every process's local rows in process
+  order (the order of the global batch)."""
   if jax.process_count() == 1:
-    return local
+    return {k: np.asarray(v) for k, v in rows.items()}
   from jax.experimental import multihost_utils
-  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in rows.items()}
 
 
 def _case_ids(path: str, split: str, index: np.ndarray) -> np.ndarray:
-  import tensorflow_datasets as tfds
   ds = reader.open_dataset(path)
   records = ds.records(split)
-  skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
-  out = []
-  for i in index:
-    ex = ds.features.deserialize_example_np(records[int(i)], decoders=skip)
-    cid = ex["case_id"].decode() if isinstance(ex["case_id"], bytes) else str(ex["case_id"])
-    out.append(cid or f"#{int(i)}")
-  return np.asarray(out)
+  return np.asarray([ds.decode(records[int(i)], skip=("image", "mask"))["case_id"] or f"#{int(i)}"
+                     for i in index])
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -234,7 +228,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
   best_dir = work / "best"
   it = iter(pipe)
-  state = None
   best = {"step": -1, "value": -np.inf}
   latest = ckpt.latest_step()
   if latest is not None:
@@ -271,7 +264,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                       "images_per_sec": cfg.data.batch_size * (step - start) / dt})
           t0, start = time.perf_counter(), step
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
-          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split, n_bootstrap=0)
+          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split, n_bootstrap=0,
+                               case_ids=False)
           value = float(rep["report"][cfg.select_metric])
           writer.write_scalars(step, {f"val/{cfg.select_metric}": value})
           logging.info("step %d: validation %s = %.4f (best %.4f at %d)", step, cfg.select_metric, value,
@@ -279,7 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           if value > best["value"] or best["step"] < 0:
             best = {"step": step, "value": value}
             checkpoint.save_params(best_dir, {"params": state["params"], "batch_stats": state["batch_stats"]},
-                                   meta={**meta, "best": best}, step=step)
+                                   meta={**meta, "best": best}, step=step, as_ema=False)
         if ckpt.should_save(step) or step == cfg.num_steps:
           ckpt.save(step, state, it, {**meta, "best": best})
           if ckpt.reached_preemption(step):
@@ -289,7 +283,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     writer.flush()
     ckpt.close()
     it.close()
-  return evaluate_checkpoint(best_dir, cfg, work / "eval", tests=cfg.test, setup=setup)
+  return evaluate_checkpoint(best_dir, work / "eval", tests=cfg.test, setup=setup)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -297,15 +291,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 def load_classifier(directory: str | Path) -> tuple[dict, dict]:
   """(params {"params", "batch_stats"}, meta) of a saved classifier (`DIR/best`)."""
   _, meta = checkpoint.load_meta(directory)
-  return checkpoint.load_params(directory, which="ema"), meta
+  return checkpoint.load_params(directory, which="params"), meta
 
 
-def evaluate_checkpoint(directory, cfg, out_dir: str | Path, *, tests, setup: Setup | None = None) -> dict:
-  """Evaluates a saved classifier on each `tests` entry ({name: {path, split}}); writes reports."""
+def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: Setup | None = None) -> dict:
+  """Evaluates a saved classifier on each `tests` entry ({name: {path, split}}); writes reports. Without
+  `setup`, the classifier is rebuilt from the config saved with it."""
   weights, meta = load_classifier(directory)
   if setup is None:
-    cfg = ml_collections.ConfigDict(json.loads(meta["config"]))
-    setup = Setup(cfg, meta["vocab"])
+    setup = Setup(ml_collections.ConfigDict(json.loads(meta["config"])), meta["vocab"])
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   params = jax.device_put(weights["params"], setup.repl)
@@ -335,4 +329,4 @@ def evaluate_main(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   if not cfg.checkpoint or not cfg.dataset:
     raise ValueError("--config.checkpoint and --config.dataset are required")
   tests = ml_collections.ConfigDict({"eval": {"path": cfg.dataset, "split": cfg.split}})
-  return evaluate_checkpoint(cfg.checkpoint, None, workdir, tests=tests)
+  return evaluate_checkpoint(cfg.checkpoint, workdir, tests=tests)

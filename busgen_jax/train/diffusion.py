@@ -260,11 +260,9 @@ def _sampler(setup: Setup, cfg):
 
   @jax.jit
   def run(ema, cond, key):
-    keys = jax.random.split(key, n)
-    x_T = jax.vmap(lambda k: jax.random.normal(k, (cfg.data.image_size, cfg.data.image_size, 3)))(keys)
-    uncond = jax.tree.map(jnp.zeros_like, cond)
-    return samplers.run(plan, setup.eps_fn(ema), x_T, cond=cond, uncond=uncond,
-                        guidance_scale=cfg.sampler.guidance_scale, keys=keys, clip_x0=cfg.sampler.clip_x0 or None)
+    return samplers.sample_from_keys(plan, setup.eps_fn(ema), jax.random.split(key, n),
+                                     (cfg.data.image_size, cfg.data.image_size, 3), cond=cond,
+                                     guidance_scale=cfg.sampler.guidance_scale, clip_x0=cfg.sampler.clip_x0 or None)
 
   def sample(ema, local_batch, step):
     cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
