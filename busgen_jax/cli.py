@@ -119,6 +119,22 @@ def _default_train_config():
   return diffusion.default_config()
 
 
+# ---------------------------------------------------------------------------------------------------- adapt
+
+def _adapt_main(argv):
+  from busgen_jax.train import adapt
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  s = adapt.adapt(FLAGS.config, FLAGS.workdir)
+  print(f"validation loss {s['val_loss_start']:.4f} -> {s['val_loss_best']:.4f} (step {s['best_step']}); "
+        f"adapters {s['adapters']}, merged {s['merged'] or '-'}, box prior {s['box_prior'] or '-'}")
+
+
+def _default_adapt_config():
+  from busgen_jax.train import adapt
+  return adapt.default_config()
+
+
 # ---------------------------------------------------------------------------------------------------- import-official
 
 def _import_flags():
@@ -210,6 +226,8 @@ STAGES: dict[str, Stage] = {
                      _default_convert_config, _convert_flags, _convert_main),
     "train": Stage("train (or resume) the BUSGen diffusion model: --config configs/<...>.py --workdir DIR",
                    _default_train_config, lambda: None, _train_main),
+    "adapt": Stage("few-shot LoRA adaptation of a pretrained model to a new task (new label rows, k shots)",
+                   _default_adapt_config, lambda: None, _adapt_main),
     "fit-box-prior": Stage("fit per-pathology lesion-box densities (KDE) on a dataset: --config.dataset=DIR",
                            _default_box_prior_config, lambda: None, _fit_box_prior_main),
     "sample": Stage("generate a synthetic dataset from a checkpoint (sharded, resumable)",

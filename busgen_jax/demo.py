@@ -1,8 +1,11 @@
 """`busgen-jax demo --workdir DIR`: the end-to-end job on the built-in phantom data.
 
-  convert the phantom corpus -> fit lesion-box priors -> pretrain a tiny BUSGen -> sample a labelled synthetic
-  repository -> train classifiers on real only, generated only, and real + generated -> evaluate each on the
-  held-out real test split -> DIR/report.html and DIR/report.md
+  convert the phantom corpus (several devices) -> fit lesion-box priors -> pretrain a tiny BUSGen on pathology
+  labels -> sample a labelled synthetic repository -> train classifiers on real only, generated only, and real +
+  generated -> evaluate each on the held-out real test split;
+  then few-shot: adapt the pretrained model with LoRA to a task it never saw (histology: cyst vs fibroadenoma,
+  k images per class) -> generate that task's repository -> classifiers on the k real shots only, adapted-generated
+  only, and both -> the same held-out evaluation -> DIR/report.html and DIR/report.md
 
 Every stage writes under DIR and resumes: running the command again after an interruption continues where
 it stopped (conversion, training and generation skip finished work; classifiers resume from checkpoints).
@@ -22,9 +25,10 @@ from absl import logging
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.diffusion import box_prior
 from busgen_jax.evaluate import metrics, report
-from busgen_jax.train import classifier, diffusion
+from busgen_jax.train import adapt, checkpoint, classifier, diffusion
 
 VARIANTS = ("real", "generated", "mixed")
+ADAPT_VARIANTS = ("few-shot real", "adapted generated", "few-shot mixed")
 
 
 def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
@@ -64,6 +68,17 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
   c.classifier = k
   c.mixed_weight_generated = 0.5     # share of generated images in the mixed training stream
 
+  a = adapt.default_config()         # few-shot adaptation to a task the pretrained model never saw
+  a.task.update(field="histology", classes=("cyst", "fibroadenoma"),
+                pathology=(("cyst", "benign"), ("fibroadenoma", "benign")))
+  a.data.update(shots=16, val_per_class=16, batch_size=16)
+  a.num_steps, a.eval_every, a.log_every, a.checkpoint_every = 120, 30, 30, 60
+  a.lora.update(rank=8, dropout=0.05)
+  a.optim.lr = 2e-3
+  c.adapt = a
+  c.adapt_positive = "cyst"
+  c.adapt_generate_per_class = 150
+
   if scale == "ci":
     c.data.phantom.num_examples = 240
     c.diffusion.num_steps, c.diffusion.checkpoint_every, c.diffusion.log_every = 6, 6, 3
@@ -74,6 +89,9 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 10, 5, 5
     c.classifier.data.image_size, c.classifier.data.batch_size = 16, 16
     c.classifier.n_bootstrap = 100
+    c.adapt.data.update(shots=4, val_per_class=4, batch_size=8)
+    c.adapt.num_steps, c.adapt.eval_every, c.adapt.log_every, c.adapt.checkpoint_every = 4, 2, 2, 4
+    c.adapt_generate_per_class = 8
   elif scale == "full":
     c.data.phantom.num_examples = 20000
     c.data.phantom.size = c.data.image.size = 128
@@ -87,6 +105,11 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.classifier.data.image_size, c.classifier.data.batch_size = 128, 128
     c.classifier.model.name = "resnet18"
     c.classifier.data.ultrasound_augment = ("gain", "speckle", "depth_attenuation")
+    c.adapt.data.update(shots=64, val_per_class=64, batch_size=64)
+    c.adapt.num_steps, c.adapt.eval_every, c.adapt.checkpoint_every = 3000, 250, 500
+    c.adapt.lora.rank = 16
+    c.adapt.optim.lr = 5e-4
+    c.adapt_generate_per_class = 5000
   elif scale != "cpu":
     raise ValueError(f"demo scale must be cpu, ci or full, got {scale!r}")
   return c
@@ -94,12 +117,17 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ stages
 
-def _classifier_config(cfg, real: Path, generated: Path, variant: str) -> ml_collections.ConfigDict:
+def _classifier_config(cfg, real: Path, generated: Path, variant: str, task: dict | None = None,
+                       real_indices=()) -> ml_collections.ConfigDict:
+  """variant: real | generated | mixed; `task` replaces the classifier's, `real_indices` restricts the real
+  training images (the few shots)."""
   k = ml_collections.ConfigDict(cfg.classifier.to_dict())
+  if task:
+    k.task.update(task)
   src = dict(k.data.sources.real.to_dict())
   sources = {}
   if variant in ("real", "mixed"):
-    sources["real"] = {**src, "path": str(real), "split": "train",
+    sources["real"] = {**src, "path": str(real), "split": "train", "indices": tuple(int(i) for i in real_indices),
                        "weight": 1.0 - (cfg.mixed_weight_generated if variant == "mixed" else 0.0)}
   if variant in ("generated", "mixed"):
     sources["generated"] = {**src, "path": str(generated), "split": "train",
@@ -111,18 +139,19 @@ def _classifier_config(cfg, real: Path, generated: Path, variant: str) -> ml_col
   return k
 
 
-def _grid(ds_dir: Path, split: str, per_class: int, size: int) -> list[tuple[str, np.ndarray]]:
-  """The first images of each lesion pathology of a split, resized to `size`."""
+def _grid(ds_dir: Path, split: str, per_class: int, size: int, field: str = "pathology",
+          classes=("benign", "malignant")) -> list[tuple[str, np.ndarray]]:
+  """The first images of each class of a split, resized to `size`."""
   from busgen_jax.data import transforms
   ds = reader.open_dataset(ds_dir)
-  names = ds.vocab("pathology")
+  names = ds.vocab(field)
   src = ds.source(split)
   rows = []
-  for wanted in ("benign", "malignant"):
+  for wanted in classes:
     ims = []
     for i in range(len(src)):
       ex = src[i]
-      if names[ex["pathology"]] == wanted:
+      if names[ex[field]] == wanted:
         ims.append(transforms.resize(np.ascontiguousarray(ex["image"][..., 0]), size))
         if len(ims) == per_class:
           break
@@ -130,10 +159,10 @@ def _grid(ds_dir: Path, split: str, per_class: int, size: int) -> list[tuple[str
   return rows
 
 
-def _comparison_sheet(path: Path, real: Path, generated: Path, size: int = 48, n: int = 8) -> Path:
+def _comparison_sheet(path: Path, real: Path, generated: Path, size: int = 48, n: int = 8, **classes) -> Path:
   from PIL import Image
-  rows = [(f"real {k}", im) for k, im in _grid(real, "train", n, size)] + \
-         [(f"generated {k}", im) for k, im in _grid(generated, "train", n, size)]
+  rows = [(f"real {k}", im) for k, im in _grid(real, "train", n, size, **classes)] + \
+         [(f"generated {k}", im) for k, im in _grid(generated, "train", n, size, **classes)]
   width = max(im.shape[1] for _, im in rows)
   sheet = np.zeros((len(rows) * (size + 4), width), np.uint8)
   for r, (_, im) in enumerate(rows):
@@ -189,8 +218,34 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
       preds[variant] = {k: z[k] for k in z.files}
     times[f"classify_{variant}"] = time.time() - t
 
+  # 7. few-shot adaptation to a new task, 8. its synthetic repository, 9. its classifiers
   t = time.time()
-  paths = write_report(work, cfg, summary, sheet, ds_dir, gen_dir, last, results, preds, times)
+  acfg = ml_collections.ConfigDict(cfg.adapt.to_dict())
+  acfg.base, acfg.data.path = str(work / "diffusion" / "checkpoints"), str(ds_dir)
+  adapted = adapt.adapt(acfg, work / "adapt")
+  times["adapt"] = time.time() - t
+  t = time.time()
+  g2 = ml_collections.ConfigDict(g.to_dict())
+  g2.update(checkpoint=adapted["merged"], box_prior=adapted["box_prior"], pathology=(), name="phantom_adapted",
+            num_per_condition=max(1, cfg.adapt_generate_per_class // max(1, len(devices))))
+  adapted_dir = generate.generate(g2, work / "adapted_generated")
+  times["generate_adapted"] = time.time() - t
+  task = {"field": acfg.task.field, "classes": tuple(acfg.task.classes), "positive": cfg.adapt_positive}
+  _, ameta = checkpoint.load_meta(adapted["adapters"])
+  shots = np.concatenate([np.asarray(v, np.int64) for v in ameta["data"]["shots"].values()])
+  aresults, apreds = {}, {}
+  for name, variant in zip(ADAPT_VARIANTS, VARIANTS):
+    t = time.time()
+    out = work / "classify_adapted" / variant
+    aresults[name] = classifier.train(_classifier_config(cfg, ds_dir, adapted_dir, variant, task, shots),
+                                      out)["real_test"]
+    with np.load(out / "eval" / "real_test.predictions.npz") as z:
+      apreds[name] = {k: z[k] for k in z.files}
+    times[f"classify_adapted_{variant}"] = time.time() - t
+  adaptation = {"summary": adapted, "dataset": adapted_dir, "task": task, "results": aresults, "preds": apreds}
+
+  t = time.time()
+  paths = write_report(work, cfg, summary, sheet, ds_dir, gen_dir, last, results, preds, times, adaptation)
   logging.info("demo report: %s", paths["html"])
   print(f"demo done in {sum(times.values()) + time.time() - t:.0f}s: {paths['html']} and {paths['md']}")
   return work
@@ -198,12 +253,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the report
 
-def _delong(preds, task) -> dict:
-  """DeLong's test of each variant against real-only training, on the same test images."""
-  pos = list(task.classes).index(task.positive)
+def _delong(preds, classes, positive, variants=VARIANTS) -> dict:
+  """DeLong's test of each variant against the first (real-only training), on the same test images."""
+  pos = list(classes).index(positive)
   out = {}
-  for v in ("generated", "mixed"):
-    a, b = preds[v], preds["real"]
+  for v in variants[1:]:
+    a, b = preds[v], preds[variants[0]]
     if not np.array_equal(a["labels"], b["labels"]):   # same images in the same order, or no paired test
       continue
     try:
@@ -213,7 +268,17 @@ def _delong(preds, task) -> dict:
   return out
 
 
-def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusion, results, preds, times) -> dict:
+def _delong_rows(delong: dict, against: str) -> list[list[str]]:
+  rows = [["comparison", "AUC difference", "95% CI of the difference", "p (DeLong)"]]
+  for v, d in delong.items():
+    rows.append([f"{v} − {against}", f"{d['difference']:+.3f}",
+                 f"[{d['difference'] - 1.96 * d['se']:+.3f}, {d['difference'] + 1.96 * d['se']:+.3f}]",
+                 f"{d['p_value']:.3g}"])
+  return rows
+
+
+def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusion, results, preds, times,
+                 adaptation: dict | None = None) -> dict:
   import html as _html
   import re
   conv = reader.open_dataset(ds_dir).report
@@ -222,13 +287,9 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
   curves = {v: {**results[v]["roc_curve"], **results[v]} for v in VARIANTS}
   roc = report.roc_plot(work / "roc.png", curves, "held-out real test split")
   cal = report.reliability_plot(work / "calibration.png", results, "calibration")
-  delong = _delong(preds, cfg.classifier.task)
-  table = report.binary_rows({f"trained on {v}": results[v] for v in VARIANTS})
-  dl_rows = [["comparison", "AUC difference", "95% CI of the difference", "p (DeLong)"]]
-  for v, d in delong.items():
-    dl_rows.append([f"{v} − real", f"{d['difference']:+.3f}",
-                    f"[{d['difference'] - 1.96 * d['se']:+.3f}, {d['difference'] + 1.96 * d['se']:+.3f}]",
-                    f"{d['p_value']:.3g}"])
+  delong = _delong(preds, cfg.classifier.task.classes, cfg.classifier.task.positive)
+  tables = {"4.": [report.binary_rows({f"trained on {v}": results[v] for v in VARIANTS}),
+                   _delong_rows(delong, "real")]}
   tstr = results["generated"]["auc"] / results["real"]["auc"] if results["real"]["auc"] else float("nan")
   n_test = results["real"]["n"]
   timing = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
@@ -249,6 +310,36 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
        [(comparison, "real vs generated", 640)]),
       ("4. Classifiers on the held-out real test split", [], [(roc, "ROC", None), (cal, "calibration", None)]),
   ]
+  adapt_json = None
+  if adaptation:
+    a, task = adaptation["summary"], adaptation["task"]
+    ares, apreds = adaptation["results"], adaptation["preds"]
+    field, classes = task["field"], list(task["classes"])
+    asheet = _comparison_sheet(work / "adapted_real_vs_generated.png", ds_dir, adaptation["dataset"], field=field,
+                               classes=classes)
+    aroc = report.roc_plot(work / "roc_adapted.png", {v: {**ares[v]["roc_curve"], **ares[v]} for v in ADAPT_VARIANTS},
+                           f"{' vs '.join(classes)}, held-out real test split")
+    adelong = _delong(apreds, classes, task["positive"], ADAPT_VARIANTS)
+    tables["5."] = [report.binary_rows({f"trained on {v}": ares[v] for v in ADAPT_VARIANTS}),
+                    _delong_rows(adelong, "few-shot real")]
+    agen = reader.open_dataset(adaptation["dataset"]).report
+    sections.append((
+        f"5. Few-shot adaptation to a new task: {field} {' vs '.join(classes)}",
+        [f"The pretrained model only knows pathology (benign / malignant). LoRA adapters (rank "
+         f"{cfg.adapt.lora.rank}, {a['adapter_params']:,} parameters = "
+         f"{100 * a['adapter_params'] / a['frozen_params']:.1f}% of the frozen {a['frozen_params']:,}) and "
+         f"{a['new_rows']['pathology']} new label rows were trained on **{a['shots_per_class']} real images per "
+         f"class** for {cfg.adapt.num_steps} steps; the validation loss on {a['val_images']} held-out images "
+         f"(other cases) went from {a['val_loss_start']:.4f} to {a['val_loss_best']:.4f} (step {a['best_step']}).",
+         f"`{adaptation['dataset']}`: {agen['converted']} generated images of the new classes, lesion boxes from a "
+         f"prior fitted on the shots. Rows: real {', real '.join(classes)}, generated {', generated '.join(classes)}.",
+         f"Classifiers for {task['positive']} (positive) vs the rest, trained on the "
+         f"{a['shots_per_class'] * len(classes)} real shots only, on the adapted model's images only, and on both."],
+        [(asheet, "adapted: real vs generated", 640), (aroc, "ROC (adapted task)", None)]))
+    adapt_json = {"summary": a, "dataset": str(adaptation["dataset"]), "images": agen["converted"],
+                  "classifiers": {v: {k: r[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity",
+                                                        "specificity", "ece", "n")} for v, r in ares.items()},
+                  "delong": adelong}
   meaning = [
       f"**AUC** is the probability that a random malignant test image scores higher than a random benign one "
       f"(0.5 = chance, 1 = perfect); the bracket is its 95% bootstrap confidence interval over the "
@@ -263,6 +354,12 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
       "appearance, so generated-only training usually trails real data here; `scale=full` trains a larger "
       "model far longer on an accelerator.",
   ]
+  if adaptation:
+    meaning.append(
+        "**Few-shot adaptation** (section 5) is BUSGen's claim for new clinical tasks: the pretrained model stays "
+        "frozen, small adapters and new label rows learn the task from a few labelled images, and the adapted "
+        "model then generates as many labelled images as wanted. Compare *adapted generated* and *few-shot mixed* "
+        "with *few-shot real*: all three saw the same real images (the shots) and nothing else that is labelled.")
 
   def inline(text):
     text = _html.escape(text)
@@ -274,9 +371,10 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
   for title, paragraphs, images in sections:
     md += [f"## {title}", ""] + [x for p in paragraphs for x in (p, "")]
     body += [f"<h2>{_html.escape(title)}</h2>"] + [f"<p>{inline(p)}</p>" for p in paragraphs]
-    if title.startswith("4."):
-      md += [report.markdown_table(table), ""] + ([report.markdown_table(dl_rows), ""] if len(dl_rows) > 1 else [])
-      body += [report.html_table(table)] + ([report.html_table(dl_rows)] if len(dl_rows) > 1 else [])
+    for table in tables.get(title[:2], []):
+      if len(table) > 1:
+        md += [report.markdown_table(table), ""]
+        body += [report.html_table(table)]
     md += [" ".join(f"![{alt}]({path.name})" for path, alt, _ in images), ""]
     body += ["".join(report.img_tag(path, alt, w) for path, alt, w in images)]
   md += ["## What the numbers mean", ""] + [f"- {m}" for m in meaning] + [""]
@@ -289,6 +387,6 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
       "diffusion": last_diffusion, "generated": {"dataset": str(gen_dir), "images": gen["converted"]},
       "classifiers": {v: {k: r[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity", "specificity",
                                              "ece", "n")} for v, r in results.items()},
-      "tstr_over_trtr": tstr, "delong": delong}, indent=1, default=float))
+      "tstr_over_trtr": tstr, "delong": delong, "adaptation": adapt_json}, indent=1, default=float))
   (work / "summary.json").write_text(json.dumps(summary, indent=1))
   return paths

@@ -30,7 +30,7 @@ from flax import nnx
 
 from busgen_jax import parallel
 from busgen_jax.data import convert, schema, transforms
-from busgen_jax.diffusion import box_prior as box_prior_lib, samplers, schedule
+from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, samplers, schedule
 from busgen_jax.models import unet
 
 SHEETS = "sheets"
@@ -38,7 +38,9 @@ SHEETS = "sheets"
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.checkpoint = ""            # `busgen-jax train` <workdir>/checkpoints, or an `import-official` directory
+  c.checkpoint = ""            # `busgen-jax train` <workdir>/checkpoints, an `import-official` directory, or an
+                               # adapted model (`busgen-jax adapt` <workdir>/merged)
+  c.adapters = ""              # `busgen-jax adapt` <workdir>/adapters: merged onto its base (or onto `checkpoint`)
   c.which = "ema"              # ema | params
   c.step = -1                  # -1: the latest
   c.image_size = 0             # 0: the training run's data.image_size
@@ -47,7 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampler = samplers.default_config()
   c.seed = 0
   c.num_per_condition = 8
-  c.pathology = ("benign", "malignant")   # names (or official indices); the grid is pathology x device
+  # Rows of the pathology table by name (or official index); the grid is pathology x device. () = an adapted
+  # model's task classes, else benign and malignant.
+  c.pathology = ()
   c.device = ("unknown",)      # names in the checkpoint's vocabulary; ("all",) for every known device
   c.box = "prior"              # prior: sampled from box_prior | none: unconditional box channel
   c.box_prior = ""             # `busgen-jax fit-box-prior` output (JSON or NPZ)
@@ -83,22 +87,31 @@ class Model:
   image_size: int
   step: int
   name: str
+  task: dict | None = None     # an adapted model's task: field, classes, rows, pathology of each class
+  train_config: dict = dataclasses.field(default_factory=dict)   # the training run's config (schedule, objective)
 
 
 def load_model(cfg: ml_collections.ConfigDict) -> Model:
   from busgen_jax import official
   from busgen_jax.train import checkpoint
+  if cfg.get("adapters"):
+    from busgen_jax.train import adapt
+    model = adapt.load_adapted(cfg.adapters, base=cfg.checkpoint)
+    if cfg.image_size and cfg.image_size != model.image_size:
+      model.image_size = int(cfg.image_size)
+    return model
   path = Path(cfg.checkpoint).expanduser()
   if not cfg.checkpoint or not path.is_dir():
     raise FileNotFoundError(f"--config.checkpoint={cfg.checkpoint!r}: not a checkpoint directory")
   step, meta = checkpoint.load_meta(path, None if cfg.step < 0 else cfg.step)
+  train_config = json.loads(meta["config"]) if meta.get("config") else {}
   if (path / official.MODEL_CONFIG).exists():          # an imported official checkpoint
     model_cfg = ml_collections.ConfigDict(json.loads((path / official.MODEL_CONFIG).read_text()))
     vocab, size = {}, 0
   elif "model" in meta:
     model_cfg = ml_collections.ConfigDict(meta["model"])
     vocab = meta.get("vocab", {})
-    size = json.loads(meta["config"])["data"]["image_size"] if "config" in meta else 0
+    size = meta.get("image_size") or train_config.get("data", {}).get("image_size", 0)
   else:
     raise ValueError(f"{path}/{step}: the checkpoint has no model config (not written by busgen-jax?)")
   vocab = dict(vocab)
@@ -111,13 +124,15 @@ def load_model(cfg: ml_collections.ConfigDict) -> Model:
   if not size:
     raise ValueError("--config.image_size is required (the checkpoint does not say its training size)")
   params = checkpoint.load_params(path, which=cfg.which, step=step)
-  return Model(model_cfg, params, vocab, int(size), step, f"{path.parent.name}/{path.name}" if path.name ==
-               "checkpoints" else path.name)
+  return Model(model_cfg, params, vocab, int(size), step, f"{path.parent.name}/{path.name}" if path.name in
+               ("checkpoints", "merged") else path.name, meta.get("task"), train_config)
 
 
 # ------------------------------------------------------------------------------------------------ conditions
 
 def _index(vocab: list[str], value, field: str) -> int:
+  if isinstance(value, str) and value in vocab:       # e.g. an adapted model's class "4A" or "cyst"
+    return vocab.index(value)
   if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.isdigit()):
     i = int(value)
     if not 0 <= i < len(vocab):
@@ -130,7 +145,7 @@ def _index(vocab: list[str], value, field: str) -> int:
   return vocab.index(value)
 
 
-def conditions(cfg: ml_collections.ConfigDict, vocab: dict) -> list[dict]:
+def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = None) -> list[dict]:
   """The condition sets, each {"pathology", "device" (names), "num", "boxes" (optional)}."""
   if cfg.condition_file:
     p = Path(cfg.condition_file)
@@ -140,8 +155,10 @@ def conditions(cfg: ml_collections.ConfigDict, vocab: dict) -> list[dict]:
     except Exception as e:  # noqa: BLE001
       raise ValueError(f"{p}: expected a JSON list of condition objects ({type(e).__name__}: {e})") from e
   else:
-    devices = vocab["device"][1:] if tuple(cfg.device) == ("all",) else list(cfg.device)
-    items = [{"pathology": p, "device": d} for p in cfg.pathology for d in devices]
+    devices = [d for d in vocab["device"][1:] if not d.startswith("#")] if tuple(cfg.device) == ("all",) else \
+        list(cfg.device)   # "all": every named device ("#<row>" marks a table row without a name)
+    names = list(cfg.pathology) or (task["classes"] if task else list(schema.LESION_PATHOLOGIES))
+    items = [{"pathology": p, "device": d} for p in names for d in devices]
   out = []
   for i, it in enumerate(items):
     unknown = set(it) - {"pathology", "device", "num", "boxes"}
@@ -245,7 +262,7 @@ class Examples:
       boxes = _mask_box(mask)
     elif "boxes" in c:
       boxes = np.asarray(c["boxes"], np.float32)
-    elif self.cfg.box == "prior" and c["pathology"] in schema.LESION_PATHOLOGIES:
+    elif self.prior is not None and (c["pathology"] in schema.LESION_PATHOLOGIES or self.prior.has(c["pathology"])):
       boxes = self.prior.sample(c["pathology"], 1, rng, c["device"])
     else:
       boxes = np.zeros((0, 4), np.float32)
@@ -274,12 +291,14 @@ class Sampler:
     self.rows = rows
     seed, scale = cfg.seed, cfg.sampler.guidance_scale
     clip = cfg.sampler.clip_x0 or None
-    size = self.size
+    size, sched = self.size, self.sched
+    prediction = model.train_config.get("objective", {}).get("prediction", "eps")
 
     def sample(params, index, cond):
       net = nnx.merge(graphdef, params)
       keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
-      return samplers.sample_from_keys(plan, lambda x, t, c: net(x, t, c), keys, (size, size, 3), cond=cond,
+      eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
+      return samplers.sample_from_keys(plan, eps, keys, (size, size, 3), cond=cond,
                                        guidance_scale=scale, clip_x0=clip)
 
     self._sample = jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows)
@@ -312,14 +331,20 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   t_start = time.time()
   work = Path(workdir).expanduser()
   model = load_model(cfg)
-  conds = conditions(cfg, model.vocab)
+  task = model.task
+  conds = conditions(cfg, model.vocab, task)
+  classes = set(task["classes"]) if task else set()
   prior = None
   if cfg.box == "prior" and not cfg.mask.source and any(
-      c["pathology"] in schema.LESION_PATHOLOGIES and "boxes" not in c for c in conds):
+      (c["pathology"] in schema.LESION_PATHOLOGIES or c["pathology"] in classes) and "boxes" not in c
+      for c in conds):
     if not cfg.box_prior:
-      raise ValueError("--config.box=prior needs --config.box_prior (from `busgen-jax fit-box-prior`), "
-                       "or use --config.box=none")
+      raise ValueError("--config.box=prior needs --config.box_prior (from `busgen-jax fit-box-prior`, or an "
+                       "adapted model's box_prior.json), or use --config.box=none")
     prior = box_prior_lib.BoxPrior.load(cfg.box_prior)
+    for name in sorted({c["pathology"] for c in conds} & classes):
+      if not prior.has(name):
+        logging.warning("the box prior has no %r group: its images are generated without a lesion box", name)
   elif cfg.box not in ("prior", "none"):
     raise ValueError(f"--config.box must be 'prior' or 'none', got {cfg.box!r}")
   if cfg.mask.source and "mask" not in model.cfg.conditions:
@@ -329,12 +354,14 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   (ds / "shard_reports").mkdir(parents=True, exist_ok=True)
   n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
   provenance = {"model": model.name, "step": model.step, "which": cfg.which, "seed": cfg.seed,
-                "sampler": cfg.sampler.to_dict(), "image_size": model.image_size}
+                "sampler": cfg.sampler.to_dict(), "image_size": model.image_size, "adapters": cfg.adapters,
+                "task": task}
   fingerprint = hashlib.sha256(json.dumps(
       [provenance, conds, cfg.box, {k: v.tolist() for k, v in prior.groups.items()} if prior else None,
        cfg.mask.to_dict(), cfg.examples_per_shard, cfg.name, cfg.split], sort_keys=True,
       default=str).encode()).hexdigest()[:16]
-  vocab_json = {"device": model.vocab["device"], "histology": [schema.UNKNOWN]}
+  histology = [schema.UNKNOWN] + (list(task["classes"]) if task and task["field"] == "histology" else [])
+  vocab_json = {"device": model.vocab["device"], "histology": histology}
   process, processes = jax.process_index(), jax.process_count()
   if process == 0:
     convert.write_json(ds / "shard_reports" / "plan.json", {
@@ -347,7 +374,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   if len(todo) < len(mine):
     logging.info("resuming: %d of this process's %d shards are already written", len(mine) - len(todo), len(mine))
   sampler = Sampler(cfg, model)
-  serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"])))
+  serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"]), histology=tuple(histology)))
   n_todo = sum(min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) for k in todo)
   done, t0 = 0, time.time()
   for n_written, k in enumerate(todo):
@@ -361,7 +388,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
         batch = [examples(i) for i in range(b0, min(b0 + sampler.batch, hi))]
         images = sampler(batch, model.vocab)
         for e, x in zip(batch, images):
-          ex = _record(e, to_uint8(x), cfg, provenance)
+          ex = _record(e, to_uint8(x), cfg, provenance, task)
           writer.write(serialize(schema.to_feature_dict(ex, cfg.split)))
           converted.append([ex.id, ex.sha256])
           for f, v in (("pathology", e["pathology"]), ("device", e["device"]), ("boxes", str(len(e["boxes"])))):
@@ -395,15 +422,18 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   return ds
 
 
-def _record(e: dict, image: np.ndarray, cfg, provenance: dict) -> schema.Example:
+def _record(e: dict, image: np.ndarray, cfg, provenance: dict, task: dict | None = None) -> schema.Example:
   png = schema.encode_png(image)
+  labels = {"pathology": e["pathology"]}
+  if task and task["field"] != "pathology" and e["pathology"] in task["classes"]:   # an adapted model's class
+    labels = {"pathology": task["pathology"].get(e["pathology"], schema.UNKNOWN), task["field"]: e["pathology"]}
   gen = {"condition": e["condition"], "index": e["index"], "pathology": e["pathology"], "device": e["device"],
          "boxes": np.round(e["boxes"], 5).tolist(), "mask": e["mask"] is not None,
          "sampler": f"{cfg.sampler.algorithm}/{cfg.sampler.method}/order{cfg.sampler.order}/"
                     f"{cfg.sampler.steps}steps/{cfg.sampler.skip_type}",
          "guidance_scale": cfg.sampler.guidance_scale}
   return schema.Example(
-      id=f"{cfg.name}-{e['index']:08d}", image=image, boxes=e["boxes"], pathology=e["pathology"], mask=e["mask"],
+      id=f"{cfg.name}-{e['index']:08d}", image=image, boxes=e["boxes"], **labels, mask=e["mask"],
       device=e["device"], case_id=f"{cfg.name}-{e['index']:08d}", source_dataset=cfg.name,
       sha256=hashlib.sha256(png).hexdigest(), gen_model=provenance["model"], gen_step=provenance["step"],
       gen_seed=cfg.seed, gen_conditions=gen)

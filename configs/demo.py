@@ -5,7 +5,9 @@
   busgen-jax demo --config configs/demo.py:ci --workdir /tmp/demo_ci         # the reduced run the tests use
 
 convert -> box prior -> tiny BUSGen -> synthetic repository -> classifiers on real / generated / mixed ->
-evaluation on the held-out real split -> <workdir>/report.html and report.md.
+evaluation on the held-out real split; then LoRA adaptation to a new task (histology: cyst vs fibroadenoma, k
+shots per class) -> its synthetic repository -> classifiers on the shots / adapted-generated / both ->
+<workdir>/report.html and report.md.
 """
 
 from busgen_jax import demo

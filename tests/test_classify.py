@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from busgen_jax.data import convert, pipeline
+from busgen_jax.data import convert, pipeline, reader
 from busgen_jax.models import classifiers
 from busgen_jax.train import classifier
 from helpers import convert_config
@@ -98,10 +98,16 @@ def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   md = (work / "report.md").read_text()
   for section in ("## 1. Data", "## 2. Diffusion model", "## 3. Generated repository", "## 4. Classifiers",
                   "trained on real", "trained on generated", "trained on mixed", "generated − real",
-                  "## What the numbers mean", "TSTR / TRTR"):
+                  "## What the numbers mean", "TSTR / TRTR", "## 5. Few-shot adaptation to a new task",
+                  "trained on few-shot real", "trained on adapted generated", "trained on few-shot mixed"):
     assert section in md, section
   page = (work / "report.html").read_text()
-  assert page.count("data:image/png;base64") == 4 and "<table>" in page
+  assert page.count("data:image/png;base64") == 6 and "<table>" in page
+  a = json.loads((work / "report.json").read_text())["adaptation"]
+  assert a["summary"]["shots_per_class"] == 4 and a["images"] > 0
+  assert set(a["classifiers"]) == {"few-shot real", "adapted generated", "few-shot mixed"}
+  ds = reader.open_dataset(a["dataset"])
+  assert ds.vocab("histology") == ["unknown", "cyst", "fibroadenoma"]
   rep = json.loads((work / "report.json").read_text())
   assert set(rep["classifiers"]) == {"real", "generated", "mixed"}
   assert all(0 <= r["auc"] <= 1 and r["n"] > 0 for r in rep["classifiers"].values())

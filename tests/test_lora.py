@@ -1,6 +1,9 @@
 """LoRA: zero-initialised adapters leave the model unchanged, merging equals the unmerged model, training
 touches adapters only (frozen base bit-for-bit, adapter-only optimizer state), new label rows leave old
-labels alone, and adapters round-trip through a small file."""
+labels alone, and adapters round-trip through a small file. `busgen-jax adapt`: k-shot case-level subsets,
+validation loss goes down, sharded adaptation on 8 devices, resume, generation from the adapted model."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +127,180 @@ def test_adapters_round_trip_and_targets_are_checked(tmp_path):
   with pytest.raises(ValueError, match="match no"):
     lora.inject(unet.create(tiny(), 0), bad)
 
+
+
+def test_dropout_only_inside_the_training_context_and_merge_of_extended_tables():
+  model = unet.create(tiny(), 0)
+  x, t, c = inputs()
+  cfg = lora.default_config()
+  cfg.dropout = 0.5
+  lora.inject(model, cfg)
+  lora.extend_labels(model, "pathology", 2)
+  _randomise_b(model)
+  plain = np.asarray(model(x, t, c))
+  with lora.dropout(jax.random.PRNGKey(0)):
+    dropped = np.asarray(model(x, t, c))
+    again = np.asarray(model(x, t, c))
+  with lora.dropout(jax.random.PRNGKey(1)):
+    other = np.asarray(model(x, t, c))
+  np.testing.assert_array_equal(dropped, again)               # the key decides the mask
+  assert np.abs(dropped - plain).max() > 1e-4 and np.abs(other - dropped).max() > 1e-4
+  np.testing.assert_array_equal(np.asarray(model(x, t, c)), plain)   # outside the context: no dropout
+  _, _, c_new = inputs(pathology=(3, 4))
+  before_new = np.asarray(model(x, t, c_new))
+  assert lora.table_rows(model) == {"num_pathology": 5, "num_devices": 3}
+  lora.merge(model)                                           # a plain UNet with a 5-row pathology table
+  assert isinstance(model.pathology_table, unet.Embedding) and lora.num_adapter_params(model) == 0
+  merged_cfg = tiny()
+  merged_cfg.num_pathology = 5
+  fresh = unet.create(merged_cfg, 1)
+  nnx.update(fresh, nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(np.asarray(fresh(x, t, c_new)), before_new, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(fresh(x, t, c)), plain, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------ busgen-jax adapt
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+  """A tiny BUSGen pretrained on phantom pathology labels from two devices, then adapted to histology (cyst vs
+  fibroadenoma, classes it never saw) with 8 shots per class from all three devices (the third gets a new device
+  row), on 8 simulated devices with the frozen base sharded over fsdp=4."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).parent))
+  from helpers import convert_config
+  from busgen_jax.data import convert
+  from busgen_jax.train import adapt, diffusion
+  root = tmp_path_factory.mktemp("adapt")
+  data = convert.convert(convert_config("phantom", "", root / "data", **{
+      "phantom.num_examples": 240, "phantom.size": 32}))
+  d = diffusion.default_config()
+  d.num_steps, d.log_every, d.checkpoint_every = 30, 10, 30
+  d.data.sources.real.path = str(data)
+  d.data.sources.real.filters.device = ["Phantom-L14", "Phantom-L9"]   # the third device stays new
+  d.data.device_vocab = ("Phantom-L14", "Phantom-L9")
+  d.data.image_size, d.data.batch_size = 16, 8
+  d.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
+                 num_devices=7, dropout=0.0)
+  d.optim.update(lr=2e-3, warmup_steps=5, ema_decay=0.9)
+  diffusion.train(d, root / "base")
+  a = adapt_config(root / "base" / "checkpoints", data)
+  summary = adapt.adapt(a, root / "adapt")
+  return {"root": root, "data": data, "config": a, "summary": summary, "work": root / "adapt"}
+
+
+def adapt_config(base, data):
+  from busgen_jax.train import adapt
+  a = adapt.default_config()
+  a.base, a.data.path = str(base), str(data)
+  a.data.shots, a.data.val_per_class, a.data.batch_size = 8, 8, 8
+  a.num_steps, a.eval_every, a.log_every, a.checkpoint_every = 24, 12, 12, 12
+  a.lora.update(rank=4, dropout=0.1)
+  a.task.pathology = (("cyst", "benign"), ("fibroadenoma", "benign"))
+  a.mesh = {"data": 2, "fsdp": 4}
+  return a
+
+
+def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):
+  from busgen_jax.data import reader
+  from busgen_jax.train import adapt, checkpoint
+  s, work = adapted["summary"], adapted["work"]
+  assert s["val_loss_best"] < s["val_loss_start"]             # held-out images, fixed (t, noise)
+  assert s["new_rows"] == {"pathology": 2, "device": 1} and s["adapter_params"] < 0.25 * s["frozen_params"]
+  history = json.loads((work / "val_history.json").read_text())
+  assert [h["step"] for h in history] == [0, 12, 24] and all("val_loss/cyst" in h for h in history)
+
+  # k per class from whole cases, validation from other cases, reproducible from the seed.
+  _, meta = checkpoint.load_meta(work / adapt.ADAPTERS)
+  ds = reader.open_dataset(adapted["data"])
+  shots = meta["data"]["shots"]
+  assert {k: len(v) for k, v in shots.items()} == {"cyst": 8, "fibroadenoma": 8}
+  train_cases = adapt.case_ids(ds, "train")
+  shot_cases = {train_cases[i] for v in shots.values() for i in v}
+  val_cases = {adapt.case_ids(ds, "val")[i] for v in meta["data"]["val"].values() for i in v}
+  assert not shot_cases & val_cases
+  again = adapt.select(ds, "train", "histology", ["cyst", "fibroadenoma"], 8, 0)
+  assert {k: v.tolist() for k, v in again.items()} == shots
+  histology = ds.vocab("histology")
+  labels = adapt.pipeline.scan_labels(ds, "train")["histology"]
+  assert all(histology[labels[i]] == k for k, v in shots.items() for i in v)
+
+  # Only adapters (and the new rows) are in the train state: optimizer state = 2 x adapters (+ counters).
+  step, state = _restore_state(work, adapted["config"])
+  n_adapt = sum(x.size for x in jax.tree.leaves(state["params"]))
+  assert n_adapt == s["adapter_params"]
+  assert 2 * n_adapt <= sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * n_adapt + 8
+
+  # The merged model: the base's untouched parameters (norms, biases, old label rows) equal it bit for bit.
+  base = checkpoint.load_params(adapted["root"] / "base" / "checkpoints")
+  merged = checkpoint.load_params(work / adapt.MERGED)
+  flat_base = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(base)}
+  flat_merged = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(merged)}
+  assert set(flat_base) == set(flat_merged)
+  same = [k for k in flat_base if not k.endswith("['kernel']") and "table" not in k]
+  assert len(same) > 20
+  for k in same:
+    np.testing.assert_array_equal(flat_merged[k], flat_base[k], err_msg=k)
+  table = "['pathology_table']['embedding']"
+  np.testing.assert_array_equal(flat_merged[table][:4], flat_base[table])
+  assert flat_merged[table].shape[0] == 6
+  devices = "['device_table']['embedding']"
+  np.testing.assert_array_equal(flat_merged[devices][:7], flat_base[devices])
+  assert flat_merged[devices].shape[0] == 8 and meta["vocab"]["device"][7] == "Phantom-L12-SRI"
+  assert meta["vocab"]["pathology"][4:] == ["cyst", "fibroadenoma"]
+
+
+def _restore_state(work, cfg):
+  from busgen_jax.train import adapt, checkpoint
+  setup = adapt.Setup(cfg)
+  ck = checkpoint.Checkpointer(work / "checkpoints", async_save=False)
+  step = ck.latest_step()
+  state, _ = ck.restore(step, setup.abstract_state)
+  ck.close()
+  frozen_sharded = [x for x in jax.tree.leaves(setup.frozen) if not x.sharding.is_fully_replicated]
+  assert frozen_sharded                                       # fsdp=4 shards the frozen base
+  return step, state
+
+
+def test_adaptation_resumes_to_the_same_adapters(adapted, tmp_path):
+  from busgen_jax.train import adapt, checkpoint, diffusion
+  cfg = adapted["config"]
+  with pytest.raises(diffusion.SimulatedCrash):
+    adapt.adapt(cfg, tmp_path, stop_after=13)                 # dies after the step-12 checkpoint
+  adapt.adapt(cfg, tmp_path)
+  a = checkpoint.load_params(tmp_path / "checkpoints", which="params")
+  b = checkpoint.load_params(adapted["work"] / "checkpoints", which="params")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert json.loads((tmp_path / "val_history.json").read_text()) == \
+      json.loads((adapted["work"] / "val_history.json").read_text())
+
+
+def test_generation_from_adapters_and_from_the_merged_checkpoint(adapted, tmp_path):
+  import hashlib
+  from busgen_jax import generate
+  from busgen_jax.data import reader
+  from busgen_jax.train import adapt
+  work = adapted["work"]
+  images = {}
+  for kind in ("merged", "adapters"):
+    g = generate.default_config()
+    if kind == "merged":
+      g.checkpoint = str(work / adapt.MERGED)
+    else:
+      g.adapters = str(work / adapt.ADAPTERS)                 # merged in memory onto the recorded base
+    g.box_prior = str(work / adapt.BOX_PRIOR)
+    g.device = ("Phantom-L12-SRI",)                          # the device the base never saw
+    g.num_per_condition = 2
+    g.sampler.update(method="multistep", order=2, steps=3)
+    g.per_device_batch = 1
+    ds_dir = generate.generate(g, tmp_path / kind)
+    ds = reader.open_dataset(ds_dir)
+    recs = ds.records("train")
+    exs = [ds.decode(recs[i]) for i in range(len(recs))]
+    images[kind] = [hashlib.sha256(e["image"].tobytes()).hexdigest() for e in exs]
+    # The default grid is the task's classes; records carry them in their field and the mapped pathology.
+    assert [ds.vocab("histology")[e["histology"]] for e in exs] == ["cyst"] * 2 + ["fibroadenoma"] * 2
+    assert all(ds.vocab("pathology")[e["pathology"]] == "benign" and len(e["boxes"]) == 1 for e in exs)
+    assert all(ds.vocab("device")[e["device"]] == "Phantom-L12-SRI" for e in exs)
+  assert images["merged"] == images["adapters"]

@@ -72,10 +72,13 @@ def contact_sheet(ds: Dataset, path: Path, *, split: str | None = None, n: int =
     pathology = ds.vocab("pathology")[ex["pathology"]]
     color = _COLORS.get(pathology, (255, 255, 255))
     for b in ex["boxes"]:
-      draw.rectangle([x0 + b[0] * img.width, y0 + b[1] * img.height, x0 + b[2] * img.width - 1,
-                      y0 + b[3] * img.height - 1], outline=color)
+      xa, ya = x0 + b[0] * img.width, y0 + b[1] * img.height
+      draw.rectangle([xa, ya, max(xa, x0 + b[2] * img.width - 1), max(ya, y0 + b[3] * img.height - 1)],
+                     outline=color)
     device = ds.vocab("device")[ex["device"]]
-    draw.text((x0 + 2, y0 + tile + 1), f"{pathology[:3]} {device[:18]}", fill=color)
+    label = pathology if pathology != "unknown" else next(   # e.g. an adapted model's histology classes
+        (ds.vocab(f)[ex[f]] for f in ("histology", "birads") if ex[f]), pathology)
+    draw.text((x0 + 2, y0 + tile + 1), f"{label[:3]} {device[:18]}", fill=color)
   path.parent.mkdir(parents=True, exist_ok=True)
   sheet.save(path)
   return path

@@ -193,7 +193,7 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
   for s, n in enumerate(names):
     sc, ds = cfg.sources[n], datasets[n]
     labels = scan_labels(ds, sc.split)
-    idx = _select(ds, labels, sc.get("filters", {}), f"data.sources.{n}.filters.")
+    idx = _select(ds, labels, sc.get("filters", {}), f"data.sources.{n}.filters.", sc.get("indices", ()))
     index_stream = EpochIndex(idx, labels[cfg.balance_field][idx], balance=cfg.balance, shuffle=cfg.shuffle,
                               seed=cfg.seed * 1000 + s)
     streams.append(grain.MapDataset.source(index_stream).map(_Tag(s)))
@@ -221,9 +221,16 @@ class _Tag:
     return self.source, index
 
 
-def _select(ds: reader.Dataset, labels: dict[str, np.ndarray], filters: Mapping, where: str) -> np.ndarray:
-  """Record indices whose labels pass the filters ({field: allowed names}; empty lists allow all)."""
+def _select(ds: reader.Dataset, labels: dict[str, np.ndarray], filters: Mapping, where: str,
+            indices=()) -> np.ndarray:
+  """Record indices whose labels pass the filters ({field: allowed names}; empty lists allow all), within
+  `indices` when given (e.g. a k-shot subset)."""
   keep = np.ones(len(labels["pathology"]), bool)
+  if len(indices):
+    indices = np.asarray(indices, np.int64)
+    if indices.min() < 0 or indices.max() >= len(keep):
+      raise ValueError(f"{where}: record indices outside {ds.dir}'s split ({len(keep)} records)")
+    keep &= np.isin(np.arange(len(keep)), indices)
   for field, allowed in filters.items():
     if allowed:
       unknown = sorted(set(allowed) - set(ds.vocab(field)))
@@ -265,7 +272,7 @@ class _EvalLoad(grain.MapTransform):
 
 
 def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filters: Mapping | None = None,
-               device_vocab: tuple[str, ...] = (), process_index: int | None = None,
+               indices=(), device_vocab: tuple[str, ...] = (), process_index: int | None = None,
                process_count: int | None = None) -> Pipeline:
   """One deterministic pass over a split (centre crop, no flip, no augmentation): every selected example once,
   in record order. The last global batch is padded; `valid` marks real rows and `index` their record.
@@ -276,7 +283,7 @@ def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filte
     raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
   ds = reader.open_dataset(path)
   vocab = global_vocab({"eval": ds}, tuple(device_vocab))
-  idx = _select(ds, scan_labels(ds, split), filters or {}, "filters.")
+  idx = _select(ds, scan_labels(ds, split), filters or {}, "filters.", indices)
   if not len(idx):
     raise ValueError(f"{ds.dir} split {split!r}: no examples selected (filters {dict(filters or {})})")
   pad = -len(idx) % batch_size

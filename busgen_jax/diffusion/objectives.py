@@ -41,9 +41,14 @@ def diffusion_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], key: ja
                    c: ml_collections.ConfigDict) -> jax.Array:
   """Mean loss over the batch: t ~ U{0..T-1}, x_t = sqrt(ab) x0 + sqrt(1-ab) eps, regress eps (or v)."""
   kt, kn = jax.random.split(key)
-  B = x0.shape[0]
-  t = jax.random.randint(kt, (B,), 0, sched.T)
+  t = jax.random.randint(kt, (x0.shape[0],), 0, sched.T)
   noise = jax.random.normal(kn, x0.shape, jnp.float32)
+  return jnp.mean(per_example_loss(eps_fn, x0, cond, t, noise, sched, c))
+
+
+def per_example_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], t: jax.Array, noise: jax.Array,
+                     sched: Schedule, c: ml_collections.ConfigDict) -> jax.Array:
+  """(B,) weighted losses at given timesteps and noise (validation uses fixed ones, so evaluations compare)."""
   a = jnp.asarray(sched.sqrt_ab, jnp.float32)[t][:, None, None, None]
   s = jnp.asarray(sched.sqrt_1m_ab, jnp.float32)[t][:, None, None, None]
   xt = a * x0 + s * noise
@@ -62,7 +67,7 @@ def diffusion_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], key: ja
     w = jnp.ones_like(snr)
   else:
     raise ValueError(f"objective.weighting must be none or min_snr, got {c.weighting!r}")
-  return jnp.mean(w * per_example)
+  return w * per_example
 
 
 def eps_from_prediction(pred: jax.Array, xt: jax.Array, t: jax.Array, sched: Schedule, prediction: str):

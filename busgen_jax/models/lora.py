@@ -12,11 +12,17 @@ LoRAParams too) from the frozen base, so the optimizer state holds adapters only
 the train step untouched. `merge(model)` folds every adapter into its base kernel (a k x k conv followed by a
 1 x 1 conv is one k x k conv with kernel A B), for sampling at base speed. `extend_labels(model, field, n)`
 appends n trainable rows to the pathology or device table; existing rows stay frozen, so old labels keep
-their meaning.
+their meaning; `merge` turns an extended table back into a plain, larger one.
+
+Dropout on the adapter branch's input (`cfg.dropout`, as in PEFT) is active only inside `with lora.dropout(key)`
+(the train step); the key reaches the wrapped layers through a context variable at trace time, because the
+UNet calls its layers without RNGs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 
 import jax
@@ -33,13 +39,36 @@ def default_config() -> ml_collections.ConfigDict:
   # Which layers get adapters (regexes over module paths such as "downblocks/1/block1/conv" or "attn/proj_q").
   c.targets = (r".*",)
   c.exclude = ()               # paths matching these are skipped
+  c.dropout = 0.0              # dropout on the adapter branch's input while training
   c.seed = 0
   return c
 
 
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("busgen_lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout(key: jax.Array | None):
+  """Enables adapter dropout for calls traced inside the block (None: disabled)."""
+  token = _DROPOUT_KEY.set(key)
+  try:
+    yield
+  finally:
+    _DROPOUT_KEY.reset(token)
+
+
+def _drop(x, rate: float, uid: int):
+  key = _DROPOUT_KEY.get()
+  if key is None or not rate:
+    return x
+  keep = jax.random.bernoulli(jax.random.fold_in(key, uid), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
 class LoRADense(nnx.Module):
-  def __init__(self, base: nnx.Linear, rank: int, alpha: float, rng: np.random.Generator):
-    self.base = base
+  def __init__(self, base: nnx.Linear, rank: int, alpha: float, rng: np.random.Generator, rate: float = 0.0,
+               uid: int = 0):
+    self.base, self.rate, self.uid = base, float(rate), int(uid)
     fan_in, out = base.in_features, base.out_features
     self.lora_a = nnx.LoRAParam(jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), (fan_in, rank)), jnp.float32))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out), jnp.float32))
@@ -50,12 +79,14 @@ class LoRADense(nnx.Module):
 
   def __call__(self, x):
     y = self.base(x)
-    return y + (self.scale * (x.astype(jnp.float32) @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
+    x = _drop(x.astype(jnp.float32), self.rate, self.uid)
+    return y + (self.scale * (x @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
 
 
 class LoRAConv(nnx.Module):
-  def __init__(self, base: nnx.Conv, rank: int, alpha: float, rng: np.random.Generator):
-    self.base = base
+  def __init__(self, base: nnx.Conv, rank: int, alpha: float, rng: np.random.Generator, rate: float = 0.0,
+               uid: int = 0):
+    self.base, self.rate, self.uid = base, float(rate), int(uid)
     k = tuple(base.kernel_size)
     cin, cout = base.in_features, base.out_features
     fan_in = cin * int(np.prod(k))
@@ -70,7 +101,7 @@ class LoRAConv(nnx.Module):
     b = self.base
     y = b(x)
     h = jax.lax.conv_general_dilated(
-        x.astype(jnp.float32), self.lora_a.value, _tuple(b.strides, len(b.kernel_size)),
+        _drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value, _tuple(b.strides, len(b.kernel_size)),
         _padding(b.padding, len(b.kernel_size)), rhs_dilation=_tuple(b.kernel_dilation, len(b.kernel_size)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
@@ -93,10 +124,11 @@ def _padding(p, n):
 class ExtendedEmbedding(nnx.Module):
   """A condition table with `n` new, trainable rows after the frozen ones."""
 
-  def __init__(self, base, n: int, rng: np.random.Generator):
+  def __init__(self, base, n: int, rng: np.random.Generator, init=None):
     self.base = base
     dim = base.embedding.value.shape[1]
-    self.extra = nnx.LoRAParam(jnp.asarray(rng.standard_normal((n, dim)) * 0.02, jnp.float32))
+    start = np.zeros((n, dim)) if init is None else np.broadcast_to(np.asarray(init, np.float64), (n, dim))
+    self.extra = nnx.LoRAParam(jnp.asarray(start + rng.standard_normal((n, dim)) * 0.02, jnp.float32))
 
   def __call__(self, idx):
     return jnp.take(jnp.concatenate([self.base.embedding.value, self.extra.value]), idx, axis=0)
@@ -141,7 +173,8 @@ def inject(model: nnx.Module, cfg: ml_collections.ConfigDict) -> list[str]:
       continue
     if isinstance(m, nnx.Conv) and (m.feature_group_count != 1 or _tuple(m.input_dilation, 2) != (1, 1)):
       continue
-    wrap = LoRADense(m, cfg.rank, cfg.alpha, rng) if isinstance(m, nnx.Linear) else LoRAConv(m, cfg.rank, cfg.alpha, rng)
+    kind = LoRADense if isinstance(m, nnx.Linear) else LoRAConv
+    wrap = kind(m, cfg.rank, cfg.alpha, rng, cfg.get("dropout", 0.0), len(done))
     _set(parent, key, wrap)
     done.append(path)
   if not done:
@@ -150,22 +183,36 @@ def inject(model: nnx.Module, cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def merge(model: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its base kernel and removes the wrappers (in place); returns the model."""
+  """Folds every adapter into its base kernel and every extended table into one larger table, removing the
+  wrappers (in place); returns the model, now a plain UNet with `table_rows(model)` label rows."""
+  from busgen_jax.models import unet
   for path, parent, key, m in _modules(model):
     if isinstance(m, (LoRADense, LoRAConv)):
       m.base.kernel.value = m.base.kernel.value + m.delta().astype(m.base.kernel.value.dtype)
       _set(parent, key, m.base)
+    elif isinstance(m, ExtendedEmbedding):
+      table = jnp.concatenate([m.base.embedding.value, m.extra.value.astype(m.base.embedding.value.dtype)])
+      _set(parent, key, unet.Embedding(table.shape[0], table.shape[1], table, None))
   return model
 
 
-def extend_labels(model: nnx.Module, field: str, n: int, seed: int = 0) -> int:
+def table_rows(model: nnx.Module) -> dict[str, int]:
+  """Rows of the pathology and device tables (extended or not): the merged model config's num_* values."""
+  def rows(t):
+    return rows(t.base) + t.extra.value.shape[0] if isinstance(t, ExtendedEmbedding) else t.embedding.value.shape[0]
+  return {"num_pathology": rows(model.pathology_table), "num_devices": rows(model.device_table)}
+
+
+def extend_labels(model: nnx.Module, field: str, n: int, seed: int = 0, init=None) -> int:
   """Appends n trainable rows to the model's `field` table ("pathology" or "device"); returns the first new
-  row's index."""
+  row's index. `init` ((n, dim) or (dim,)) starts them near known rows (e.g. a new class at its parent
+  pathology's row), which adapts much faster than starting near zero, far from every trained row; a little
+  noise tells them apart."""
   attr = {"pathology": "pathology_table", "device": "device_table"}[field]
   base = getattr(model, attr)
   if isinstance(base, ExtendedEmbedding):
     raise ValueError(f"the {field} table has already been extended")
-  setattr(model, attr, ExtendedEmbedding(base, n, np.random.default_rng(seed)))
+  setattr(model, attr, ExtendedEmbedding(base, n, np.random.default_rng(seed), init))
   return base.embedding.value.shape[0]
 
 

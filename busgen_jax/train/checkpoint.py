@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -65,6 +66,15 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - name the checkpoint that failed, keep the cause
       raise RuntimeError(f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}") from e
     return out["state"], out["meta"]
+
+  def restore_or_init(self, abstract_state: Any, data_iterator, init) -> Any:
+    """The latest checkpoint's state (and the iterator's position, in place), or `init()` without one."""
+    latest = self.latest_step()
+    if latest is None:
+      return init()
+    state, _ = self.restore(latest, abstract_state, data_iterator)
+    logging.info("resumed from %s/%d", self.directory, latest)
+    return state
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -25,7 +25,7 @@ from flax import nnx
 from busgen_jax import parallel
 from busgen_jax.data import pipeline
 from busgen_jax.diffusion import objectives, samplers, schedule
-from busgen_jax.models import unet
+from busgen_jax.models import lora, unet
 from busgen_jax.train import checkpoint, state as train_state, writers
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,32 +67,36 @@ def conditions(batch, model_cfg) -> dict:
 
 def make_train_step(graphdef, sched: schedule.Schedule, cfg: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation):
-  """(state, batch) -> (state, metrics). A step whose loss or gradients are not finite changes nothing."""
+  """(state, batch[, frozen]) -> (state, metrics). A step whose loss or gradients are not finite changes nothing.
+
+  `frozen` (LoRA adaptation) is the rest of the model's state, merged with the trained `state["params"]` (the
+  adapters) inside the step: passed in, never differentiated, updated or copied."""
   lr = train_state.learning_rate(cfg.optim, cfg.num_steps)
 
-  def loss_fn(params, batch, key):
-    model = nnx.merge(graphdef, params)
+  def loss_fn(params, batch, key, frozen):
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     k_drop, k_cfg, k_loss = jax.random.split(key, 3)
     cond = objectives.drop_conditions(conditions(batch, cfg.model), k_cfg, cfg.objective.cond_drop_prob,
                                       cfg.objective.cond_drop_mode)
     rngs = nnx.Rngs(dropout=k_drop)
     eps_fn = lambda x, t, c: model(x, t, c, rngs=rngs, train=True)
-    return objectives.diffusion_loss(eps_fn, batch["image"], cond, k_loss, sched, cfg.objective)
+    with lora.dropout(jax.random.fold_in(k_drop, 1)):
+      return objectives.diffusion_loss(eps_fn, batch["image"], cond, k_loss, sched, cfg.objective)
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def step(state, batch):
+  def step(state, batch, frozen=None):
     rng, key = jax.random.split(state["rng"])
     params = state["params"]
     n = cfg.accum_steps
     if n == 1:
-      loss, grads = grad_fn(params, batch, key)
+      loss, grads = grad_fn(params, batch, key, frozen)
     else:  # micro-batch i takes rows i, i+n, ...: each device keeps its own rows
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def acc(carry, xs):
         mb, k = xs
-        l, g = grad_fn(params, mb, k)
+        l, g = grad_fn(params, mb, k, frozen)
         return jax.tree.map(jnp.add, carry, (l, g)), None
 
       zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -158,7 +162,8 @@ class Setup:
 
   def eps_fn(self, params):
     model = nnx.merge(self.graphdef, params)
-    return lambda x, t, c: model(x, t, c)
+    pred = self.cfg.objective.prediction
+    return lambda x, t, c: objectives.eps_from_prediction(model(x, t, c), x, t, self.sched, pred)
 
 
 def _check_like(params, abstract):
@@ -188,13 +193,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
                                  async_save=cfg.async_checkpoints)
   it = iter(pipe)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(latest, setup.abstract_state, it)
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
-  else:
-    init = checkpoint.load_params(cfg.init_from) if cfg.init_from else None
-    state = setup.init_state(cfg.seed, init)
+  state = ckpt.restore_or_init(setup.abstract_state, it, lambda: setup.init_state(
+      cfg.seed, checkpoint.load_params(cfg.init_from) if cfg.init_from else None))
   meta = {"model": cfg.model.to_dict(), "vocab": pipe.vocab, "config": cfg.to_json()}
   writer, progress = writers.create(str(workdir), cfg.num_steps, process_index=jax.process_index(),
                                     every_steps=cfg.log_every)

@@ -1,0 +1,473 @@
+"""Few-shot LoRA adaptation: `busgen-jax adapt --config configs/adapt_phantom.py --workdir DIR`.
+
+Read top to bottom:
+
+  base checkpoint (EMA weights, model config, vocabularies, its schedule and objective) -> the task (a label field
+  and its classes, each a new trainable row of the pathology table, or the base's own rows) -> k images per class
+  (seeded, whole cases: one view per case before any second view) and held-out validation images from other
+  cases -> the base with adapters injected and tables extended, split into adapters (trained, replicated) and the
+  frozen base (sharded by its logical axes, passed to every step, never differentiated, updated or copied) ->
+  loop { batch -> jitted step on the adapters -> validation loss at fixed (t, noise) -> best adapters } ->
+  DIR/adapters (small, loads on top of the base), DIR/merged (a plain checkpoint `busgen-jax sample` reads),
+  DIR/box_prior.json (fitted on the shots, per class), DIR/adapt.json.
+
+Generate from the result with `busgen-jax sample --config.checkpoint=DIR/merged` (or
+`--config.adapters=DIR/adapters`, which merges in memory on top of the base).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from busgen_jax import generate, parallel
+from busgen_jax.data import pipeline, reader, schema
+from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, schedule
+from busgen_jax.models import lora, unet
+from busgen_jax.train import checkpoint, diffusion, state as train_state, writers
+
+ADAPTERS, MERGED, BOX_PRIOR, SUMMARY = "adapters", "merged", "box_prior.json", "adapt.json"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.base = ""                  # `busgen-jax train` <workdir>/checkpoints, or an `import-official` directory
+  c.which = "ema"
+  c.step = -1                  # -1: the latest
+  c.device_names = ()          # the base's device vocabulary when its checkpoint has none (imported models)
+  c.task = ml_collections.ConfigDict({
+      "field": "histology",    # the record field naming the classes: pathology | birads | histology
+      "classes": ("cyst", "fibroadenoma"),
+      "rows": "new",           # new: one new pathology-table row per class | existing: the base's rows (pathology)
+      "pathology": (),         # ("class", "benign"|"malignant"|"normal") pairs written into generated records
+  })
+  c.new_devices = True         # devices of the shots the base does not know get new rows (else the null row)
+  c.data = ml_collections.ConfigDict({
+      "path": "", "split": "train", "shots": 16, "shot_seed": 0,     # k images per class
+      "val_split": "val", "val_per_class": 32,                        # held out, other cases
+      "image_size": 0,         # 0: the base's training size
+      "batch_size": 8, "crop": "random", "flip": True, "worker_count": 0})
+  c.lora = lora.default_config()
+  c.num_steps = 300
+  c.accum_steps = 1
+  c.optim = train_state.default_config()
+  c.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.0, ema_decay=0.99)
+  c.cond_drop_prob = 0.1       # keep classifier-free guidance working for the new labels
+  c.eval_every = 50
+  c.val_repeats = 4            # fixed (t, noise) draws per validation image, t stratified over [0, T)
+  c.select = "best"            # best: the adapters with the lowest validation loss | last
+  c.log_every = 25
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  c.async_checkpoints = True
+  c.box_bandwidth = 0.02       # KDE bandwidth of the per-class box prior fitted on the shots (few boxes)
+  c.export_merged = True
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.sharding_rules = parallel.DEFAULT_RULES
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+def task_classes(task) -> list[str]:
+  if task.field not in ("pathology", "birads", "histology"):
+    raise ValueError(f"task.field must be pathology, birads or histology, got {task.field!r}")
+  norm = {"pathology": schema.normalize_pathology, "birads": schema.normalize_birads}.get(task.field, str)
+  classes = [norm(c) for c in task.classes]
+  if len(classes) < 1 or len(set(classes)) != len(classes) or schema.UNKNOWN in classes:
+    raise ValueError(f"task.classes must be distinct, known labels, got {list(task.classes)}")
+  return classes
+
+
+def case_ids(ds: reader.Dataset, split: str) -> np.ndarray:
+  records = ds.records(split)
+  return np.asarray([ds.decode(records[i], skip=("image", "mask"))["case_id"] or f"#{i}"
+                     for i in range(len(records))])
+
+
+def select(ds: reader.Dataset, split: str, field: str, classes: list[str], per_class: int, seed: int, *,
+           exclude_cases=(), exact: bool = True) -> dict[str, np.ndarray]:
+  """Up to `per_class` record indices per class (exactly, when `exact`): cases in a seeded order, one view per
+  case before any case's second view; cases in `exclude_cases` are skipped."""
+  labels = pipeline.scan_labels(ds, split)[field]
+  names = ds.vocab(field)
+  cases = case_ids(ds, split)
+  excluded = np.isin(cases, np.asarray(list(exclude_cases), dtype=cases.dtype))
+  out = {}
+  for j, name in enumerate(classes):
+    recs = np.flatnonzero((labels == names.index(name)) & ~excluded) if name in names else np.zeros(0, int)
+    by_case: dict[str, list[int]] = {}
+    for r in np.random.default_rng([seed, j]).permutation(recs):
+      by_case.setdefault(cases[r], []).append(int(r))
+    order = [v[i] for i in range(max(map(len, by_case.values()), default=0)) for v in by_case.values() if i < len(v)]
+    if (exact and len(order) < per_class) or not order:
+      raise ValueError(f"{ds.dir} split {split!r}: {len(order)} usable images with {field}={name!r}, "
+                       f"{per_class} wanted (vocabulary {names})")
+    out[name] = np.sort(np.asarray(order[:per_class], np.int64))
+  return out
+
+
+def label_rows(task, classes: list[str], base_cfg, base_vocab: dict, shot_devices: list[str], new_devices: bool):
+  """Model rows of the task's classes and of the devices, and the adapted model's vocabularies."""
+  n_path, n_dev = base_cfg.num_pathology, base_cfg.num_devices
+  def names(vocab, n):   # rows without a name (a table larger than the training vocabulary) are "#<row>"
+    return (list(vocab) + [f"#{i}" for i in range(len(vocab), n)])[:n]
+  path_names, dev_names = names(base_vocab["pathology"], n_path), names(base_vocab["device"], n_dev)
+  if task.rows == "new":
+    clash = sorted(set(classes) & set(path_names))
+    if clash:
+      raise ValueError(f"task classes {clash} are already rows of the base's pathology table: use "
+                       f"task.rows=existing to adapt them, or other class names")
+    rows = {c: n_path + j for j, c in enumerate(classes)}
+    path_names += classes
+  elif task.rows == "existing":
+    missing = sorted(set(classes) - set(path_names))
+    if task.field != "pathology" or missing:
+      raise ValueError(f"task.rows=existing needs task.field=pathology and classes the base knows "
+                       f"({path_names}); missing {missing}")
+    rows = {c: path_names.index(c) for c in classes}
+  else:
+    raise ValueError(f"task.rows must be new or existing, got {task.rows!r}")
+  added = [d for d in dict.fromkeys(shot_devices) if d not in dev_names and d != schema.UNKNOWN] if new_devices else []
+  dev_names += added
+  return rows, {"pathology": path_names, "device": dev_names}, {"pathology": len(path_names) - n_path,
+                                                                "device": len(added)}
+
+
+def build_model(base_cfg, base_params, lora_cfg, new_rows: dict, seed: int, init: dict | None = None
+                ) -> nnx.Module:
+  """The base (with `base_params`), adapters injected, label tables extended by `new_rows` (starting at
+  `init[field]` rows when given)."""
+  graphdef, state = nnx.split(unet.abstract(base_cfg), nnx.Param)
+  nnx.replace_by_pure_dict(state, base_params)
+  model = nnx.merge(graphdef, state)
+  lora.inject(model, lora_cfg)
+  for field, n in new_rows.items():
+    if n:
+      lora.extend_labels(model, field, n, seed + (field == "device"), (init or {}).get(field))
+  return model
+
+
+def initial_rows(task, classes: list[str], base_params, vocab: dict, new_rows: dict) -> dict:
+  """Where new rows start: a class at the row of its pathology (`task.pathology`, e.g. cyst -> benign), else at
+  the mean of the base's named rows; a new device at the mean of the named device rows."""
+  parent = {c: schema.normalize_pathology(p) for c, p in task.pathology}
+  out = {}
+  for field, table in (("pathology", "pathology_table"), ("device", "device_table")):
+    n = new_rows.get(field, 0)
+    if not n:
+      continue
+    rows = np.asarray(base_params[table]["embedding"], np.float64)
+    names = vocab[field][:rows.shape[0]]
+    named = [i for i, name in enumerate(names) if i and not name.startswith("#")] or list(range(1, len(rows)))
+    mean = rows[named].mean(0)
+    if field == "pathology" and task.rows == "new":
+      out[field] = np.stack([rows[names.index(parent[c])] if parent.get(c) in names else mean for c in classes])
+    else:
+      out[field] = np.broadcast_to(mean, (n, rows.shape[1]))
+  return out
+
+
+def load_adapted(directory, base: str = "") -> generate.Model:
+  """An adapter checkpoint (DIR/adapters) merged onto its base (`base` overrides the recorded path): a plain
+  model with larger label tables, for `busgen-jax sample`."""
+  directory = Path(directory).expanduser()
+  step, meta = checkpoint.load_meta(directory)
+  if "lora" not in meta or "base" not in meta:
+    raise ValueError(f"{directory}: not an adapter checkpoint written by `busgen-jax adapt`")
+  b = generate.default_config()
+  b.update(checkpoint=base or meta["base"]["checkpoint"], which=meta["base"]["which"], step=meta["base"]["step"],
+           device_names=tuple(meta["base"]["device_names"]), image_size=meta["image_size"])
+  base_model = generate.load_model(b)
+  model = build_model(base_model.cfg, base_model.params, ml_collections.ConfigDict(meta["lora"]),
+                      meta["new_rows"], meta["seed"])
+  lora.load_adapters(directory, model)
+  lora.merge(model)
+  cfg = ml_collections.ConfigDict(base_model.cfg.to_dict())
+  cfg.update(lora.table_rows(model))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return generate.Model(cfg, params, meta["vocab"], int(meta["image_size"]), base_model.step,
+                        f"{base_model.name}+{directory.parent.name}", task=meta["task"],
+                        train_config=base_model.train_config)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+class Setup:
+  """Everything static about an adaptation run: base, task, data subsets, model split, shardings, jitted steps."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.cfg = cfg
+    b = generate.default_config()
+    b.update(checkpoint=cfg.base, which=cfg.which, step=cfg.step, device_names=tuple(cfg.device_names),
+             image_size=cfg.data.image_size)
+    base = generate.load_model(b)
+    self.base = base
+    self.image_size = base.image_size
+    tc = base.train_config
+    self.sched = schedule.Schedule.from_config(ml_collections.ConfigDict(tc.get("schedule") or
+                                                                         schedule.default_config().to_dict()))
+    if self.sched.T != base.cfg.T:
+      raise ValueError(f"the base's schedule has T={self.sched.T}, its model T={base.cfg.T}")
+    self.objective = ml_collections.ConfigDict(tc.get("objective") or objectives.default_config().to_dict())
+    self.objective.cond_drop_prob = cfg.cond_drop_prob
+
+    # The task's examples: k shots per class, validation images from other cases.
+    self.classes = task_classes(cfg.task)
+    ds = reader.open_dataset(cfg.data.path)
+    self.dataset = ds
+    self.shots = select(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shots, cfg.data.shot_seed)
+    shot_idx = np.concatenate(list(self.shots.values()))
+    shot_cases = set(case_ids(ds, cfg.data.split)[shot_idx]) if cfg.data.val_split == cfg.data.split else set()
+    self.val = select(ds, cfg.data.val_split, cfg.task.field, self.classes, cfg.data.val_per_class,
+                      cfg.data.shot_seed + 1, exclude_cases=shot_cases, exact=False)
+    labels = pipeline.scan_labels(ds, cfg.data.split)
+    shot_devices = [ds.vocab("device")[i] for i in labels["device"][shot_idx]]
+    self.rows, self.vocab, self.new_rows = label_rows(cfg.task, self.classes, base.cfg, base.vocab, shot_devices,
+                                                      cfg.new_devices)
+    self.model_cfg = ml_collections.ConfigDict(base.cfg.to_dict())
+    self.model_cfg.num_pathology = len(self.vocab["pathology"])
+    self.model_cfg.num_devices = len(self.vocab["device"])
+
+    # The model, split into trained adapters and the frozen base.
+    model = build_model(base.cfg, base.params, cfg.lora, self.new_rows, cfg.seed,
+                        initial_rows(cfg.task, self.classes, base.params, self.vocab, self.new_rows))
+    self.graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    self.adapters0 = nnx.to_pure_dict(adapters)
+    frozen_axes = nnx.to_pure_dict(jax.tree.map(
+        lambda v: tuple(v.get_metadata().get("axes") or (None,) * v.value.ndim), frozen,
+        is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    frozen = nnx.to_pure_dict(frozen)
+    self.num_adapter_params = unet.num_params(self.adapters0)
+    self.num_frozen_params = unet.num_params(frozen)
+
+    self.mesh = parallel.make_mesh(dict(cfg.mesh))
+    self.rules = parallel.Rules(cfg.sharding_rules)
+    parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
+    repl = parallel.replicated(self.mesh)
+    frozen_sh = parallel.shardings(frozen, frozen_axes, self.mesh, self.rules)
+    self.frozen = jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]),
+                               frozen, frozen_sh)
+    tcfg = ml_collections.ConfigDict({"optim": cfg.optim.to_dict(), "num_steps": cfg.num_steps,
+                                      "accum_steps": cfg.accum_steps, "model": base.cfg.to_dict(),
+                                      "objective": self.objective.to_dict()})
+    self.tx = train_state.optimizer(cfg.optim, cfg.num_steps)
+    abstract = jax.eval_shape(lambda p: train_state.init_state(p, self.tx, 0), self.adapters0)
+    self.state_shardings = jax.tree.map(lambda _: repl, abstract)
+    self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                       abstract, self.state_shardings)
+    self.batch_keys = ("image", *base.cfg.conditions)
+    batch_sh = {k: parallel.batch_sharding(self.mesh, self.rules, 1 if k in ("pathology", "device") else 4)
+                for k in self.batch_keys}
+    self.train_step = jax.jit(diffusion.make_train_step(self.graphdef, self.sched, tcfg, self.tx),
+                              in_shardings=(self.state_shardings, batch_sh, frozen_sh),
+                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    val_sh = {**batch_sh, "index": parallel.batch_sharding(self.mesh, self.rules, 1),
+              "valid": parallel.batch_sharding(self.mesh, self.rules, 1)}
+    self.val_step = jax.jit(self._make_val_step(), in_shardings=(self.state_shardings["params"], val_sh, frozen_sh),
+                            out_shardings=repl)
+
+  def init_state(self) -> dict:
+    return jax.jit(lambda p: train_state.init_state(p, self.tx, self.cfg.seed),
+                   out_shardings=self.state_shardings)(self.adapters0)
+
+  # Labels arrive in the pipeline's global vocabularies; the model wants its own rows.
+  def remap(self, local: dict, vocab: dict) -> dict:
+    field = self.cfg.task.field
+    to_row = np.array([self.rows.get(n, 0) for n in vocab[field]], np.int32)
+    to_dev = np.array([self.vocab["device"].index(n) if n in self.vocab["device"] else 0 for n in vocab["device"]],
+                      np.int32)
+    out = {k: local[k] for k in self.batch_keys if k not in ("pathology", "device")}
+    out["pathology"] = to_row[local[field]]
+    if "device" in self.batch_keys:
+      out["device"] = to_dev[local["device"]]
+    return {k: out[k] for k in self.batch_keys}
+
+  def _make_val_step(self):
+    graphdef, sched, objective = self.graphdef, self.sched, self.objective
+    R, T, conds = self.cfg.val_repeats, self.sched.T, tuple(self.base.cfg.conditions)
+    rows = jnp.asarray([self.rows[c] for c in self.classes])
+    key0 = jax.random.PRNGKey(self.cfg.seed + 12345)
+
+    def val_step(adapters, batch, frozen):
+      model = nnx.merge(graphdef, adapters, frozen)
+      x0 = batch["image"]
+
+      def one(r):   # the r-th fixed draw of every image: t in the r-th of R strata of [0, T)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key0, i), r))(batch["index"])
+        u = jax.vmap(lambda k: jax.random.uniform(k))(keys)
+        t = jnp.clip(((r + u) * T / R).astype(jnp.int32), 0, T - 1)
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
+        return objectives.per_example_loss(lambda x, t, c: model(x, t, c), x0, {k: batch[k] for k in conds}, t,
+                                           noise, sched, objective)
+
+      loss = jnp.mean(jax.lax.map(one, jnp.arange(R)), axis=0)
+      w = batch["valid"].astype(jnp.float32)[:, None] * (batch["pathology"][:, None] == rows[None, :])
+      return jnp.sum(w * loss[:, None], axis=0), jnp.sum(w, axis=0)   # per class: sum, count
+
+    return val_step
+
+  def val_batches(self, batch_size: int) -> list[dict]:
+    """This process's validation batches (host arrays, model rows), decoded once."""
+    idx = np.concatenate(list(self.val.values()))
+    p = pipeline.build_eval(self.cfg.data.path, self.cfg.data.val_split, image_size=self.image_size,
+                            batch_size=batch_size, filters={self.cfg.task.field: self.classes}, indices=idx)
+    out = []
+    for b in p:
+      out.append({**self.remap(b, p.vocab), "index": b["index"], "valid": b["valid"]})
+    return out
+
+  def validate(self, adapters, batches) -> dict:
+    sums = counts = 0.0
+    for b in batches:
+      s, n = self.val_step(adapters, parallel.global_batch(b, self.mesh, self.rules), self.frozen)
+      sums, counts = sums + np.asarray(s), counts + np.asarray(n)
+    out = {"val_loss": float(np.sum(sums) / max(np.sum(counts), 1))}
+    out.update({f"val_loss/{c}": float(s / max(n, 1)) for c, s, n in zip(self.classes, sums, counts)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> dict:
+  """Adapts (resuming from DIR/checkpoints); returns the summary written to DIR/adapt.json.
+
+  `stop_after` ends the run abruptly after that many steps of this invocation, as a crash would (tests)."""
+  parallel.maybe_initialize_distributed()
+  work = Path(workdir).expanduser().absolute()
+  work.mkdir(parents=True, exist_ok=True)
+  t_start = time.time()
+  setup = Setup(cfg)
+  logging.info("adapting %s to %s %s: %d shots per class, %d validation images; %d adapter parameters "
+               "(%.2f%% of the frozen %d); new rows %s", setup.base.name, cfg.task.field, setup.classes,
+               cfg.data.shots, sum(map(len, setup.val.values())), setup.num_adapter_params,
+               100 * setup.num_adapter_params / setup.num_frozen_params, setup.num_frozen_params, setup.new_rows)
+  pc = pipeline.default_config()
+  pc.sources = {"shots": {"path": cfg.data.path, "split": cfg.data.split, "weight": 1.0,
+                          "filters": {cfg.task.field: setup.classes},
+                          "indices": tuple(int(i) for i in np.concatenate(list(setup.shots.values())))}}
+  pc.update(image_size=setup.image_size, batch_size=cfg.data.batch_size, seed=cfg.seed, crop=cfg.data.crop,
+            flip=cfg.data.flip, worker_count=cfg.data.worker_count)
+  pipe = pipeline.build(pc)
+  val_batches = setup.val_batches(cfg.data.batch_size)
+  meta = _meta(cfg, setup)
+  ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
+                                 async_save=cfg.async_checkpoints)
+  it = iter(pipe)
+  state = ckpt.restore_or_init(setup.abstract_state, it, setup.init_state)
+  history_path = work / "val_history.json"
+  history = [h for h in (json.loads(history_path.read_text()) if history_path.exists() else [])
+             if h["step"] <= int(state["step"])]
+  best = min((h["val_loss"] for h in history if h.get("saved")), default=np.inf)
+  writer, progress = writers.create(str(work), cfg.num_steps, process_index=jax.process_index(),
+                                    every_steps=cfg.log_every)
+
+  def evaluate(step, state):
+    nonlocal best
+    v = setup.validate(state["params"], val_batches)
+    save = cfg.select == "last" or v["val_loss"] < best or not (work / ADAPTERS).exists()
+    if save:
+      best = min(best, v["val_loss"])
+      if not (work / ADAPTERS / str(step)).exists():   # else a resumed run re-evaluated it: same adapters
+        checkpoint.save_params(work / ADAPTERS, jax.tree.map(np.asarray, state["params"]), {**meta, "val": v},
+                               step=step, as_ema=False)
+    history.append({"step": step, **v, "saved": bool(save)})
+    if jax.process_index() == 0:
+      history_path.write_text(json.dumps(history, indent=1))
+    writer.write_scalars(step, v)
+    logging.info("step %d: validation loss %.5f%s", step, v["val_loss"], " (saved)" if save else "")
+
+  if cfg.select not in ("best", "last"):
+    raise ValueError(f"select must be best or last, got {cfg.select!r}")
+  step = first = start = int(state["step"])
+  last, t0 = {}, time.perf_counter()
+  try:
+    with jax.set_mesh(setup.mesh):
+      if step == 0:
+        evaluate(0, state)       # the starting point: zero adapters, fresh label rows
+      while step < cfg.num_steps:
+        local = next(it)
+        state, metrics = setup.train_step(state, parallel.global_batch(setup.remap(local, pipe.vocab), setup.mesh,
+                                                                       setup.rules), setup.frozen)
+        step += 1
+        progress(step)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          diffusion._check_finite(step, metrics, ckpt)
+          dt = time.perf_counter() - t0
+          last = {k: float(v) for k, v in metrics.items() if k != "finite"}
+          last["images_per_sec"] = cfg.data.batch_size * (step - start) / dt
+          writer.write_scalars(step, last)
+          start, t0 = step, time.perf_counter()
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+          diffusion._check_finite(step, metrics, ckpt)
+          evaluate(step, state)
+        if ckpt.should_save(step) or step == cfg.num_steps:
+          ckpt.save(step, state, it, {"adapt": meta})
+          if ckpt.reached_preemption(step):
+            logging.warning("preemption signal: saved step %d, exiting", step)
+            break
+        if stop_after is not None and step - first >= stop_after:
+          raise diffusion.SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
+  finally:
+    writer.flush()
+    ckpt.close()
+    it.close()
+  return _finish(cfg, setup, work, history, last, time.time() - t_start)
+
+
+def _meta(cfg, setup: Setup) -> dict:
+  """What an adapter checkpoint records: enough to rebuild the adapted model on top of its base."""
+  task = {"field": cfg.task.field, "classes": setup.classes, "rows": setup.rows,
+          "pathology": {c: schema.normalize_pathology(p) for c, p in cfg.task.pathology}}
+  return {"lora": cfg.lora.to_dict(), "seed": cfg.seed, "new_rows": setup.new_rows, "vocab": setup.vocab,
+          "task": task, "image_size": setup.image_size, "model": setup.model_cfg.to_dict(),
+          "base": {"checkpoint": str(Path(cfg.base).expanduser().absolute()), "which": cfg.which,
+                   "step": setup.base.step, "device_names": list(cfg.device_names)},
+          "data": {"path": str(setup.dataset.dir), "split": cfg.data.split,
+                   "shots": {c: v.tolist() for c, v in setup.shots.items()},
+                   "val_split": cfg.data.val_split, "val": {c: v.tolist() for c, v in setup.val.items()}},
+          "config": cfg.to_json()}
+
+
+def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: float) -> dict:
+  """Box prior from the shots, the merged checkpoint and the summary."""
+  prior = None
+  records = setup.dataset.records(cfg.data.split)
+  boxes, names = [], []
+  for c, idx in setup.shots.items():
+    for i in idx:
+      boxes.append(setup.dataset.decode(records[int(i)], skip=("image", "mask"))["boxes"])
+      names.append(c)
+  try:
+    prior = box_prior_lib.fit(boxes, names, bandwidth=cfg.box_bandwidth,
+                              source={"adapted_shots": str(setup.dataset.dir), "split": cfg.data.split})
+    if jax.process_index() == 0:
+      prior.save(work / BOX_PRIOR)
+  except ValueError:
+    logging.info("the shots have no lesion boxes: no box prior written")
+  if cfg.export_merged:
+    model = load_adapted(work / ADAPTERS)
+    checkpoint.save_params(work / MERGED, model.params, {
+        "model": model.cfg.to_dict(), "vocab": model.vocab, "image_size": model.image_size, "task": model.task,
+        "config": json.dumps(setup.base.train_config), "adapted": {"adapters": str(work / ADAPTERS)}})
+  start = next((h for h in history if h["step"] == 0), None)
+  best = min((h for h in history if h.get("saved")), key=lambda h: h["val_loss"], default=None)
+  summary = {"base": setup.base.name, "task": {"field": cfg.task.field, "classes": setup.classes},
+             "shots_per_class": cfg.data.shots, "val_images": int(sum(map(len, setup.val.values()))),
+             "adapter_params": setup.num_adapter_params, "frozen_params": setup.num_frozen_params,
+             "new_rows": setup.new_rows, "val_loss_start": start and start["val_loss"],
+             "val_loss_best": best and best["val_loss"], "best_step": best and best["step"], "last": last,
+             "box_prior": str(work / BOX_PRIOR) if prior else "", "adapters": str(work / ADAPTERS),
+             "merged": str(work / MERGED) if cfg.export_merged else "", "seconds": seconds}
+  if jax.process_index() == 0:
+    (work / SUMMARY).write_text(json.dumps(summary, indent=1, default=float))
+  return summary
