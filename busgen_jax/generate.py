@@ -97,8 +97,7 @@ def load_model(cfg: ml_collections.ConfigDict) -> Model:
   if cfg.get("adapters"):
     from busgen_jax.train import adapt
     model = adapt.load_adapted(cfg.adapters, base=cfg.checkpoint)
-    if cfg.image_size and cfg.image_size != model.image_size:
-      model.image_size = int(cfg.image_size)
+    model.image_size = int(cfg.image_size or model.image_size)
     return model
   path = Path(cfg.checkpoint).expanduser()
   if not cfg.checkpoint or not path.is_dir():

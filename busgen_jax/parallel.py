@@ -139,6 +139,13 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> d
 
 # ------------------------------------------------------------------------------------------------ parameters
 
+def from_host(arrays, shardings_tree):
+  """Host arrays (every process holds the whole of each) -> jax.Arrays laid out as `shardings_tree`; each
+  device receives only its slice."""
+  return jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]),
+                      arrays, shardings_tree)
+
+
 def shardings(arrays, logical, mesh: Mesh, rules: Rules):
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) from a matching pytree of logical-axis
   tuples (None: replicated)."""

@@ -166,23 +166,15 @@ def adapted(tmp_path_factory):
   """A tiny BUSGen pretrained on phantom pathology labels from two devices, then adapted to histology (cyst vs
   fibroadenoma, classes it never saw) with 8 shots per class from all three devices (the third gets a new device
   row), on 8 simulated devices with the frozen base sharded over fsdp=4."""
-  import sys
-  from pathlib import Path
-  sys.path.insert(0, str(Path(__file__).parent))
-  from helpers import convert_config
+  from helpers import convert_config, tiny_diffusion_config
   from busgen_jax.data import convert
   from busgen_jax.train import adapt, diffusion
   root = tmp_path_factory.mktemp("adapt")
   data = convert.convert(convert_config("phantom", "", root / "data", **{
       "phantom.num_examples": 240, "phantom.size": 32}))
-  d = diffusion.default_config()
-  d.num_steps, d.log_every, d.checkpoint_every = 30, 10, 30
-  d.data.sources.real.path = str(data)
+  d = tiny_diffusion_config(data, 30)
   d.data.sources.real.filters.device = ["Phantom-L14", "Phantom-L9"]   # the third device stays new
   d.data.device_vocab = ("Phantom-L14", "Phantom-L9")
-  d.data.image_size, d.data.batch_size = 16, 8
-  d.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
-                 num_devices=7, dropout=0.0)
   d.optim.update(lr=2e-3, warmup_steps=5, ema_decay=0.9)
   diffusion.train(d, root / "base")
   a = adapt_config(root / "base" / "checkpoints", data)
@@ -216,9 +208,9 @@ def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):
   ds = reader.open_dataset(adapted["data"])
   shots = meta["data"]["shots"]
   assert {k: len(v) for k, v in shots.items()} == {"cyst": 8, "fibroadenoma": 8}
-  train_cases = adapt.case_ids(ds, "train")
+  train_cases = ds.case_ids("train")
   shot_cases = {train_cases[i] for v in shots.values() for i in v}
-  val_cases = {adapt.case_ids(ds, "val")[i] for v in meta["data"]["val"].values() for i in v}
+  val_cases = {ds.case_ids("val")[i] for v in meta["data"]["val"].values() for i in v}
   assert not shot_cases & val_cases
   again = adapt.select(ds, "train", "histology", ["cyst", "fibroadenoma"], 8, 0)
   assert {k: v.tolist() for k, v in again.items()} == shots

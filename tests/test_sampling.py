@@ -16,7 +16,7 @@ from busgen_jax import generate, sampling
 from busgen_jax.data import convert, pipeline, reader, schema
 from busgen_jax.diffusion import box_prior, samplers
 from busgen_jax.train import diffusion
-from helpers import convert_config
+from helpers import convert_config, tiny_diffusion_config
 
 BETAS = np.linspace(1e-4, 0.028, 500)
 AB = np.cumprod(1 - BETAS)
@@ -179,12 +179,7 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
   data = convert.convert(convert_config("phantom", "", root / "data", **{
       "phantom.num_examples": 60, "phantom.size": 32}))
-  cfg = diffusion.default_config()
-  cfg.num_steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 2
-  cfg.data.sources.real.path = str(data)
-  cfg.data.image_size, cfg.data.batch_size = 16, 8
-  cfg.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
-                   num_devices=7, dropout=0.0, conditions=("pathology", "device", "box", "mask"))
+  cfg = tiny_diffusion_config(data, 2, conditions=("pathology", "device", "box", "mask"))
   diffusion.train(cfg, root / "run")
   prior = box_prior.fit_datasets([str(data)]).save(root / "prior.json")
   return {"data": data, "checkpoint": root / "run" / "checkpoints", "prior": prior, "root": root}

@@ -84,6 +84,14 @@ class Dataset:
     out["boxes"] = np.asarray(out["boxes"], np.float32).reshape(-1, 4)
     return out
 
+  def case_ids(self, split: str, indices=None) -> np.ndarray:
+    """Case ids of a split's records (all, or `indices`), images not decoded; "#<index>" where a record has
+    none, so such records count as their own case."""
+    records = self.records(split)
+    indices = range(len(records)) if indices is None else indices
+    return np.asarray([self.decode(records[int(i)], skip=("image", "mask"))["case_id"] or f"#{int(i)}"
+                       for i in indices])
+
   def records(self, split: str):
     """Raw records of a split (bytes), random access; shards left empty by rejections are skipped."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource

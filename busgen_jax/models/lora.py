@@ -225,11 +225,13 @@ def num_adapter_params(model: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter_state(model)))
 
 
-def save_adapters(directory, model: nnx.Module, cfg: ml_collections.ConfigDict, meta: dict | None = None) -> None:
-  """Writes the adapters and new label rows alone (a small Orbax checkpoint) with their LoRA config."""
+def save_adapters(directory, model, cfg: ml_collections.ConfigDict, meta: dict | None = None, *,
+                  step: int = 0) -> None:
+  """Writes the adapters and new label rows alone (a small Orbax checkpoint) with their LoRA config. `model` is
+  an injected model or its `adapter_state` (e.g. a train state's params)."""
   from busgen_jax.train import checkpoint
-  checkpoint.save_params(directory, adapter_state(model), meta={**(meta or {}), "lora": cfg.to_dict()},
-                         as_ema=False)
+  state = adapter_state(model) if isinstance(model, nnx.Module) else model
+  checkpoint.save_params(directory, state, meta={**(meta or {}), "lora": cfg.to_dict()}, step=step, as_ema=False)
 
 
 def load_adapters(directory, model: nnx.Module) -> nnx.Module:

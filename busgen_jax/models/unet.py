@@ -305,9 +305,10 @@ def abstract(cfg: ml_collections.ConfigDict) -> UNet:
   return nnx.eval_shape(lambda: UNet(cfg))
 
 
-def param_axes(model: nnx.Module) -> dict:
-  """Pure-dict tree (like nnx.to_pure_dict of the params) of each parameter's logical axis names."""
-  state = nnx.state(model, nnx.Param)
+def param_axes(model: nnx.Module, which=nnx.Param) -> dict:
+  """Pure-dict tree (like nnx.to_pure_dict of the params) of each parameter's logical axis names; `which` is an
+  nnx filter (e.g. the frozen, non-LoRA parameters)."""
+  state = nnx.state(model, which)
   axes = jax.tree.map(lambda v: tuple(v.get_metadata().get("axes") or (None,) * v.value.ndim), state,
                       is_leaf=lambda v: isinstance(v, nnx.Variable))
   return nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes

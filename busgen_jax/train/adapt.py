@@ -88,19 +88,14 @@ def task_classes(task) -> list[str]:
   return classes
 
 
-def case_ids(ds: reader.Dataset, split: str) -> np.ndarray:
-  records = ds.records(split)
-  return np.asarray([ds.decode(records[i], skip=("image", "mask"))["case_id"] or f"#{i}"
-                     for i in range(len(records))])
-
-
 def select(ds: reader.Dataset, split: str, field: str, classes: list[str], per_class: int, seed: int, *,
-           exclude_cases=(), exact: bool = True) -> dict[str, np.ndarray]:
+           exclude_cases=(), exact: bool = True, cases: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Up to `per_class` record indices per class (exactly, when `exact`): cases in a seeded order, one view per
-  case before any case's second view; cases in `exclude_cases` are skipped."""
+  case before any case's second view; cases in `exclude_cases` are skipped. `cases`: the split's case ids,
+  when the caller has them already."""
   labels = pipeline.scan_labels(ds, split)[field]
   names = ds.vocab(field)
-  cases = case_ids(ds, split)
+  cases = ds.case_ids(split) if cases is None else cases
   excluded = np.isin(cases, np.asarray(list(exclude_cases), dtype=cases.dtype))
   out = {}
   for j, name in enumerate(classes):
@@ -177,17 +172,19 @@ def initial_rows(task, classes: list[str], base_params, vocab: dict, new_rows: d
   return out
 
 
-def load_adapted(directory, base: str = "") -> generate.Model:
-  """An adapter checkpoint (DIR/adapters) merged onto its base (`base` overrides the recorded path): a plain
-  model with larger label tables, for `busgen-jax sample`."""
+def load_adapted(directory, base: str = "", base_model: generate.Model | None = None) -> generate.Model:
+  """An adapter checkpoint (DIR/adapters) merged onto its base (`base` overrides the recorded path; `base_model`
+  is that base already loaded): a plain model with larger label tables, for `busgen-jax sample`."""
   directory = Path(directory).expanduser()
   step, meta = checkpoint.load_meta(directory)
   if "lora" not in meta or "base" not in meta:
     raise ValueError(f"{directory}: not an adapter checkpoint written by `busgen-jax adapt`")
-  b = generate.default_config()
-  b.update(checkpoint=base or meta["base"]["checkpoint"], which=meta["base"]["which"], step=meta["base"]["step"],
-           device_names=tuple(meta["base"]["device_names"]), image_size=meta["image_size"])
-  base_model = generate.load_model(b)
+  if base_model is None:
+    b = generate.default_config()
+    b.update(checkpoint=base or meta["base"]["checkpoint"], which=meta["base"]["which"],
+             step=meta["base"]["step"], device_names=tuple(meta["base"]["device_names"]),
+             image_size=meta["image_size"])
+    base_model = generate.load_model(b)
   model = build_model(base_model.cfg, base_model.params, ml_collections.ConfigDict(meta["lora"]),
                       meta["new_rows"], meta["seed"])
   lora.load_adapters(directory, model)
@@ -225,11 +222,14 @@ class Setup:
     self.classes = task_classes(cfg.task)
     ds = reader.open_dataset(cfg.data.path)
     self.dataset = ds
-    self.shots = select(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shots, cfg.data.shot_seed)
+    cases = ds.case_ids(cfg.data.split)
+    self.shots = select(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shots, cfg.data.shot_seed,
+                        cases=cases)
     shot_idx = np.concatenate(list(self.shots.values()))
-    shot_cases = set(case_ids(ds, cfg.data.split)[shot_idx]) if cfg.data.val_split == cfg.data.split else set()
+    same = cfg.data.val_split == cfg.data.split
     self.val = select(ds, cfg.data.val_split, cfg.task.field, self.classes, cfg.data.val_per_class,
-                      cfg.data.shot_seed + 1, exclude_cases=shot_cases, exact=False)
+                      cfg.data.shot_seed + 1, exclude_cases=set(cases[shot_idx]) if same else (), exact=False,
+                      cases=cases if same else None)
     labels = pipeline.scan_labels(ds, cfg.data.split)
     shot_devices = [ds.vocab("device")[i] for i in labels["device"][shot_idx]]
     self.rows, self.vocab, self.new_rows = label_rows(cfg.task, self.classes, base.cfg, base.vocab, shot_devices,
@@ -241,11 +241,9 @@ class Setup:
     # The model, split into trained adapters and the frozen base.
     model = build_model(base.cfg, base.params, cfg.lora, self.new_rows, cfg.seed,
                         initial_rows(cfg.task, self.classes, base.params, self.vocab, self.new_rows))
+    frozen_axes = unet.param_axes(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     self.graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
     self.adapters0 = nnx.to_pure_dict(adapters)
-    frozen_axes = nnx.to_pure_dict(jax.tree.map(
-        lambda v: tuple(v.get_metadata().get("axes") or (None,) * v.value.ndim), frozen,
-        is_leaf=lambda v: isinstance(v, nnx.Variable)))
     frozen = nnx.to_pure_dict(frozen)
     self.num_adapter_params = unet.num_params(self.adapters0)
     self.num_frozen_params = unet.num_params(frozen)
@@ -255,8 +253,7 @@ class Setup:
     parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
     repl = parallel.replicated(self.mesh)
     frozen_sh = parallel.shardings(frozen, frozen_axes, self.mesh, self.rules)
-    self.frozen = jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]),
-                               frozen, frozen_sh)
+    self.frozen = parallel.from_host(frozen, frozen_sh)
     tcfg = ml_collections.ConfigDict({"optim": cfg.optim.to_dict(), "num_steps": cfg.num_steps,
                                       "accum_steps": cfg.accum_steps, "model": base.cfg.to_dict(),
                                       "objective": self.objective.to_dict()})
@@ -378,8 +375,8 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
     if save:
       best = min(best, v["val_loss"])
       if not (work / ADAPTERS / str(step)).exists():   # else a resumed run re-evaluated it: same adapters
-        checkpoint.save_params(work / ADAPTERS, jax.tree.map(np.asarray, state["params"]), {**meta, "val": v},
-                               step=step, as_ema=False)
+        lora.save_adapters(work / ADAPTERS, jax.tree.map(np.asarray, state["params"]), cfg.lora,
+                           {**meta, "val": v}, step=step)
     history.append({"step": step, **v, "saved": bool(save)})
     if jax.process_index() == 0:
       history_path.write_text(json.dumps(history, indent=1))
@@ -455,7 +452,7 @@ def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: f
   except ValueError:
     logging.info("the shots have no lesion boxes: no box prior written")
   if cfg.export_merged:
-    model = load_adapted(work / ADAPTERS)
+    model = load_adapted(work / ADAPTERS, base_model=setup.base)
     checkpoint.save_params(work / MERGED, model.params, {
         "model": model.cfg.to_dict(), "vocab": model.vocab, "image_size": model.image_size, "task": model.task,
         "config": json.dumps(setup.base.train_config), "adapted": {"adapters": str(work / ADAPTERS)}})

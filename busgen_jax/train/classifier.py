@@ -163,7 +163,7 @@ class Setup:
       it.close()
     probs, labels, index = np.concatenate(probs), np.concatenate(labels), np.concatenate(index)
     nb = cfg.n_bootstrap if n_bootstrap is None else n_bootstrap
-    cases = _case_ids(path, split, index) if case_ids else None
+    cases = reader.open_dataset(path).case_ids(split, index) if case_ids else None
     if len(self.classes) == 2 and self.positive is not None:
       rep = metrics.binary_report((labels == self.positive).astype(int), probs[:, self.positive], cases=cases,
                                   n_bootstrap=nb, seed=cfg.seed,
@@ -191,13 +191,6 @@ def _gather_rows(rows: dict) -> dict:
     return {k: np.asarray(v) for k, v in rows.items()}
   from jax.experimental import multihost_utils
   return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in rows.items()}
-
-
-def _case_ids(path: str, split: str, index: np.ndarray) -> np.ndarray:
-  ds = reader.open_dataset(path)
-  records = ds.records(split)
-  return np.asarray([ds.decode(records[int(i)], skip=("image", "mask"))["case_id"] or f"#{int(i)}"
-                     for i in index])
 
 
 # ------------------------------------------------------------------------------------------------ the loop

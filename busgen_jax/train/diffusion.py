@@ -155,8 +155,7 @@ class Setup:
     if params is None:
       params = nnx.to_pure_dict(nnx.state(unet.create(self.cfg.model, seed), nnx.Param))
     _check_like(params, self.abstract_params)
-    params = jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda i: np.asarray(x)[i]),
-                          params, self.state_shardings["params"])
+    params = parallel.from_host(params, self.state_shardings["params"])
     init = jax.jit(lambda p: train_state.init_state(p, self.tx, seed), out_shardings=self.state_shardings)
     return init(params)
 
