@@ -135,6 +135,58 @@ def _default_adapt_config():
   return adapt.default_config()
 
 
+# ---------------------------------------------------------------------------------------------------- sweep
+
+def _sweep_flags():
+  flags.DEFINE_enum("mode", "local", ["local", "print", "tpu", "collect"],
+                    "local: run here one after another; print: the commands; tpu: through launch/tpu.sh on a TPU VM; "
+                    "collect: only gather the runs' metrics")
+  flags.DEFINE_bool("dry_run", False, "with --mode=tpu: print the launch/tpu.sh commands, run nothing")
+  flags.DEFINE_list("only", [], "run only these runs (names or indices)")
+
+
+def _sweep_main(argv):
+  from busgen_jax import sweep
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (the sweep's directory; each run gets a subdirectory)")
+  sweep.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, dry_run=FLAGS.dry_run, only=FLAGS.only)
+
+
+# ---------------------------------------------------------------------------------------------------- aot
+
+def _aot_flags():
+  flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2 ...")
+  flags.DEFINE_list("batch_sizes", [], "global train batch sizes to compile (default: the config's data.batch_size)")
+  flags.DEFINE_list("programs", ["train", "sample"], "train and/or sample")
+  flags.DEFINE_integer("sample_batch", 0, "sampling batch per chip (default: `busgen-jax sample`'s)")
+  flags.DEFINE_float("utilisation", 0.5, "fraction of the bf16 peak assumed for the step-time estimate")
+  flags.DEFINE_integer("num_slices", 1, "multi-slice: this many copies of the topology over the data-centre network")
+  flags.DEFINE_float("effort", 0.0, "XLA exec_time_optimization_effort in [-1, 1]; -1 compiles about 2x faster")
+
+
+def _aot_main(argv):
+  # Nothing runs on the described chips: keep JAX on the host even where libtpu would claim a local TPU (jax is
+  # already imported by the config, but its backends start lazily).
+  import jax
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
+  from busgen_jax import aot
+  if not FLAGS.topology:
+    raise app.UsageError("--topology is required (e.g. v5p:4x4x4)")
+  bad = set(FLAGS.programs) - {"train", "sample"}
+  if bad:
+    raise app.UsageError(f"--programs takes train and/or sample, got {sorted(bad)}")
+  try:
+    report = aot.run(FLAGS.config, FLAGS.workdir, topology_name=FLAGS.topology,
+                     batch_sizes=[int(b) for b in FLAGS.batch_sizes], programs=FLAGS.programs,
+                     sample_per_device_batch=FLAGS.sample_batch, utilisation=FLAGS.utilisation, effort=FLAGS.effort,
+                     num_slices=FLAGS.num_slices)
+  except aot.DoesNotFit as e:
+    print(f"busgen-jax aot: does not fit on {FLAGS.topology}: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(aot.markdown(report))
+
+
 # ---------------------------------------------------------------------------------------------------- import-official
 
 def _import_flags():
@@ -236,6 +288,10 @@ STAGES: dict[str, Stage] = {
                       _default_classify_config, lambda: None, _classify_main),
     "evaluate": Stage("evaluate a saved classifier on any dataset: --config.checkpoint=DIR --config.dataset=DS",
                       _default_evaluate_config, lambda: None, _evaluate_main),
+    "sweep": Stage("expand a sweep config (configs/sweeps/*.py) into runs; run them here or on a TPU VM; one table",
+                   None, _sweep_flags, _sweep_main),
+    "aot": Stage("compile the sharded train and sample steps for a TPU topology here; per-chip HBM, FLOPs, MFU",
+                 _default_train_config, _aot_flags, _aot_main),
     "import-official": Stage("import an official BUSGen PyTorch checkpoint into an Orbax checkpoint",
                              _default_import_config, _import_flags, _import_main),
     "inspect": Stage("print a dataset's counts and label distributions, write a contact sheet",
@@ -252,9 +308,10 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> None:
   # XLA compilation dominates short CPU runs: keep compiled programs across runs (JAX's persistent cache;
   # read when jax is first imported, so set before any stage imports it).
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   argv = list(sys.argv if argv is None else argv)
+  if argv[1:2] != ["aot"]:   # aot's programs are for TPUs it does not have: nothing to reuse, and unreadable
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())
     sys.exit(0 if len(argv) >= 2 else 2)

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busgen_jax import parallel
+from busgen_jax import parallel, paths
 from busgen_jax.data import convert, schema, transforms
 from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, samplers, schedule
 from busgen_jax.models import unet
@@ -68,8 +68,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.split = "train"
   c.output = ""                # data_dir; default <workdir>/data; the dataset goes to <output>/<name>/<version>
   c.sheet_size = 16            # images per condition on its contact sheet
-  c.mesh = ml_collections.ConfigDict({"data": -1})   # over this host's devices
-  c.local_devices = 0          # use the first n of this host's devices (0: all)
+  c.mesh = ml_collections.ConfigDict({"data": -1})   # over the scope's devices
+  c.local_devices = 0          # host scope: use the first n of this host's devices (0: all)
+  # "host": each host samples its own shards on its own chips, independently. "slice": one program over every
+  # chip of every host, the hosts in lockstep (v5e slices need it: their compiler refuses a program on part of
+  # a slice, "limited ICI routing"). "auto": slice for such chips when a slice spans hosts, else host.
+  c.scope = "auto"
   return c
 
 
@@ -99,7 +103,7 @@ def load_model(cfg: ml_collections.ConfigDict) -> Model:
     model = adapt.load_adapted(cfg.adapters, base=cfg.checkpoint)
     model.image_size = int(cfg.image_size or model.image_size)
     return model
-  path = Path(cfg.checkpoint).expanduser()
+  path = paths.path(cfg.checkpoint)
   if not cfg.checkpoint or not path.is_dir():
     raise FileNotFoundError(f"--config.checkpoint={cfg.checkpoint!r}: not a checkpoint directory")
   step, meta = checkpoint.load_meta(path, None if cfg.step < 0 else cfg.step)
@@ -270,38 +274,64 @@ class Examples:
 
 # ------------------------------------------------------------------------------------------------ sampling
 
+def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, image_size: int,
+                 prediction: str, mesh: jax.sharding.Mesh):
+  """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond) -> images
+  in [-1, 1]. Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
+  sched = schedule.Schedule.from_config(cfg.schedule)
+  if sched.T != model_cfg.T:
+    raise ValueError(f"schedule.T={sched.T} differs from the model's T={model_cfg.T}")
+  plan = samplers.plan_from_config(sched.betas, cfg.sampler)
+  graphdef = nnx.graphdef(unet.abstract(model_cfg))
+  seed, scale, clip = cfg.seed, cfg.sampler.guidance_scale, cfg.sampler.clip_x0 or None
+
+  def sample(params, index, cond):
+    net = nnx.merge(graphdef, params)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
+    eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
+    return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
+                                     guidance_scale=scale, clip_x0=clip)
+
+  repl = parallel.replicated(mesh)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows), plan
+
+
+# device_kind of chips whose compiler only accepts programs on a whole slice (see default_config().scope).
+WHOLE_SLICE_CHIPS = ("TPU v5 lite",)
+
+
+def resolve_scope(scope: str, devices: Sequence) -> str:
+  """default_config().scope for these devices (all of the run's devices): "host" or "slice"."""
+  if scope == "auto":
+    hosts: dict[int, set[int]] = {}   # slice -> its hosts
+    for d in devices:
+      hosts.setdefault(getattr(d, "slice_index", 0), set()).add(d.process_index)
+    split = any(len(h) > 1 for h in hosts.values())     # a host holds only part of its slice
+    return "slice" if split and devices[0].device_kind in WHOLE_SLICE_CHIPS else "host"
+  if scope not in ("host", "slice"):
+    raise ValueError(f"--config.scope must be auto, host or slice, got {scope!r}")
+  return scope
+
+
 class Sampler:
-  """The jitted sampler over this host's devices: (params, indices, conditions) -> images in [-1, 1]."""
+  """The jitted sampler over the scope's devices: (params, this host's indices, conditions) -> its images in
+  [-1, 1]. `batch` is this host's rows per call; in slice scope every host must call it equally often."""
 
   def __init__(self, cfg, model: Model):
-    devices = jax.local_devices()[:cfg.local_devices or None]
+    self.scope = resolve_scope(cfg.scope, jax.devices())
+    if self.scope == "slice" and cfg.local_devices:
+      raise ValueError("--config.local_devices applies to scope=host only")
+    devices = jax.local_devices()[:cfg.local_devices or None] if self.scope == "host" else jax.devices()
     self.mesh = parallel.make_mesh(dict(cfg.mesh), devices)
-    self.batch = cfg.per_device_batch * self.mesh.size
+    mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    self.batch = cfg.per_device_batch * len(mine)
     self.size = model.image_size
     self.model_conditions = tuple(model.cfg.conditions)
-    self.sched = schedule.Schedule.from_config(cfg.schedule)
-    if self.sched.T != model.cfg.T:
-      raise ValueError(f"schedule.T={self.sched.T} differs from the model's T={model.cfg.T}")
-    plan = samplers.plan_from_config(self.sched.betas, cfg.sampler)
-    graphdef = nnx.graphdef(unet.abstract(model.cfg))
-    repl = parallel.replicated(self.mesh)
-    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), repl)
-    self.rows = rows
-    seed, scale = cfg.seed, cfg.sampler.guidance_scale
-    clip = cfg.sampler.clip_x0 or None
-    size, sched = self.size, self.sched
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
-
-    def sample(params, index, cond):
-      net = nnx.merge(graphdef, params)
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
-      eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
-      return samplers.sample_from_keys(plan, eps, keys, (size, size, 3), cond=cond,
-                                       guidance_scale=scale, clip_x0=clip)
-
-    self._sample = jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows)
-    self.plan = plan
+    self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh)
+    self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), parallel.replicated(self.mesh))
+    self.rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
 
   def __call__(self, examples: list[dict], vocab) -> np.ndarray:
     n = len(examples)
@@ -313,8 +343,10 @@ class Sampler:
                               e["mask"].astype(np.float32) for e in pad])[..., None]}
     cond = {k: v for k, v in cond.items() if k in self.model_conditions}
     index = np.array([e["index"] for e in pad], np.int32)
-    out = self._sample(self.params, jax.device_put(index, self.rows), jax.device_put(cond, self.rows))
-    return np.asarray(out)[:n]
+    rows = lambda a: jax.make_array_from_process_local_data(self.rows, a)   # this host's rows of the batch
+    out = self._sample(self.params, rows(index), jax.tree.map(rows, cond))
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])[:n]
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -375,6 +407,12 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   sampler = Sampler(cfg, model)
   serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"]), histology=tuple(histology)))
   n_todo = sum(min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) for k in todo)
+  idle_calls = 0
+  if sampler.scope == "slice" and processes > 1:   # every host runs the global program equally often
+    from jax.experimental import multihost_utils
+    calls = sum(-(-min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) // sampler.batch)
+                for k in todo)
+    idle_calls = int(np.max(multihost_utils.process_allgather(np.int32(calls)))) - calls
   done, t0 = 0, time.time()
   for n_written, k in enumerate(todo):
     lo, hi = k * cfg.examples_per_shard, min((k + 1) * cfg.examples_per_shard, examples.total)
@@ -405,6 +443,8 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
         "warnings": [], "converted": converted, "counts": counts})
     if stop_after_shards is not None and n_written + 1 >= stop_after_shards:
       raise SimulatedCrash(f"stop_after_shards={stop_after_shards}")
+  for _ in range(idle_calls):   # this host has finished its shards: keep the other hosts' program company
+    sampler([examples(0)], model.vocab)
   if processes > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("busgen-generate-shards-written")

@@ -12,9 +12,9 @@ from busgen_jax.train import classifier
 
 def get_config(arg: str = "real"):
   c = classifier.default_config()
-  real = {"path": "/tmp/phantom/phantom/1.0.0", "split": "train", "weight": 1.0, "filters": {}}
+  real = {"path": "/tmp/phantom/phantom/1.0.0", "split": "train", "weight": 1.0, "filters": {}, "limit": 0}
   generated = {"path": "/tmp/phantom_gen/data/phantom_generated/1.0.0", "split": "train", "weight": 1.0,
-               "filters": {}}
+               "filters": {}, "limit": 0}
   c.data.sources = {"real": {"real": real}, "generated": {"generated": generated},
                     "mixed": {"real": {**real, "weight": 0.5}, "generated": {**generated, "weight": 0.5}}}[arg or "real"]
   c.val.path = real["path"]

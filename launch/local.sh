@@ -2,7 +2,8 @@
 # Set up (once) and run busgen-jax on this machine.
 #   bash launch/local.sh demo --workdir /tmp/busgen_demo    # any busgen-jax subcommand
 #   bash launch/local.sh test [pytest args]                 # the test suite
-# Creates .venv beside the checkout with python3 (>= 3.11) and installs the package with its pinned stack.
+# Creates .venv beside the checkout with python3 (>= 3.11) and installs the package with its pinned stack, the
+# dev tools and libtpu (the `tpu` extra: `busgen-jax aot` compiles for TPU topologies on any machine).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${BUSGEN_VENV:-$root/.venv}"
@@ -16,8 +17,12 @@ fi
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$root[dev]"
+  "$venv/bin/python" -m pip install -q -e "${root}[dev,tpu]"
   echo "$want" > "$stamp"
+fi
+# libtpu is installed but this machine has no TPU chips: keep JAX on the CPU instead of probing for a TPU.
+if [[ -z "${JAX_PLATFORMS:-}" ]] && ! compgen -G "/dev/accel*" > /dev/null && ! compgen -G "/dev/vfio/[0-9]*" > /dev/null; then
+  export JAX_PLATFORMS=cpu
 fi
 cmd="${1:-}"; shift || true
 case "$cmd" in

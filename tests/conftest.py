@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests run on the host CPU even where libtpu (the `tpu` extra, for the aot tests) is installed.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU compilation dominates the suite: a persistent cache shared by tests, xdist workers and the
 # subprocesses tests start (they inherit these variables) compiles each distinct program once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

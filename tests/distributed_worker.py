@@ -1,4 +1,5 @@
-"""One process of the 2-process jax.distributed test (tests/test_train.py runs two of these)."""
+"""One process of the 2-process jax.distributed tests: `train` (tests/test_train.py) and `generate`
+(tests/test_sampling.py) each run two of these."""
 
 import json
 import os
@@ -15,7 +16,16 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def main(config_json, workdir, out):
+def generate(config_json, workdir, out):
+  from busgen_jax import generate as generate_lib, parallel
+  parallel.maybe_initialize_distributed()
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  ds = generate_lib.generate(cfg, workdir)
+  json.dump({"process": jax.process_index(), "dataset": str(ds)}, open(out, "w"))
+
+
+def train(config_json, workdir, out):
   from busgen_jax import parallel
   from busgen_jax.data import pipeline
   from busgen_jax.train import diffusion
@@ -37,4 +47,4 @@ def main(config_json, workdir, out):
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  {"train": train, "generate": generate}[sys.argv[1]](*sys.argv[2:])

@@ -127,3 +127,27 @@ def tiny_diffusion_config(data, num_steps: int, **model):
 
 def rejections_by_file(report: dict) -> dict[str, str]:
   return {r["file"]: r["code"] for r in report["rejections"]}
+
+
+def run_two_processes(mode: str, config_json: str, workdir: Path, out_dir: Path) -> list[dict]:
+  """tests/distributed_worker.py `mode` in 2 CPU processes (2 devices each) joined by jax.distributed;
+  returns each process's JSON output."""
+  import json
+  import os
+  import socket
+  import subprocess
+  import sys
+  root = Path(__file__).resolve().parents[1]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, BUSGEN_COORDINATOR=f"127.0.0.1:{port}", BUSGEN_NUM_PROCESSES="2",
+               BUSGEN_PROCESS_ID=str(i), PYTHONPATH=str(root))
+    procs.append(subprocess.Popen(
+        [sys.executable, str(root / "tests" / "distributed_worker.py"), mode, config_json, str(workdir),
+         str(out_dir / f"out{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+  return [json.loads((out_dir / f"out{i}.json").read_text()) for i in range(2)]

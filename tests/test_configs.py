@@ -12,13 +12,13 @@ ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for 
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name.replace('/', '_')}", CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in CONFIGS.glob("**/*.py")))
 def test_config_loads_and_documents_its_command(name):
   module = _load(name)
   assert module.__doc__ and "busgen-jax " in module.__doc__, f"{name}.py: the docstring must give its command"
@@ -30,3 +30,21 @@ def test_config_loads_and_documents_its_command(name):
 def test_adapt_busbra_rejects_unknown_arguments():
   with pytest.raises(ValueError, match="task=birads"):
     _load("adapt_busbra").get_config("task=density,k=16")
+
+
+def test_sweep_configs_expand_into_runs_of_existing_config_keys():
+  """Each sweep's runs override keys that its stage's config has (a typo would fail every run on the pod)."""
+  from ml_collections import config_flags  # noqa: F401  (the same override semantics as the CLI)
+  from busgen_jax import sweep
+  for path in sorted((CONFIGS / "sweeps").glob("*.py")):
+    cfg = _load(f"sweeps/{path.stem}").get_config()
+    runs = sweep.expand(cfg)
+    assert len(runs) > 1 and cfg.metrics and cfg.plot.x in cfg.axes and cfg.plot.y
+    base, _, arg = cfg.config.partition(":")
+    stage_cfg = _load(Path(base).stem).get_config(arg) if arg else _load(Path(base).stem).get_config()
+    for override in runs[0]["overrides"]:
+      key = override.split("=", 1)[0]
+      node = stage_cfg
+      for part in key.split("."):
+        assert part in node, f"{path.name}: {key} is not a key of {cfg.config}"
+        node = node[part]

@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from busgen_jax import generate, sampling
 from busgen_jax.data import convert, pipeline, reader, schema
 from busgen_jax.diffusion import box_prior, samplers
 from busgen_jax.train import diffusion
-from helpers import convert_config, tiny_diffusion_config
+from helpers import convert_config, run_two_processes, tiny_diffusion_config
 
 BETAS = np.linspace(1e-4, 0.028, 500)
 AB = np.cumprod(1 - BETAS)
@@ -257,6 +258,20 @@ def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, t
   assert first.stat().st_mtime_ns == stamp
   sha = lambda d: [e["sha256"] for e in _records(d)]
   assert sha(full) == sha(ds)
+
+
+def test_two_processes_generate_one_dataset_in_slice_scope(trained, tmp_path):
+  """2 CPU processes x 2 devices (jax.distributed), one sampling program over all 4 (scope=slice, as v5e
+  slices need): the hosts take alternate shards, the one with fewer calls keeps step, and the merged dataset
+  equals a 1-process run image for image."""
+  ref = generate.generate(gen_config(trained), tmp_path / "one")
+  cfg = gen_config(trained, scope="slice")
+  out = run_two_processes("generate", cfg.to_json(), tmp_path / "two", tmp_path)
+  ds = out[0]["dataset"]
+  got, want = _records(ds), _records(ref)
+  assert [e["sha256"] for e in got] == [e["sha256"] for e in want]
+  reports = sorted((Path(ds) / "shard_reports").glob("shard-*.json"))
+  assert len(reports) % 2 == 1   # an odd shard count: process 0 makes one more sampling call than process 1
 
 
 def test_mask_conditioned_generation_from_a_folder_of_masks(trained, tmp_path):

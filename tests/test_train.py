@@ -1,13 +1,6 @@
 """Diffusion training: loss decreases, sharded == single device, crash + resume is exact (data iterator
 included), restore onto another mesh, the non-finite guard, classifier-free dropout, and 2 processes."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +10,7 @@ from busgen_jax import parallel
 from busgen_jax.data import convert, pipeline
 from busgen_jax.diffusion import objectives
 from busgen_jax.train import checkpoint, diffusion
-from helpers import convert_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import convert_config, run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +127,7 @@ def test_two_processes_train_and_checkpoint(phantom, tmp_path):
   sharded training steps, one checkpoint with each process's data-iterator state."""
   cfg = tiny_config(phantom, num_steps=2)
   cfg.mesh = {"data": 2, "fsdp": 2}
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, BUSGEN_COORDINATOR=f"127.0.0.1:{port}", BUSGEN_NUM_PROCESSES="2",
-               BUSGEN_PROCESS_ID=str(i), PYTHONPATH=str(ROOT))
-    procs.append(subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "distributed_worker.py"), cfg.to_json(), str(tmp_path / "run"),
-         str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-3000:] for l in logs)
-  out = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  out = run_two_processes("train", cfg.to_json(), tmp_path / "run", tmp_path)
   assert all(o["global_shape"] == [8, 16, 16, 3] and o["local_rows"] == 4 for o in out)
   for o in out:  # each process holds its own rows of the global batch
     assert o["mine"] == o["local_pathology"]

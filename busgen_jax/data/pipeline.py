@@ -29,10 +29,11 @@ _EPOCHS = 1_000_000  # "endless": a virtual length far beyond any run
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Named sources: path (dataset dir or data_dir), split, mixing weight, filters (lists of label names).
+  # Named sources: path (dataset dir or data_dir), split, mixing weight, filters (lists of label names), and an
+  # optional `limit`: use at most that many of the selected records (nested subsets; data-scaling sweeps).
   c.sources = ml_collections.ConfigDict({"real": {"path": "", "split": "train", "weight": 1.0,
                                                   "filters": {"pathology": [], "device": [], "birads": [],
-                                                              "histology": []}}})
+                                                              "histology": []}, "limit": 0}})
   c.image_size = 128
   c.batch_size = 32                  # global batch, across all processes
   c.seed = 0
@@ -194,6 +195,7 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
     sc, ds = cfg.sources[n], datasets[n]
     labels = scan_labels(ds, sc.split)
     idx = _select(ds, labels, sc.get("filters", {}), f"data.sources.{n}.filters.", sc.get("indices", ()))
+    idx = limit(idx, int(sc.get("limit", 0) or 0), seed=cfg.seed)
     index_stream = EpochIndex(idx, labels[cfg.balance_field][idx], balance=cfg.balance, shuffle=cfg.shuffle,
                               seed=cfg.seed * 1000 + s)
     streams.append(grain.MapDataset.source(index_stream).map(_Tag(s)))
@@ -211,6 +213,14 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                      per_worker_buffer_size=cfg.worker_buffer_size))
   return Pipeline(it, vocab, local_batch, names)
+
+
+def limit(indices: np.ndarray, n: int, *, seed: int) -> np.ndarray:
+  """At most n of the selected records (0: all): the first n of a seeded permutation, so a smaller limit's
+  records are a subset of a larger one's (data-scaling curves add data, never swap it)."""
+  if n <= 0 or n >= len(indices):
+    return indices
+  return np.sort(np.random.default_rng(seed).permutation(indices)[:n])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ TEXT_FIELDS = ("id", "case_id", "source_dataset", "source_file", "sha256", "spli
 
 def find_dataset_dir(path: str | Path) -> Path:
   """The folder holding dataset_info.json: `path` itself, or the single dataset/version below it."""
-  p = Path(path).expanduser()
+  from busgen_jax import paths
+  p = paths.local(path)
   if (p / "dataset_info.json").is_file():
     return p
   dirs = sorted({q.parent for pattern in ("*/dataset_info.json", "*/*/dataset_info.json") for q in p.glob(pattern)})

@@ -81,11 +81,13 @@ class BoxPrior:
   # ---------------------------------------------------------------------------------------------- storage
 
   def save(self, path: str | Path) -> Path:
-    path = Path(path)
+    from busgen_jax import paths
+    path = paths.path(path)   # local or gs://
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
-      np.savez(path, __meta__=np.asarray(json.dumps(self._meta())),
-               **{f"group/{k}": v for k, v in self.groups.items()})
+      with path.open("wb") as f:
+        np.savez(f, __meta__=np.asarray(json.dumps(self._meta())),
+                 **{f"group/{k}": v for k, v in self.groups.items()})
     else:
       path.write_text(json.dumps({**self._meta(), "groups": {k: v.tolist() for k, v in self.groups.items()}}))
     return path

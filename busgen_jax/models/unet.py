@@ -277,20 +277,24 @@ class UNet(nnx.Module):
     h = self.head(jnp.concatenate([x, *self.condition_channels(cond, x)], axis=-1).astype(dtype))
     hs = [h]
     deterministic = not train or cfg.dropout == 0
+    # Rematerialisation only pays where there is a backward pass; in sampling (inside lax.scan) nnx.remat would
+    # also cross trace levels.
+    remat = bool(cfg.remat and train)
     for layer in self.down:
-      h = self._res(layer, h, temb, cemb, rngs, deterministic) if isinstance(layer, ResBlock) else layer(h)
+      h = self._res(layer, h, temb, cemb, rngs, deterministic, remat) if isinstance(layer, ResBlock) else layer(h)
       hs.append(h)
     for layer in self.middle:
-      h = self._res(layer, h, temb, cemb, rngs, deterministic)
+      h = self._res(layer, h, temb, cemb, rngs, deterministic, remat)
     for layer in self.up:
       if isinstance(layer, ResBlock):
-        h = self._res(layer, jnp.concatenate([h, hs.pop()], axis=-1), temb, cemb, rngs, deterministic)
+        h = self._res(layer, jnp.concatenate([h, hs.pop()], axis=-1), temb, cemb, rngs, deterministic, remat)
       else:
         h = layer(h)
     return self.tail_conv(nnx.swish(self.tail_norm(h))).astype(jnp.float32)
 
-  def _res(self, block, h, temb, cemb, rngs, deterministic):
-    if self.cfg.remat:
+  @staticmethod
+  def _res(block, h, temb, cemb, rngs, deterministic, remat):
+    if remat:
       return nnx.remat(lambda b, h, t, c, r: b(h, t, c, r, deterministic))(block, h, temb, cemb, rngs)
     return block(h, temb, cemb, rngs, deterministic)
 

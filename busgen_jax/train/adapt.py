@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busgen_jax import generate, parallel
+from busgen_jax import generate, parallel, paths
 from busgen_jax.data import pipeline, reader, schema
 from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, schedule
 from busgen_jax.models import lora, unet
@@ -175,7 +175,7 @@ def initial_rows(task, classes: list[str], base_params, vocab: dict, new_rows: d
 def load_adapted(directory, base: str = "", base_model: generate.Model | None = None) -> generate.Model:
   """An adapter checkpoint (DIR/adapters) merged onto its base (`base` overrides the recorded path; `base_model`
   is that base already loaded): a plain model with larger label tables, for `busgen-jax sample`."""
-  directory = Path(directory).expanduser()
+  directory = paths.path(directory)
   step, meta = checkpoint.load_meta(directory)
   if "lora" not in meta or "base" not in meta:
     raise ValueError(f"{directory}: not an adapter checkpoint written by `busgen-jax adapt`")
@@ -340,7 +340,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
 
   `stop_after` ends the run abruptly after that many steps of this invocation, as a crash would (tests)."""
   parallel.maybe_initialize_distributed()
-  work = Path(workdir).expanduser().absolute()
+  work = paths.path(workdir)   # local or gs://
   work.mkdir(parents=True, exist_ok=True)
   t_start = time.time()
   setup = Setup(cfg)
@@ -427,7 +427,7 @@ def _meta(cfg, setup: Setup) -> dict:
           "pathology": {c: schema.normalize_pathology(p) for c, p in cfg.task.pathology}}
   return {"lora": cfg.lora.to_dict(), "seed": cfg.seed, "new_rows": setup.new_rows, "vocab": setup.vocab,
           "task": task, "image_size": setup.image_size, "model": setup.model_cfg.to_dict(),
-          "base": {"checkpoint": str(Path(cfg.base).expanduser().absolute()), "which": cfg.which,
+          "base": {"checkpoint": str(paths.path(cfg.base)), "which": cfg.which,
                    "step": setup.base.step, "device_names": list(cfg.device_names)},
           "data": {"path": str(setup.dataset.dir), "split": cfg.data.split,
                    "shots": {c: v.tolist() for c, v in setup.shots.items()},

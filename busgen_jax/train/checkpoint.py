@@ -18,6 +18,8 @@ from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
+from busgen_jax import paths
+
 
 # Replica-parallel saving splits every replicated array across its replicas with one small jitted slice per
 # array and shape: thousands of compilations for a UNet on 8 devices (~4 s per save on CPU). Only arrays with at
@@ -30,7 +32,7 @@ ocp.type_handlers.register_type_handler(
 
 class Checkpointer:
   def __init__(self, directory: str | Path, *, keep: int = 3, every: int = 1000, async_save: bool = True):
-    self.directory = Path(directory).absolute()
+    self.directory = paths.path(directory)
     self.every = every
     items = {"state": ocp.handlers.StandardCheckpointHandler(), "meta": ocp.handlers.JsonCheckpointHandler(),
              "data": grain.checkpoint.CheckpointHandler()}
@@ -97,7 +99,7 @@ def save_params(directory: str | Path, params: Any, meta: dict | None = None, *,
 
 def load_params(directory: str | Path, model_cfg=None, *, which: str = "ema", step: int | None = None):
   """Params (EMA by default) of a checkpoint directory, as host numpy arrays; no optimizer state is read."""
-  directory = Path(directory).absolute()
+  directory = paths.path(directory)
   mngr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.handlers.PyTreeCheckpointHandler(),
                                                         "meta": ocp.handlers.JsonCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
@@ -124,7 +126,7 @@ def _int_keys(tree):
 
 def load_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
   """(step, meta JSON) of a checkpoint directory's latest (or given) step."""
-  directory = Path(directory).absolute()
+  directory = paths.path(directory)
   mngr = ocp.CheckpointManager(directory, item_handlers={"meta": ocp.handlers.JsonCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
   if step is None:

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from busgen_jax import parallel
+from busgen_jax import parallel, paths
 from busgen_jax.data import pipeline
 from busgen_jax.diffusion import objectives, samplers, schedule
 from busgen_jax.models import lora, unet
@@ -181,7 +181,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   `stop_after` ends the run abruptly after that many steps of this invocation, without a final
   checkpoint, as a crash would (tests use it)."""
   parallel.maybe_initialize_distributed()
-  workdir = Path(workdir)
+  workdir = paths.path(workdir)   # local or gs://
   workdir.mkdir(parents=True, exist_ok=True)
   setup = Setup(cfg)
   pipe = pipeline.build(cfg.data)

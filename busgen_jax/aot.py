@@ -1,0 +1,333 @@
+"""Pod-scale checks on any machine: `busgen-jax aot` compiles the real programs for a TPU topology ahead of time.
+
+  busgen-jax aot --config configs/busgen_official.py --topology v5p:4x4x4 --workdir /tmp/aot
+  busgen-jax aot --config configs/phantom_tiny.py --topology v5e:2x2 --batch_sizes 16,64 --workdir /tmp/aot
+
+With libtpu installed (`pip install -e '.[tpu]'`), JAX describes a TPU slice without having one
+(`jax.experimental.topologies`). On its devices we build what the run would build: `diffusion.Setup`'s mesh,
+shardings and jitted train step (every chip of the slice), and `generate.make_sampler`'s guided DPM-Solver loop
+(one host's chips, or the whole slice where `generate.resolve_scope` says so, as `busgen-jax sample` runs it),
+lower them on abstract arrays and compile with the TPU
+compiler. Per chip and per program we report:
+
+  HBM        arguments + outputs - donated aliases + temporaries (XLA's memory analysis) against the chip's
+             capacity; the stage exits with status 1 when a program does not fit
+  FLOPs      model FLOPs (forward, x3 for training, from XLA's cost analysis of the dense network) and the
+             compiled program's FLOPs (remat recomputation included; loops counted once by XLA)
+  collectives count and bytes of all-gather / all-reduce / reduce-scatter / all-to-all / collective-permute
+             results in the compiled HLO (loop bodies counted once)
+  time       estimated step time = max(compute at `utilisation` of the bf16 peak, HBM traffic at full
+             bandwidth, collective bytes at the chip's ICI bandwidth): the three overlap on TPU, so the largest
+             is the estimate; MFU = model FLOPs / (time x peak)
+
+Peaks, capacities and bandwidths are the Cloud TPU documentation's per-chip figures (CHIPS). The estimate is a
+roofline, not a measurement; what is exact is whether and how the program compiles, its memory and its
+collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str            # the accelerator type prefix (v5p-64 ...)
+  hbm_bytes: float
+  bf16_flops: float    # peak bf16 FLOP/s
+  hbm_bandwidth: float # bytes/s
+  ici_bandwidth: float # bytes/s per chip (bidirectional, as documented)
+
+
+# device_kind -> chip (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}).
+CHIPS = {
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1228e9, 300e9),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 819e9, 400e9),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2765e9, 600e9),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1638e9, 800e9),
+}
+
+
+class DoesNotFit(RuntimeError):
+  """A program needs more HBM per chip than the chip has."""
+
+
+def _quiet_libtpu() -> None:
+  # Off a TPU VM libtpu warns that it cannot find worker hostnames and the accelerator type; we only describe
+  # a topology, so say so. JAX itself stays on the host platform (nothing runs on the described chips).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # libtpu takes a machine-wide lock meant for real chips; describing topologies from several processes at once
+  # (parallel tests, two aot runs) is safe.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology(name: str, num_slices: int = 1):
+  """The devices of `num_slices` TPU slices described by name (v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2)."""
+  _quiet_libtpu()
+  from jax.experimental import topologies
+  try:
+    kw = {"num_slices": num_slices} if num_slices > 1 else {}
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name, **kw)
+  except Exception as e:  # no libtpu, or a name libtpu does not know
+    raise RuntimeError(f"cannot describe TPU topology {name!r}: {e}. `busgen-jax aot` needs libtpu: "
+                       "pip install -e '.[tpu]'; names look like v5p:4x4x4, v5e:16x16, v6e:8x8") from e
+  devices = list(topo.devices)
+  kind = devices[0].device_kind
+  if kind not in CHIPS:
+    raise RuntimeError(f"topology {name!r} has {kind!r} chips; known: {sorted(CHIPS)}")
+  return devices, CHIPS[kind]
+
+
+# ------------------------------------------------------------------------------------------------ HLO reading
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# `%name = <shape or (tuple)> op(` with op a collective or its async -start half (the -done half is not counted).
+_OP = re.compile(r"=\s*(\((?:[^()]|\([^()]*\))*\)|[a-z0-9]+\[[0-9,]*\][^ ]*)\s+(" + "|".join(COLLECTIVES)
+                 + r")(-start)?\(")
+_ARRAY = re.compile(r"([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]")
+
+
+def _array_bytes(shape: str) -> list[float]:
+  return [_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d) for dt, dims in _ARRAY.findall(shape)]
+
+
+def _top_level(tuple_shape: str) -> list[str]:
+  """The elements of an HLO tuple shape `(a, (b, c), ...)`, split at its top-level commas."""
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(tuple_shape[1:-1], 1):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(tuple_shape[start:i])
+      start = i + 1
+  return parts + [tuple_shape[start:-1]]
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+  """Count and result bytes of each collective kind in a compiled module's HLO text (each instruction once).
+
+  Combined collectives return tuples: their bytes are the sum. An async all-gather / collective-permute -start
+  returns (operands, results, ...): its bytes are the results'."""
+  out = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
+  for shape, op, start in _OP.findall(hlo_text):
+    if start and op in ("all-gather", "collective-permute") and shape.startswith("("):
+      shape = _top_level(shape)[1]
+    sizes = _array_bytes(shape)
+    if sizes:
+      out[op]["count"] += 1
+      out[op]["bytes"] += sum(sizes)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+def analyse(compiled, chip: Chip, *, model_flops: float, utilisation: float) -> dict[str, Any]:
+  """Per-chip memory, FLOPs, traffic, collectives and the roofline estimate of one compiled program."""
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  hbm = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+         "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+         "code": mem.generated_code_size_in_bytes}
+  hbm["total"] = hbm["arguments"] + hbm["outputs"] - hbm["aliased"] + hbm["temporaries"] + hbm["code"]
+  compiled_flops = float(cost.get("flops", 0.0))
+  traffic = float(cost.get("bytes accessed", 0.0))
+  coll = collectives(compiled.as_text())
+  coll_bytes = sum(c["bytes"] for c in coll.values())
+  times = {"compute": max(compiled_flops, model_flops) / (chip.bf16_flops * utilisation),
+           "hbm": traffic / chip.hbm_bandwidth, "ici": coll_bytes / chip.ici_bandwidth}
+  step = max(times.values())
+  return {"hbm_bytes": hbm, "hbm_capacity": chip.hbm_bytes, "hbm_fraction": hbm["total"] / chip.hbm_bytes,
+          "fits": hbm["total"] <= chip.hbm_bytes,
+          "model_flops": model_flops, "compiled_flops": compiled_flops, "hbm_traffic_bytes": traffic,
+          "collectives": coll, "collective_bytes": coll_bytes, "time_bounds_s": times,
+          "bound_by": max(times, key=times.get), "step_time_s": step,
+          "mfu": model_flops / (step * chip.bf16_flops) if step > 0 else 0.0}
+
+
+def _compile(lowered, effort: float):
+  import jax
+  opts = {"exec_time_optimization_effort": effort} if effort else None
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)   # TPU executables: not loadable here, don't store
+  try:
+    return lowered.compile(compiler_options=opts) if opts else lowered.compile()
+  except Exception as e:
+    # The TPU compiler refuses programs that cannot fit in HBM ("RESOURCE_EXHAUSTED ... Ran out of memory").
+    if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+      raise DoesNotFit(str(e).splitlines()[0][:600]) from e
+    raise
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+def train_program(cfg: ml_collections.ConfigDict, devices: Sequence, batch_size: int):
+  """diffusion.Setup's train step on every chip, lowered on abstract state and batch."""
+  import jax
+  import jax.numpy as jnp
+  from busgen_jax import parallel
+  from busgen_jax.train import diffusion
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data.batch_size = batch_size
+  setup = diffusion.Setup(cfg, mesh=parallel.make_mesh(dict(cfg.mesh), devices))
+  S = cfg.data.image_size
+  shapes = {"image": (batch_size, S, S, 3), "box": (batch_size, S, S, 1), "mask": (batch_size, S, S, 1),
+            "pathology": (batch_size,), "device": (batch_size,)}
+  batch = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32 if len(shapes[k]) == 1 else jnp.float32,
+                                   sharding=parallel.batch_sharding(setup.mesh, setup.rules, len(shapes[k])))
+           for k in setup.batch_keys}
+  return setup.train_step.lower(setup.abstract_state, batch), dict(setup.mesh.shape)
+
+
+def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.ConfigDict, devices: Sequence):
+  """generate.make_sampler's whole guided sampling loop on `devices` (params replicated)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from busgen_jax import generate, parallel
+  from busgen_jax.models import unet
+  mesh = parallel.make_mesh(dict(sample_cfg.mesh), devices)
+  sample, plan = generate.make_sampler(sample_cfg, cfg.model, cfg.data.image_size, cfg.objective.prediction, mesh)
+  repl = parallel.replicated(mesh)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                        nnx.to_pure_dict(nnx.state(unet.abstract(cfg.model), nnx.Param)))
+  B, S = sample_cfg.per_device_batch * mesh.size, cfg.data.image_size
+  shapes = {"box": (B, S, S, 1), "mask": (B, S, S, 1), "pathology": (B,), "device": (B,)}
+  cond = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32 if len(shapes[k]) == 1 else jnp.float32, sharding=rows)
+          for k in cfg.model.conditions}
+  index = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)
+  return sample.lower(params, index, cond), dict(mesh.shape), B, plan.num_evals
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_name: str,
+        batch_sizes: Sequence[int] = (), programs: Sequence[str] = ("train", "sample"),
+        sample_per_device_batch: int = 0, utilisation: float = 0.5, effort: float = 0.0,
+        num_slices: int = 1) -> dict:
+  """Compile `programs` for the topology and write aot.json / aot.md to `workdir`. `batch_sizes` (global
+  training batches) are tried in turn; the largest that fits is `best_train_batch`. Raises DoesNotFit (after
+  writing the report) when no training batch fits or the sampler does not."""
+  from busgen_jax import generate
+  from busgen_jax.models import unet
+  devices, chip = topology(topology_name, num_slices)
+  hosts = sorted({d.process_index for d in devices})
+  per_host = [d for d in devices if d.process_index == hosts[0]]
+  fwd = unet.flops_per_image(cfg.model, cfg.data.image_size, backward=False)
+  report = {"topology": topology_name, "num_slices": num_slices, "chip": dataclasses.asdict(chip), "chips": len(devices), "hosts": len(hosts),
+            "config": {"image_size": cfg.data.image_size, "model": cfg.model.to_dict(), "mesh": dict(cfg.mesh),
+                       "accum_steps": cfg.accum_steps},
+            "utilisation": utilisation, "effort": effort, "forward_flops_per_image": fwd, "programs": []}
+  for b in (batch_sizes or [cfg.data.batch_size]) if "train" in programs else []:
+    entry = {"program": "train", "global_batch": b, "per_chip_batch": b / len(devices)}
+    t = time.perf_counter()
+    try:
+      lowered, mesh = train_program(cfg, devices, b)
+      entry["mesh"] = mesh
+      compiled = _compile(lowered, effort)
+      entry.update(analyse(compiled, chip, model_flops=3 * fwd * b / len(devices), utilisation=utilisation))
+      entry["images_per_s"] = b / entry["step_time_s"]
+    except DoesNotFit as e:
+      entry.update(fits=False, error=str(e))
+    entry["compile_s"] = time.perf_counter() - t
+    report["programs"].append(entry)
+  if "sample" in programs:
+    scfg = generate.default_config()
+    if sample_per_device_batch:
+      scfg.per_device_batch = sample_per_device_batch
+    scope = generate.resolve_scope(scfg.scope, devices)
+    entry = {"program": "sample", "sampler": scfg.sampler.to_dict(), "scope": scope}
+    t = time.perf_counter()
+    try:
+      lowered, mesh, B, evals = sample_program(cfg, scfg, per_host if scope == "host" else devices)
+      guided = 2 if scfg.sampler.guidance_scale != 1 else 1
+      entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=evals)
+      compiled = _compile(lowered, effort)
+      # The scan body (one network evaluation on the guided batch) is counted once by XLA: scale by the evals.
+      model = fwd * guided * scfg.per_device_batch * evals
+      a = analyse(compiled, chip, model_flops=model, utilisation=utilisation)
+      a["compiled_flops_per_eval"] = a["compiled_flops"]
+      a["hbm_traffic_bytes"] *= evals
+      a["time_bounds_s"]["hbm"] *= evals
+      a["step_time_s"] = max(a["time_bounds_s"].values())
+      a["bound_by"] = max(a["time_bounds_s"], key=a["time_bounds_s"].get)
+      a["mfu"] = model / (a["step_time_s"] * chip.bf16_flops)
+      entry.update(a)
+      entry["images_per_s_per_chip"] = scfg.per_device_batch / a["step_time_s"]
+      entry["images_per_s"] = entry["images_per_s_per_chip"] * len(devices)
+    except DoesNotFit as e:
+      entry.update(fits=False, error=str(e))
+    entry["compile_s"] = time.perf_counter() - t
+    report["programs"].append(entry)
+  if workdir:
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aot.json").write_text(json.dumps(report, indent=1))
+    (out / "aot.md").write_text(markdown(report))
+  # Several batch sizes are a search: the best is the largest that fits. Fail when a program has none that fits.
+  fitting = [p for p in report["programs"] if p["program"] == "train" and p["fits"]]
+  report["best_train_batch"] = max((p["global_batch"] for p in fitting), default=None)
+  if workdir:
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aot.json").write_text(json.dumps(report, indent=1))
+    (out / "aot.md").write_text(markdown(report))
+  bad = [p for p in report["programs"] if not p["fits"]]
+  if any(p["program"] == "sample" for p in bad) or ("train" in programs and not fitting):
+    raise DoesNotFit("; ".join(f"{p['program']} (batch {p.get('global_batch', p.get('call_batch'))}): "
+                               + (p.get("error") or f"{p['hbm_bytes']['total'] / GiB:.1f} GiB per chip > "
+                                  f"{chip.hbm_bytes / GiB:.0f} GiB") for p in bad))
+  return report
+
+
+def markdown(report: dict) -> str:
+  chip = report["chip"]
+  slices = f" x {report['num_slices']} slices" if report.get("num_slices", 1) > 1 else ""
+  lines = [f"# AOT: {report['topology']}{slices} ({report['chips']} {chip['name']} chips, {report['hosts']} hosts), "
+           f"{report['config']['image_size']} px",
+           "",
+           f"Estimated at {report['utilisation']:.0%} of the bf16 peak ({chip['bf16_flops'] / 1e12:.0f} TFLOP/s), "
+           f"HBM {chip['hbm_bytes'] / GiB:.0f} GiB at {chip['hbm_bandwidth'] / 1e9:.0f} GB/s, "
+           f"ICI {chip['ici_bandwidth'] / 1e9:.0f} GB/s per chip.",
+           "",
+           "| program | batch (global / per chip) | mesh | HBM per chip | model TFLOP per chip | compiled TFLOP per chip "
+           "| collectives (MB per chip) | est. step | bound by | MFU | images/s | compile |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for p in report["programs"]:
+    best = " (best)" if p["program"] == "train" and p.get("global_batch") == report.get("best_train_batch") else ""
+    batch = (f"{p['global_batch']} / {p['per_chip_batch']:g}{best}" if p["program"] == "train"
+             else f"{p.get('call_batch', '?')} per {'call' if p.get('scope') == 'slice' else 'host'} "
+                  f"/ {p.get('per_chip_batch', '?')}")
+    if "hbm_bytes" not in p:
+      lines.append(f"| {p['program']} | {batch} | {p.get('mesh', '')} | does not fit: {p.get('error', '')[:120]} "
+                   f"| | | | | | | | {p['compile_s']:.0f} s |")
+      continue
+    hbm = p["hbm_bytes"]["total"]
+    coll = ", ".join(f"{k} {v['count']}× {v['bytes'] / 1e6:.0f}" for k, v in p["collectives"].items() if v["count"])
+    lines.append(
+        f"| {p['program']} | {batch} | {p['mesh']} | {hbm / GiB:.2f} GiB ({p['hbm_fraction']:.0%})"
+        f"{'' if p['fits'] else ' **does not fit**'} | {p['model_flops'] / 1e12:.3g} | {p['compiled_flops'] / 1e12:.3g} "
+        f"| {coll or 'none'} | {p['step_time_s'] * 1e3:.1f} ms | {p['bound_by']} | {p['mfu']:.0%} "
+        f"| {p['images_per_s']:.0f} | {p['compile_s']:.0f} s |")
+  lines += ["", "Sampling rows: one whole guided sampling run (every network evaluation) per batch, on one host's "
+            "chips (each host independently) or, in slice scope, on every chip at once; XLA counts the sampling "
+            "loop's body once, so its compiled FLOPs are per evaluation.", ""]
+  return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""`busgen-jax aot`: the real sharded train and sample programs compiled for a TPU topology on this CPU machine.
+
+Needs libtpu (the `tpu` extra, which the test command installs). One micro model, compiled once per program,
+on two v5e:2x2 slices (8 chips, 2 hosts): data parallel across slices, fsdp inside them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libtpu")
+
+from busgen_jax import aot, parallel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro_config(batch: int = 16, size: int = 16):
+  from busgen_jax.train import diffusion
+  c = diffusion.default_config()
+  c.data.image_size, c.data.batch_size = size, batch
+  c.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), dtype="bfloat16",
+                 num_pathology=3, num_devices=3, remat=True)   # remat as the official config (sampling skips it)
+  c.mesh = {"data": -1, "fsdp": 2}
+  return c
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  work = tmp_path_factory.mktemp("aot")
+  return aot.run(micro_config(), work, topology_name="v5e:2x2", num_slices=2, batch_sizes=[16, 32],
+                 sample_per_device_batch=2, effort=-1), work
+
+
+def test_multislice_mesh_keeps_fsdp_inside_a_slice():
+  devices, chip = aot.topology("v5e:2x2", num_slices=2)
+  assert chip.name == "v5e" and len(devices) == 8
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 2}, devices)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  grid = mesh.devices
+  for row in grid:       # an fsdp group (a row) never crosses the data-centre network
+    assert len({d.slice_index for d in row}) == 1
+  assert {d.slice_index for d in grid[:, 0]} == {0, 1}
+  # With fsdp first, fsdp is the axis that crosses slices (the first the slice count divides).
+  other = parallel.make_mesh({"fsdp": 2, "data": -1}, devices).devices
+  assert {d.slice_index for d in other[0]} == {0} and {d.slice_index for d in other[1]} == {1}
+
+
+def test_sampling_scope_follows_the_chip():
+  from busgen_jax import generate
+  # v5e's compiler refuses a program on part of a slice: a 4-host v5e slice samples as one program; a
+  # one-host-per-slice v5e topology, and v5p, sample per host.
+  assert generate.resolve_scope("auto", aot.topology("v5e:4x4")[0]) == "slice"
+  assert generate.resolve_scope("auto", aot.topology("v5e:2x2", num_slices=2)[0]) == "host"
+  assert generate.resolve_scope("auto", aot.topology("v5p:2x2x2")[0]) == "host"
+  assert generate.resolve_scope("host", aot.topology("v5e:4x4")[0]) == "host"
+
+
+def test_train_and_sample_compile_with_per_chip_figures(report):
+  rep, work = report
+  assert rep["chips"] == 8 and rep["hosts"] == 2 and rep["num_slices"] == 2
+  train, train32, sample = rep["programs"]
+  assert train32["fits"] and rep["best_train_batch"] == 32   # the largest batch that fits
+  assert train["program"] == "train" and train["fits"] and train["mesh"] == {"data": 4, "fsdp": 2}
+  hbm = train["hbm_bytes"]
+  assert 0 < hbm["total"] < aot.CHIPS["TPU v5 lite"].hbm_bytes and hbm["arguments"] > 0 and hbm["temporaries"] > 0
+  # Donated state: the outputs alias the arguments (state in, state out).
+  assert hbm["aliased"] > 0.5 * hbm["arguments"]
+  # fsdp 2: parameters are gathered for the forward pass, gradients reduced over the data axes.
+  assert train["collectives"]["all-gather"]["count"] > 0 and train["collectives"]["all-gather"]["bytes"] > 0
+  assert train["collectives"]["all-reduce"]["count"] + train["collectives"]["reduce-scatter"]["count"] > 0
+  fwd = rep["forward_flops_per_image"]
+  assert train["model_flops"] == pytest.approx(3 * fwd * 16 / 8)
+  assert train["compiled_flops"] >= 0.8 * train["model_flops"]
+  assert train["step_time_s"] == max(train["time_bounds_s"].values()) > 0 and 0 < train["mfu"] <= 0.5
+  # Sampling runs per host, over that host's 4 chips, params replicated.
+  assert sample["fits"] and sample["mesh"] == {"data": 4} and sample["call_batch"] == 8 and sample["scope"] == "host"
+  assert sample["network_evals"] == 50 and sample["model_flops"] == pytest.approx(fwd * 2 * 2 * 50)
+  saved = json.loads((work / "aot.json").read_text())
+  assert saved["programs"][0]["hbm_bytes"] == train["hbm_bytes"]
+  md = (work / "aot.md").read_text()
+  assert "v5e:2x2 x 2 slices (8 v5e chips, 2 hosts)" in md and "| train | 16 / 2 |" in md and "| train | 32 / 4 (best) |" in md
+
+
+def test_collective_parser_on_async_and_combined_ops():
+  hlo = ("%a = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %x), dimensions={0}\n"
+         "%b = (bf16[4,4]{1,0:T(8,128)(2,1)}, /*index=1*/bf16[2]{0}) all-reduce(%y, %z), to_apply=%add\n"
+         "%c = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%w)\n"
+         "%d = f32[8]{0} all-gather-done(%a)\n")
+  c = aot.collectives(hlo)
+  assert c["all-gather"] == {"count": 1, "bytes": 128}
+  assert c["all-reduce"] == {"count": 1, "bytes": 36}
+  assert c["collective-permute"] == {"count": 1, "bytes": 32}
+
+
+def test_cli_fails_clearly_when_the_batch_does_not_fit(tmp_path):
+  # 64 px, 2048 images per chip of a micro model: activations far beyond a v5e chip's 16 GiB.
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  cfg = tmp_path / "big.py"
+  cfg.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_aot import micro_config\n"
+                 "def get_config():\n  return micro_config(batch=4 * 2048, size=64)\n" % str(ROOT / "tests"))
+  r = subprocess.run([sys.executable, "-m", "busgen_jax.cli", "aot", "--config", str(cfg), "--topology", "v5e:2x2",
+                      "--programs", "train", "--effort=-1", "--workdir", str(tmp_path / "w")],
+                     env=env, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "does not fit on v5e:2x2" in r.stderr
+  rep = json.loads((tmp_path / "w" / "aot.json").read_text())
+  assert rep["programs"][0]["fits"] is False
