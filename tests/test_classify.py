@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from busgen_jax.data import convert, pipeline, reader
+from busgen_jax.evaluate import encoder, quality
 from busgen_jax.models import classifiers
 from busgen_jax.train import classifier
 from helpers import convert_config
@@ -68,6 +69,20 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   assert r.returncode == 0, r.stderr[-3000:]
   again = json.loads((tmp_path / "again" / "eval.json").read_text())
   assert again["auc"] == pytest.approx(res["real_test"]["auc"], abs=1e-6)
+
+  # Its penultimate layer is the domain encoder of the quality metrics: in its feature space the two
+  # pathologies sit further apart than two halves of one split do.
+  enc = encoder.ClassifierEncoder(tmp_path / "run" / "best")
+  out = enc(phantom, "train")
+  assert out["features"].shape == (len(reader.open_dataset(phantom).records("train")), 64)
+  assert out["encoder"] == enc.name and out["index"].tolist() == sorted(out["index"].tolist())
+  assert "resnet_tiny" in enc.name and str(tmp_path / "run" / "best") in enc.name
+  f, path = out["features"], np.array(out["pathology"])
+  benign, malignant = f[path == "benign"], f[path == "malignant"]
+  half = len(benign) // 2
+  apart = quality.kid(benign, malignant, subsets=20, subset_size=half)
+  within = quality.kid(benign[:half], benign[half:], subsets=20, subset_size=half)
+  assert apart["ci"][0] > within["ci"][1], (apart, within)
 
 
 def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path):

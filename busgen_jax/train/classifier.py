@@ -153,7 +153,7 @@ class Setup:
       with jax.set_mesh(self.mesh):
         for local in it:
           batch = parallel.global_batch({"image": local["image"]}, self.mesh, self.rules)
-          rows = _gather_rows({"probs": self.predict(params, stats, batch["image"]), "valid": local["valid"],
+          rows = gather_rows({"probs": self.predict(params, stats, batch["image"]), "valid": local["valid"],
                                "label": lut[local[cfg.task.field]], "index": local["index"]})
           keep = rows["valid"]
           probs.append(rows["probs"][keep])
@@ -184,7 +184,7 @@ def _lut(field_vocab: list[str], classes: list[str]) -> np.ndarray:
   return lut
 
 
-def _gather_rows(rows: dict) -> dict:
+def gather_rows(rows: dict) -> dict:
   """Host arrays of a whole batch: global jax.Arrays in full, and every process's local rows in process
   order (the order of the global batch)."""
   if jax.process_count() == 1:

@@ -1,0 +1,66 @@
+"""Domain encoders for quality and privacy metrics: features of breast-ultrasound images without downloads.
+
+The encoder is a classifier trained here by `busgen-jax classify` on the real corpus; its penultimate layer
+(global-pooled ResNet features or the ViT class token) is the feature space. Every report carries the
+encoder's `name` (architecture, checkpoint, step, image size), since distances in different feature spaces
+do not compare.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from busgen_jax import parallel
+from busgen_jax.data import pipeline
+from busgen_jax.train import classifier
+
+
+class ClassifierEncoder:
+  """The penultimate layer of a saved classifier (`classify`'s `DIR/best`) as an image encoder."""
+
+  def __init__(self, directory: str | Path, *, batch_size: int = 0):
+    weights, meta = classifier.load_classifier(directory)
+    cfg = ml_collections.ConfigDict(json.loads(meta["config"]))
+    self.setup = setup = classifier.Setup(cfg, meta["vocab"])
+    self.image_size = cfg.data.image_size
+    self.batch_size = batch_size or cfg.eval_batch_size
+    self.device_vocab = tuple(cfg.data.device_vocab)
+    step = (meta.get("best") or {}).get("step", "?")
+    self.name = f"classifier:{cfg.model.name}:{Path(directory)}@step{step}:{self.image_size}px"
+    self.params = jax.device_put(weights["params"], setup.repl)
+    self.stats = jax.device_put(weights["batch_stats"], setup.repl)
+    rows = parallel.batch_sharding(setup.mesh, setup.rules, 2)
+    self._features = jax.jit(lambda p, s, x: setup._model(p, s, train=False).features(x),
+                             in_shardings=(setup.repl, setup.repl, parallel.batch_sharding(setup.mesh, setup.rules, 4)),
+                             out_shardings=rows)
+
+  def __call__(self, path: str | Path, split: str, *, filters: Mapping | None = None, indices=()) -> dict:
+    """Features of every selected example of a split, in record order, with its labels as names:
+    {"features": (n, d) float32, "index", "pathology", "device", "encoder"}."""
+    pipe = pipeline.build_eval(str(path), split, image_size=self.image_size, batch_size=self.batch_size,
+                               filters=filters, indices=indices)
+    feats, index, pathology, device = [], [], [], []
+    it = iter(pipe)
+    try:
+      with jax.set_mesh(self.setup.mesh):
+        for local in it:
+          batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
+          rows = classifier.gather_rows({"f": self._features(self.params, self.stats, batch["image"]),
+                                          "valid": local["valid"], "index": local["index"],
+                                          "pathology": local["pathology"], "device": local["device"]})
+          keep = rows["valid"]
+          feats.append(np.asarray(rows["f"][keep], np.float32))
+          index.append(rows["index"][keep])
+          pathology.append(rows["pathology"][keep])
+          device.append(rows["device"][keep])
+    finally:
+      it.close()
+    names = lambda field, ids: [pipe.vocab[field][i] for i in np.concatenate(ids)]
+    return {"features": np.concatenate(feats), "index": np.concatenate(index),
+            "pathology": names("pathology", pathology), "device": names("device", device), "encoder": self.name}
