@@ -191,7 +191,7 @@ def train_program(cfg: ml_collections.ConfigDict, devices: Sequence, batch_size:
   shapes = {"image": (batch_size, S, S, 3), "box": (batch_size, S, S, 1), "mask": (batch_size, S, S, 1),
             "pathology": (batch_size,), "device": (batch_size,)}
   batch = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32 if len(shapes[k]) == 1 else jnp.float32,
-                                   sharding=parallel.batch_sharding(setup.mesh, setup.rules, len(shapes[k])))
+                                   sharding=setup.batch_shardings[k])
            for k in setup.batch_keys}
   return setup.train_step.lower(setup.abstract_state, batch), dict(setup.mesh.shape)
 

@@ -309,8 +309,7 @@ def main(argv: list[str] | None = None) -> None:
   # XLA compilation dominates short CPU runs: keep compiled programs across runs (JAX's persistent cache;
   # read when jax is first imported, so set before any stage imports it).
   argv = list(sys.argv if argv is None else argv)
-  if argv[1:2] != ["aot"]:   # aot's programs are for TPUs it does not have: nothing to reuse, and unreadable
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())

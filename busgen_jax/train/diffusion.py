@@ -144,8 +144,9 @@ class Setup:
     self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        abstract_state, self.state_shardings)
     self.batch_keys = ("image", *cfg.model.conditions)
-    batch_sh = {k: parallel.batch_sharding(self.mesh, self.rules, 1 if k in ("pathology", "device") else 4)
-                for k in self.batch_keys}
+    self.batch_shardings = batch_sh = {
+        k: parallel.batch_sharding(self.mesh, self.rules, 1 if k in ("pathology", "device") else 4)
+        for k in self.batch_keys}
     self.train_step = jax.jit(make_train_step(self.graphdef, self.sched, cfg, self.tx),
                               in_shardings=(self.state_shardings, batch_sh),
                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
