@@ -206,7 +206,7 @@ def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.Co
   mesh = parallel.make_mesh(dict(sample_cfg.mesh), devices)
   sample, plan = generate.make_sampler(sample_cfg, cfg.model, cfg.data.image_size, cfg.objective.prediction, mesh)
   repl = parallel.replicated(mesh)
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rows = parallel.rows(mesh)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                         nnx.to_pure_dict(nnx.state(unet.abstract(cfg.model), nnx.Param)))
   B, S = sample_cfg.per_device_batch * mesh.size, cfg.data.image_size

@@ -271,6 +271,52 @@ def _default_evaluate_config():
   return classifier.default_evaluate_config()
 
 
+# ---------------------------------------------------------------------------------------------------- quality
+
+def _quality_main(argv):
+  from busgen_jax.evaluate import fidelity
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (the report's directory)")
+  rep = fidelity.run(FLAGS.config, FLAGS.workdir)
+  a = rep["fidelity"]["all"]
+  c = rep["conditional_accuracy"]["generated"]
+  t = rep["tstr"]
+  print(f"FD {a['fd']['value']:.3g}, KID {a['kid']['value']:.3g}, precision {a['precision']['value']:.3f}, recall "
+        f"{a['recall']['value']:.3f}; conditional accuracy {c['accuracy']:.3f}; box fidelity AUC "
+        f"{rep['box_fidelity']['generated']['auc']:.3f}" + (f"; TSTR/TRTR {t['ratio']:.2f}" if t else "")
+        + f"\nreport: {FLAGS.workdir}/quality.html")
+
+
+def _default_quality_config():
+  from busgen_jax.evaluate import fidelity
+  return fidelity.default_config()
+
+
+# ---------------------------------------------------------------------------------------------------- audit
+
+def _audit_flags():
+  flags.DEFINE_bool("strict", False, "exit with status 3 when the repository is not safe to share")
+
+
+def _audit_main(argv):
+  from busgen_jax.evaluate import privacy
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (the audit's report directory)")
+  rep = privacy.run(FLAGS.config, FLAGS.workdir)
+  v = rep["verdict"]
+  print(("SAFE TO SHARE by the configured thresholds" if v["safe_to_share"] else "NOT SAFE TO SHARE:\n  "
+         + "\n  ".join(v["reasons"])) + "\n" + "\n".join(f"  - {c}" for c in v["checks"])
+        + f"\nreport: {FLAGS.workdir}/audit.html" + (f"\nfiltered: {rep['filtered_dataset']}"
+                                                     if rep.get("filtered_dataset") else ""))
+  if FLAGS.strict and not v["safe_to_share"]:
+    sys.exit(3)
+
+
+def _default_audit_config():
+  from busgen_jax.evaluate import privacy
+  return privacy.default_config()
+
+
 STAGES: dict[str, Stage] = {
     "demo": Stage("the end-to-end job on the built-in phantom data (writes <workdir>/report.md)",
                   _default_demo_config, lambda: None, _demo_main),
@@ -288,6 +334,11 @@ STAGES: dict[str, Stage] = {
                       _default_classify_config, lambda: None, _classify_main),
     "evaluate": Stage("evaluate a saved classifier on any dataset: --config.checkpoint=DIR --config.dataset=DS",
                       _default_evaluate_config, lambda: None, _evaluate_main),
+    "quality": Stage("fidelity, diversity and conditioning of a generated dataset against real data (FD, KID, "
+                     "precision/recall per condition, conditional accuracy, box fidelity, TSTR/TRTR)",
+                     _default_quality_config, lambda: None, _quality_main),
+    "audit": Stage("privacy audit of a generated dataset: near-copies of training cases, membership inference, "
+                   "a safe-to-share verdict, and a filtered copy", _default_audit_config, _audit_flags, _audit_main),
     "sweep": Stage("expand a sweep config (configs/sweeps/*.py) into runs; run them here or on a TPU VM; one table",
                    None, _sweep_flags, _sweep_main),
     "aot": Stage("compile the sharded train and sample steps for a TPU topology here; per-chip HBM, FLOPs, MFU",

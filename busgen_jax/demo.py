@@ -24,7 +24,7 @@ from absl import logging
 
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.diffusion import box_prior
-from busgen_jax.evaluate import metrics, report
+from busgen_jax.evaluate import fidelity, metrics, privacy, report
 from busgen_jax.train import adapt, checkpoint, classifier, diffusion
 
 VARIANTS = ("real", "generated", "mixed")
@@ -78,6 +78,9 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
   c.adapt = a
   c.adapt_positive = "cyst"
   c.adapt_generate_per_class = 150
+  # 6. quality (FD/KID/precision/recall per condition, conditioning) and the privacy audit of the repository
+  c.quality = ml_collections.ConfigDict({"conditions": ("pathology", "device"), "min_count": 10, "bootstrap": 100})
+  c.audit_mia_per_group = 256
 
   if scale == "ci":
     c.data.phantom.num_examples = 240
@@ -92,6 +95,8 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.adapt.data.update(shots=4, val_per_class=4, batch_size=8)
     c.adapt.num_steps, c.adapt.eval_every, c.adapt.log_every, c.adapt.checkpoint_every = 4, 2, 2, 4
     c.adapt_generate_per_class = 8
+    c.quality.update(conditions=("pathology",), min_count=4, bootstrap=10)
+    c.audit_mia_per_group = 32
   elif scale == "full":
     c.data.phantom.num_examples = 20000
     c.data.phantom.size = c.data.image.size = 128
@@ -218,6 +223,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
       preds[variant] = {k: z[k] for k in z.files}
     times[f"classify_{variant}"] = time.time() - t
 
+  # 6b. how faithful and how private the repository is: the quality report and the privacy audit
+  assessment = assess(cfg, work, ds_dir, gen_dir, times)
+
   # 7. few-shot adaptation to a new task, 8. its synthetic repository, 9. its classifiers
   t = time.time()
   acfg = ml_collections.ConfigDict(cfg.adapt.to_dict())
@@ -245,10 +253,31 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   adaptation = {"summary": adapted, "dataset": adapted_dir, "task": task, "results": aresults, "preds": apreds}
 
   t = time.time()
-  paths = write_report(work, cfg, summary, sheet, ds_dir, gen_dir, last, results, preds, times, adaptation)
+  paths = write_report(work, cfg, summary, sheet, ds_dir, gen_dir, last, results, preds, times, adaptation,
+                       assessment)
   logging.info("demo report: %s", paths["html"])
   print(f"demo done in {sum(times.values()) + time.time() - t:.0f}s: {paths['html']} and {paths['md']}")
   return work
+
+
+def assess(cfg, work: Path, ds_dir: Path, gen_dir: Path, times: dict) -> dict:
+  """`busgen-jax quality` and `busgen-jax audit` on the generated repository, with the real-data classifier as
+  the encoder and the demo's classifiers for TSTR / TRTR."""
+  t = time.time()
+  q = fidelity.default_config()
+  q.update(real=str(ds_dir), generated=str(gen_dir), encoder=str(work / "classify" / "real" / "best"),
+           conditions=tuple(cfg.quality.conditions), min_count=cfg.quality.min_count, bootstrap=cfg.quality.bootstrap)
+  q.tstr.update(synthetic=str(work / "classify" / "generated"), real=str(work / "classify" / "real"))
+  quality = fidelity.run(q, work / "quality")
+  times["quality"] = time.time() - t
+  t = time.time()
+  a = privacy.default_config()
+  a.update(generated=str(gen_dir), train=str(ds_dir), encoder=q.encoder)
+  a.tstr = q.tstr
+  a.mia.update(checkpoint=str(work / "diffusion" / "checkpoints"), max_per_group=cfg.audit_mia_per_group)
+  audit = privacy.run(a, work / "audit")
+  times["audit"] = time.time() - t
+  return {"quality": quality, "audit": audit}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -278,7 +307,7 @@ def _delong_rows(delong: dict, against: str) -> list[list[str]]:
 
 
 def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusion, results, preds, times,
-                 adaptation: dict | None = None) -> dict:
+                 adaptation: dict | None = None, assessment: dict | None = None) -> dict:
   import html as _html
   import re
   conv = reader.open_dataset(ds_dir).report
@@ -340,6 +369,25 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
                   "classifiers": {v: {k: r[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity",
                                                         "specificity", "ece", "n")} for v, r in ares.items()},
                   "delong": adelong}
+  if assessment:
+    q, a = assessment["quality"], assessment["audit"]
+    qa, cond, box = q["fidelity"]["all"], q["conditional_accuracy"], q["box_fidelity"]
+    v, mia = a["verdict"], a["membership_inference"]
+    ci = lambda r: f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
+    sections.append((
+        "6. Quality and privacy of the generated repository",
+        [f"On the real-data classifier's features ({q['encoder']}): FD {qa['fd']['value']:.3g} {ci(qa['fd'])}, KID "
+         f"{qa['kid']['value']:.3g} {ci(qa['kid'])}, precision {qa['precision']['value']:.3f} "
+         f"{ci(qa['precision'])} and recall {qa['recall']['value']:.3f} {ci(qa['recall'])}; per condition in "
+         f"`{work / 'quality' / 'quality.html'}`. The classifier agrees with the requested {cond['field']} on "
+         f"{cond['generated']['accuracy']:.3f} of the generated images (its accuracy on real images: "
+         f"{cond['real']['accuracy']:.3f}); lesion-box fidelity AUC {box['generated']['auc']:.3f} "
+         f"(real images: {box['real']['auc']:.3f}).",
+         f"**Privacy audit: {'safe to share' if v['safe_to_share'] else 'NOT safe to share'}** by the default "
+         f"thresholds ({a['n_flagged']} of {a['n_generated']} images flagged as near-copies of training cases"
+         + (f"; membership-inference AUC {mia['auc']:.3f} [{mia['auc_ci95'][0]:.3f}, {mia['auc_ci95'][1]:.3f}]"
+            if mia else "") + f"); `{work / 'audit' / 'audit.html'}`."
+         + ("" if v["safe_to_share"] else " " + "; ".join(v["reasons"]) + ".")], []))
   meaning = [
       f"**AUC** is the probability that a random malignant test image scores higher than a random benign one "
       f"(0.5 = chance, 1 = perfect); the bracket is its 95% bootstrap confidence interval over the "
@@ -354,6 +402,13 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
       "appearance, so generated-only training usually trails real data here; `scale=full` trains a larger "
       "model far longer on an accelerator.",
   ]
+  if assessment:
+    meaning.append(
+        "**The privacy audit** (section 6) looks for every generated image's nearest training patients, in pixel "
+        "space after alignment (flips, crops, shifts) and in the classifier's feature space, and flags images closer "
+        "to one training case than new patients ever get; the membership-inference attack asks whether the "
+        "diffusion model's loss tells its training images from unseen ones (AUC 0.5 = it cannot). "
+        "`busgen-jax audit --config.filter_output=DIR` writes the repository without flagged images.")
   if adaptation:
     meaning.append(
         "**Few-shot adaptation** (section 5) is BUSGen's claim for new clinical tasks: the pretrained model stays "
@@ -387,6 +442,12 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
       "diffusion": last_diffusion, "generated": {"dataset": str(gen_dir), "images": gen["converted"]},
       "classifiers": {v: {k: r[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity", "specificity",
                                              "ece", "n")} for v, r in results.items()},
-      "tstr_over_trtr": tstr, "delong": delong, "adaptation": adapt_json}, indent=1, default=float))
+      "tstr_over_trtr": tstr, "delong": delong, "adaptation": adapt_json,
+      "quality": assessment and {"fidelity": assessment["quality"]["fidelity"]["all"],
+                                 "conditional_accuracy": assessment["quality"]["conditional_accuracy"],
+                                 "box_fidelity": assessment["quality"]["box_fidelity"]},
+      "audit": assessment and {k: assessment["audit"][k] for k in ("verdict", "n_flagged", "n_generated",
+                                                                   "membership_inference", "spaces")}},
+      indent=1, default=float))
   (work / "summary.json").write_text(json.dumps(summary, indent=1))
   return paths

@@ -14,6 +14,7 @@ shard is written atomically and skipped when a later run finds it done: an inter
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from flax import nnx
 
 from busgen_jax import parallel, paths
 from busgen_jax.data import convert, schema, transforms
-from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, samplers, schedule
+from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, protect, samplers, schedule
 from busgen_jax.models import unet
 
 SHEETS = "sheets"
@@ -74,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
   # chip of every host, the hosts in lockstep (v5e slices need it: their compiler refuses a program on part of
   # a slice, "limited ICI routing"). "auto": slice for such chips when a slice spans hosts, else host.
   c.scope = "auto"
+  # Privacy-protected sampling (diffusion/protect.py): steer samples away from the bank's training images.
+  c.protect = protect.default_config()
   return c
 
 
@@ -275,9 +278,10 @@ class Examples:
 # ------------------------------------------------------------------------------------------------ sampling
 
 def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, image_size: int,
-                 prediction: str, mesh: jax.sharding.Mesh):
+                 prediction: str, mesh: jax.sharding.Mesh, *, protected: bool = False):
   """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond) -> images
-  in [-1, 1]. Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
+  in [-1, 1], or (params, index, cond, bank) with privacy protection (bank: protect.load_bank's descriptors,
+  replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
   sched = schedule.Schedule.from_config(cfg.schedule)
   if sched.T != model_cfg.T:
     raise ValueError(f"schedule.T={sched.T} differs from the model's T={model_cfg.T}")
@@ -285,16 +289,21 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
   graphdef = nnx.graphdef(unet.abstract(model_cfg))
   seed, scale, clip = cfg.seed, cfg.sampler.guidance_scale, cfg.sampler.clip_x0 or None
 
-  def sample(params, index, cond):
+  pc = cfg.protect
+
+  def sample(params, index, cond, bank=None):
     net = nnx.merge(graphdef, params)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
     eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
+    transform = None if bank is None else functools.partial(
+        protect.protected, bank=bank, sched=sched, radius=pc.radius, scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
-                                     guidance_scale=scale, clip_x0=clip)
+                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform)
 
   repl = parallel.replicated(mesh)
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.jit(sample, in_shardings=(repl, rows, rows), out_shardings=rows), plan
+  rows = parallel.rows(mesh)
+  shardings = (repl, rows, rows, repl) if protected else (repl, rows, rows)
+  return jax.jit(sample, in_shardings=shardings, out_shardings=rows), plan
 
 
 # device_kind of chips whose compiler only accepts programs on a whole slice (see default_config().scope).
@@ -329,9 +338,12 @@ class Sampler:
     self.size = model.image_size
     self.model_conditions = tuple(model.cfg.conditions)
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
-    self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh)
+    self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh,
+                                           protected=bool(cfg.protect.bank))
     self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), parallel.replicated(self.mesh))
-    self.rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.bank = () if not cfg.protect.bank else (
+        jax.device_put(protect.load_bank(cfg.protect, cfg.seed), parallel.replicated(self.mesh)),)
+    self.rows = parallel.rows(self.mesh)
 
   def __call__(self, examples: list[dict], vocab) -> np.ndarray:
     n = len(examples)
@@ -344,7 +356,7 @@ class Sampler:
     cond = {k: v for k, v in cond.items() if k in self.model_conditions}
     index = np.array([e["index"] for e in pad], np.int32)
     rows = lambda a: jax.make_array_from_process_local_data(self.rows, a)   # this host's rows of the batch
-    out = self._sample(self.params, rows(index), jax.tree.map(rows, cond))
+    out = self._sample(self.params, rows(index), jax.tree.map(rows, cond), *self.bank)
     shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])[:n]
 
@@ -386,7 +398,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
   provenance = {"model": model.name, "step": model.step, "which": cfg.which, "seed": cfg.seed,
                 "sampler": cfg.sampler.to_dict(), "image_size": model.image_size, "adapters": cfg.adapters,
-                "task": task}
+                "task": task, "protect": cfg.protect.to_dict() if cfg.protect.bank else None}
   fingerprint = hashlib.sha256(json.dumps(
       [provenance, conds, cfg.box, {k: v.tolist() for k, v in prior.groups.items()} if prior else None,
        cfg.mask.to_dict(), cfg.examples_per_shard, cfg.name, cfg.split], sort_keys=True,
@@ -406,16 +418,16 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     logging.info("resuming: %d of this process's %d shards are already written", len(mine) - len(todo), len(mine))
   sampler = Sampler(cfg, model)
   serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"]), histology=tuple(histology)))
-  n_todo = sum(min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) for k in todo)
+  span = lambda k: (k * cfg.examples_per_shard, min((k + 1) * cfg.examples_per_shard, examples.total))  # shard k
+  n_todo = sum(hi - lo for lo, hi in map(span, todo))
   idle_calls = 0
   if sampler.scope == "slice" and processes > 1:   # every host runs the global program equally often
     from jax.experimental import multihost_utils
-    calls = sum(-(-min(cfg.examples_per_shard, examples.total - k * cfg.examples_per_shard) // sampler.batch)
-                for k in todo)
+    calls = sum(-(-(hi - lo) // sampler.batch) for lo, hi in map(span, todo))
     idle_calls = int(np.max(multihost_utils.process_allgather(np.int32(calls)))) - calls
   done, t0 = 0, time.time()
   for n_written, k in enumerate(todo):
-    lo, hi = k * cfg.examples_per_shard, min((k + 1) * cfg.examples_per_shard, examples.total)
+    lo, hi = span(k)
     path = ds / convert.shard_filename(cfg.name, cfg.split, k, n_shards)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")

@@ -70,25 +70,24 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} uses {math.prod(sizes)} devices, "
                      f"but there are {len(devices)}")
+  from jax.experimental import mesh_utils
   slices = sorted({getattr(d, "slice_index", 0) for d in devices})
   if len(slices) == 1:
-    try:
-      return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    try:   # as jax.make_mesh does: v5e meshes may split physical axes, others first try not to
+      grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=devices[0].device_kind in
+                                           ("TPU v5 lite", "TPU v5e"))
     except NotImplementedError:
       # A TPU torus whose axes do not factor into the mesh's (fsdp 4 on an 8x8 v6e): split physical axes.
-      from jax.experimental import mesh_utils
       grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
-      return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
-  # Multi-slice: slices talk over the data-centre network, ~10x slower than ICI, so only the first axis the
-  # slice count divides (the data axis in every config) spans slices; the others stay inside each slice.
-  from jax.experimental import mesh_utils
-  n = len(slices)
-  i = next((k for k, s in enumerate(sizes) if s % n == 0), None)
-  if i is None:
-    raise ValueError(f"mesh {dict(zip(names, sizes))}: no axis is divisible by the {n} slices")
-  dcn = [n if k == i else 1 for k in range(len(sizes))]
-  ici = [s // d for s, d in zip(sizes, dcn)]
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  else:
+    # Multi-slice: slices talk over the data-centre network, ~10x slower than ICI, so only the first axis the
+    # slice count divides (the data axis in every config) spans slices; the others stay inside each slice.
+    n = len(slices)
+    i = next((k for k, s in enumerate(sizes) if s % n == 0), None)
+    if i is None:
+      raise ValueError(f"mesh {dict(zip(names, sizes))}: no axis is divisible by the {n} slices")
+    dcn = [n if k == i else 1 for k in range(len(sizes))]
+    grid = mesh_utils.create_hybrid_device_mesh([s // d for s, d in zip(sizes, dcn)], dcn, devices=devices)
   return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
 
 
@@ -126,6 +125,11 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   axes = rules.data_axes(mesh)
   return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def rows(mesh: Mesh, axis: str = "data") -> NamedSharding:
+  """Leading dimension split over one mesh axis: the examples of a sampling or scoring batch."""
+  return NamedSharding(mesh, P(axis))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from busgen_jax.data import convert, pipeline, reader
-from busgen_jax.evaluate import encoder, quality
+from busgen_jax.evaluate import encoder, fidelity, quality
 from busgen_jax.models import classifiers
 from busgen_jax.train import classifier
 from helpers import convert_config
@@ -83,6 +83,24 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   apart = quality.kid(benign, malignant, subsets=20, subset_size=half)
   within = quality.kid(benign[:half], benign[half:], subsets=20, subset_size=half)
   assert apart["ci"][0] > within["ci"][1], (apart, within)
+  assert out["probs"].shape == (len(f), 2) and out["classes"] == ["benign", "malignant"]
+
+  # `busgen-jax quality` with the phantom's train split standing in for a generated repository: the report
+  # carries the encoder, per-condition metrics, the classifier's agreement with the labels (here its training
+  # accuracy, so above the test ceiling's chance level) and box fidelity (phantom lesions sit in their boxes).
+  q = fidelity.default_config()
+  q.update(real=str(phantom), real_split="test", generated=str(phantom), generated_split="train",
+           encoder=str(tmp_path / "run" / "best"), conditions=("pathology",), min_count=5, bootstrap=20,
+           kid_subsets=10)
+  q.tstr.synthetic = q.tstr.real = str(tmp_path / "run")
+  rep = fidelity.run(q, tmp_path / "quality")
+  assert rep["encoder"] == enc.name and set(rep["fidelity"]["conditions"]) == {"benign", "malignant"}
+  acc = rep["conditional_accuracy"]
+  assert acc["generated"]["n"] == len(f) and acc["generated"]["accuracy"] > 0.75, acc
+  assert rep["box_fidelity"]["real"]["auc"] > 0.8 and rep["box_fidelity"]["generated"]["auc"] > 0.8, rep["box_fidelity"]
+  assert rep["tstr"]["ratio"] == 1.0 and rep["tstr"]["n_test"] == res["real_test"]["n"]
+  md = (tmp_path / "quality" / "quality.md").read_text()
+  assert "TSTR / TRTR = 1.00" in md and enc.name in md and (tmp_path / "quality" / "quality.html").is_file()
 
 
 def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path):
@@ -114,7 +132,8 @@ def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   for section in ("## 1. Data", "## 2. Diffusion model", "## 3. Generated repository", "## 4. Classifiers",
                   "trained on real", "trained on generated", "trained on mixed", "generated − real",
                   "## What the numbers mean", "TSTR / TRTR", "## 5. Few-shot adaptation to a new task",
-                  "trained on few-shot real", "trained on adapted generated", "trained on few-shot mixed"):
+                  "trained on few-shot real", "trained on adapted generated", "trained on few-shot mixed",
+                  "## 6. Quality and privacy", "Privacy audit:", "membership-inference AUC"):
     assert section in md, section
   page = (work / "report.html").read_text()
   assert page.count("data:image/png;base64") == 6 and "<table>" in page
@@ -127,6 +146,9 @@ def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   assert set(rep["classifiers"]) == {"real", "generated", "mixed"}
   assert all(0 <= r["auc"] <= 1 and r["n"] > 0 for r in rep["classifiers"].values())
   assert rep["generated"]["images"] > 0
+  assert rep["audit"]["n_generated"] == rep["generated"]["images"] and "safe_to_share" in rep["audit"]["verdict"]
+  for name in ("quality/quality.html", "audit/audit.html", "audit/audit_images.csv"):
+    assert (work / name).is_file(), name
 
 
 def test_multiclass_task_reports_one_vs_rest_aucs(phantom, tmp_path):

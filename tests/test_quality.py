@@ -94,3 +94,25 @@ def test_bad_features_are_refused():
     quality.kid(np.full((10, 3), np.nan), np.zeros((10, 3)))
   with pytest.raises(ValueError, match="at least 4"):
     quality.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_box_fidelity_sees_lesions_in_their_boxes_and_not_in_noise():
+  from busgen_jax.evaluate import fidelity
+  rng = np.random.default_rng(0)
+  images, boxes, noise = [], [], []
+  for _ in range(40):
+    x1, y1 = rng.uniform(0.1, 0.6, 2)
+    box = np.array([[x1, y1, x1 + 0.25, y1 + 0.2]], np.float32)
+    im = rng.normal(150, 20, (64, 64))
+    im[int(y1 * 64):int((y1 + 0.2) * 64), int(x1 * 64):int((x1 + 0.25) * 64)] -= 90   # a dark lesion in its box
+    images.append(np.clip(im, 0, 255).astype(np.uint8))
+    noise.append(np.clip(rng.normal(150, 20, (64, 64)), 0, 255).astype(np.uint8))
+    boxes.append(box)
+  hit = fidelity.box_fidelity(images, boxes, n_bootstrap=100)
+  assert hit["auc"] > 0.95 and hit["mean_contrast_own_box"] > 0.3
+  miss = fidelity.box_fidelity(noise, boxes, n_bootstrap=100)
+  assert miss["auc_ci95"][0] < 0.5 < miss["auc_ci95"][1]
+  assert fidelity.box_fidelity(images[:2], boxes[:2])["n"] == 2   # too few: said so, not a number
+  acc = fidelity.conditional_accuracy(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]), ["b", "m"],
+                                      ["b", "m", "m", "normal"])
+  assert acc["n"] == 3 and acc["accuracy"] == pytest.approx(2 / 3) and acc["per_class"]["m"]["accuracy"] == 0.5

@@ -259,6 +259,19 @@ def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, t
   sha = lambda d: [e["sha256"] for e in _records(d)]
   assert sha(full) == sha(ds)
 
+  # Privacy-protected sampling through `sample`: with a radius that covers everything every image moves away
+  # from the training bank; the provenance says so. (Bit-identity where it does not engage: test_protect.py.)
+  from busgen_jax.diffusion import protect
+  guarded = gen_config(trained, pathology=("malignant",), device=("unknown",), num_per_condition=10,
+                       **{"protect.bank": str(trained["data"]), "protect.radius": 2.0, "protect.scale": 0.5})
+  pd = generate.generate(guarded, tmp_path / "guarded")
+  assert all(a != b for a, b in zip(sha(full), sha(pd))) and len(sha(pd)) == 10
+  assert json.loads((pd / "generation.json").read_text())["provenance"]["protect"]["radius"] == 2.0
+  bank = protect.load_bank(guarded.protect)
+  near = lambda d: np.asarray(protect.nearest(
+      jnp.asarray(np.stack([e["image"][..., 0] for e in _records(d)]), jnp.float32), bank, 16))
+  assert near(pd).mean() > near(full).mean()
+
 
 def test_two_processes_generate_one_dataset_in_slice_scope(trained, tmp_path):
   """2 CPU processes x 2 devices (jax.distributed), one sampling program over all 4 (scope=slice, as v5e

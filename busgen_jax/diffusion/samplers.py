@@ -395,13 +395,17 @@ def ddpm_plan(betas, *, steps: int | None = None) -> Plan:
 # ------------------------------------------------------------------------------------------------ running a plan
 
 def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None, guidance_scale: float = 1.0,
-        keys: jax.Array | None = None, clip_x0: float | None = None) -> jax.Array:
+        keys: jax.Array | None = None, clip_x0: float | None = None, eps_transform: Callable | None = None
+        ) -> jax.Array:
   """Runs a plan: `eps_fn(x, t_index, cond)` on batches of x_T (any layout; batch first).
 
   keys: one PRNG key per example for ancestral noise (noise of example b at evaluation j comes from
   fold_in(keys[b], j), so it does not depend on how the batch is split across devices). clip_x0 clips the
-  x0 predictions of x0 plans to [-clip_x0, clip_x0]."""
+  x0 predictions of x0 plans to [-clip_x0, clip_x0]. eps_transform wraps the guided prediction eps(x, t) (e.g.
+  diffusion/protect.py's privacy protection)."""
   eps_g = guided(eps_fn, cond, uncond, guidance_scale)
+  if eps_transform is not None:
+    eps_g = eps_transform(eps_g)
   dt = x_T.dtype
   B = x_T.shape[0]
   tab = {k: jnp.asarray(getattr(plan, k), dt) for k in ("alpha", "sigma", "in_x", "in_m", "out_x", "out_m", "noise")}
@@ -433,14 +437,15 @@ def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None,
 
 
 def sample_from_keys(plan: Plan, eps_fn: Callable, keys: jax.Array, image_shape: tuple[int, ...], *, cond,
-                     guidance_scale: float, clip_x0: float | None = None) -> jax.Array:
+                     guidance_scale: float, clip_x0: float | None = None, eps_transform: Callable | None = None
+                     ) -> jax.Array:
   """Images from one PRNG key per example: its x_T and its ancestral noise come from its own key, and
   guidance is against the null condition (every condition zero), so an image does not depend on the batch
   it is sampled in."""
   x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), image_shape))(keys)
   uncond = jax.tree.map(jnp.zeros_like, cond)
   return run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=guidance_scale, keys=keys,
-             clip_x0=clip_x0)
+             clip_x0=clip_x0, eps_transform=eps_transform)
 
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")

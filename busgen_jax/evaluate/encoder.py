@@ -31,36 +31,45 @@ class ClassifierEncoder:
     self.image_size = cfg.data.image_size
     self.batch_size = batch_size or cfg.eval_batch_size
     self.device_vocab = tuple(cfg.data.device_vocab)
+    self.field, self.classes = cfg.task.field, list(cfg.task.classes)   # what the classifier predicts
     step = (meta.get("best") or {}).get("step", "?")
     self.name = f"classifier:{cfg.model.name}:{Path(directory)}@step{step}:{self.image_size}px"
     self.params = jax.device_put(weights["params"], setup.repl)
     self.stats = jax.device_put(weights["batch_stats"], setup.repl)
     rows = parallel.batch_sharding(setup.mesh, setup.rules, 2)
-    self._features = jax.jit(lambda p, s, x: setup._model(p, s, train=False).features(x),
+
+    def features_and_probs(p, s, x):
+      model = setup._model(p, s, train=False)
+      return model.features(x), jax.nn.softmax(model(x), -1)
+
+    self._features = jax.jit(features_and_probs,
                              in_shardings=(setup.repl, setup.repl, parallel.batch_sharding(setup.mesh, setup.rules, 4)),
-                             out_shardings=rows)
+                             out_shardings=(rows, rows))
 
   def __call__(self, path: str | Path, split: str, *, filters: Mapping | None = None, indices=()) -> dict:
-    """Features of every selected example of a split, in record order, with its labels as names:
-    {"features": (n, d) float32, "index", "pathology", "device", "encoder"}."""
+    """Features of every selected example of a split, in record order, with its labels as names and the
+    classifier's own predictions: {"features": (n, d) float32, "probs": (n, len(classes)), "classes", "index",
+    "pathology", "device", <the task field>, "encoder"}."""
     pipe = pipeline.build_eval(str(path), split, image_size=self.image_size, batch_size=self.batch_size,
                                filters=filters, indices=indices)
-    feats, index, pathology, device = [], [], [], []
+    fields = list(dict.fromkeys(("pathology", "device", self.field)))
+    feats, probs, index, labels = [], [], [], {f: [] for f in fields}
     it = iter(pipe)
     try:
       with jax.set_mesh(self.setup.mesh):
         for local in it:
           batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
-          rows = classifier.gather_rows({"f": self._features(self.params, self.stats, batch["image"]),
-                                          "valid": local["valid"], "index": local["index"],
-                                          "pathology": local["pathology"], "device": local["device"]})
+          f, p = self._features(self.params, self.stats, batch["image"])
+          rows = classifier.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
+                                         **{k: local[k] for k in fields}})
           keep = rows["valid"]
           feats.append(np.asarray(rows["f"][keep], np.float32))
+          probs.append(np.asarray(rows["p"][keep], np.float32))
           index.append(rows["index"][keep])
-          pathology.append(rows["pathology"][keep])
-          device.append(rows["device"][keep])
+          for k in fields:
+            labels[k].append(rows[k][keep])
     finally:
       it.close()
     names = lambda field, ids: [pipe.vocab[field][i] for i in np.concatenate(ids)]
-    return {"features": np.concatenate(feats), "index": np.concatenate(index),
-            "pathology": names("pathology", pathology), "device": names("device", device), "encoder": self.name}
+    return {"features": np.concatenate(feats), "probs": np.concatenate(probs), "classes": self.classes,
+            "index": np.concatenate(index), **{k: names(k, v) for k, v in labels.items()}, "encoder": self.name}

@@ -34,7 +34,8 @@ def _check(real: np.ndarray, gen: np.ndarray, minimum: int = 2) -> tuple[np.ndar
 
 def gaussian_frechet(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
   """Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2)."""
-  covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
+  with np.errstate(all="ignore"):
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
   if not np.isfinite(covmean).all():   # singular product: regularise as pytorch-fid does
     eps = 1e-6 * np.eye(len(cov1))
     covmean = scipy.linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
@@ -98,18 +99,20 @@ def precision_recall(real: np.ndarray, gen: np.ndarray, *, k: int = 3) -> dict:
 
 
 def bootstrap(fn: Callable[[np.ndarray, np.ndarray], float], real: np.ndarray, gen: np.ndarray, *,
-              samples: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+              samples: int = 200, seed: int = 0, level: float = 0.95,
+              bounds: tuple[float, float] = (-np.inf, np.inf)) -> dict:
   """fn(real, gen) with an interval from resampling both sets with replacement.
 
   Resampling repeats rows, which by itself moves these statistics (FD up: fewer distinct points; precision and
   recall down: a repeated point's k-th neighbour is itself). So the bootstrap distribution is centred on the
-  estimate (its shift is reported as `bootstrap_shift`) and only its spread makes the interval."""
+  estimate (its shift is reported as `bootstrap_shift`) and only its spread makes the interval, clipped to the
+  statistic's `bounds` (precision and recall live in [0, 1])."""
   rng = np.random.default_rng(seed)
   value = fn(real, gen)
   vals = np.array([fn(real[rng.integers(0, len(real), len(real))], gen[rng.integers(0, len(gen), len(gen))])
                    for _ in range(samples)])
   lo, hi = np.quantile(vals - vals.mean(), [(1 - level) / 2, (1 + level) / 2])
-  return {"value": float(value), "ci": [float(value + lo), float(value + hi)],
+  return {"value": float(value), "ci": [float(max(value + lo, bounds[0])), float(min(value + hi, bounds[1]))],
           "bootstrap_shift": float(vals.mean() - value), "bootstrap_samples": samples}
 
 
@@ -121,10 +124,11 @@ def report(real: np.ndarray, gen: np.ndarray, *, encoder: str, k: int = 3, boots
   return {
       "encoder": encoder, "num_real": len(real), "num_generated": len(gen), "feature_dim": real.shape[1],
       "confidence_level": level,
-      "fd": bootstrap(frechet_distance, real, gen, samples=bootstrap_samples, seed=seed, level=level),
+      "fd": bootstrap(frechet_distance, real, gen, samples=bootstrap_samples, seed=seed, level=level, bounds=(0, np.inf)),
       "kid": kid(real, gen, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed, level=level),
-      "precision": bootstrap(pr("precision"), real, gen, samples=bootstrap_samples, seed=seed, level=level),
-      "recall": bootstrap(pr("recall"), real, gen, samples=bootstrap_samples, seed=seed, level=level),
+      "precision": bootstrap(pr("precision"), real, gen, samples=bootstrap_samples, seed=seed, level=level,
+                             bounds=(0, 1)),
+      "recall": bootstrap(pr("recall"), real, gen, samples=bootstrap_samples, seed=seed, level=level, bounds=(0, 1)),
   }
 
 

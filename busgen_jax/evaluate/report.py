@@ -116,3 +116,83 @@ def write_classifier_report(prefix: Path, rep: dict, *, title: str) -> dict[str,
   paths["html"] = prefix.with_suffix(".html")
   paths["html"].write_text(html_page(title, f"<h1>{html.escape(title)}</h1>{html_table(rows)}{figs_html}"))
   return paths
+
+
+# ------------------------------------------------------------------------------------------------ TSTR / TRTR
+
+def tstr_config():
+  import ml_collections
+  return ml_collections.ConfigDict({
+      "synthetic": "",   # a `busgen-jax classify` workdir trained on generated data only
+      "real": "",        # one trained on real data only
+      "test": "real_test"})   # the test set both were evaluated on (DIR/eval/<test>.json)
+
+
+def tstr_headline(c) -> dict | None:
+  """Train-on-synthetic-test-on-real over train-on-real-test-on-real: the AUCs of two classify runs on the same
+  real test set, and their ratio (near 1: the generated repository carries the diagnostic signal)."""
+  if not c or not c.get("synthetic") or not c.get("real"):
+    return None
+  test = c.get("test") or "real_test"
+
+  def auc(d):
+    p = Path(d).expanduser() / "eval" / f"{test}.json"
+    if not p.is_file():
+      raise FileNotFoundError(f"{p}: no evaluation of {test!r} in this classify run (tstr.synthetic / tstr.real "
+                              "name `busgen-jax classify` workdirs)")
+    rep = json.loads(p.read_text())
+    return float(rep.get("auc", rep.get("macro_auc"))), rep.get("auc_ci95"), int(rep["n"])
+
+  (a_s, ci_s, n), (a_r, ci_r, _) = auc(c["synthetic"]), auc(c["real"])
+  return {"ratio": a_s / a_r if a_r else float("nan"), "tstr_auc": a_s, "tstr_auc_ci95": ci_s, "trtr_auc": a_r,
+          "trtr_auc_ci95": ci_r, "n_test": n, "test": test, "synthetic": str(c["synthetic"]), "real": str(c["real"])}
+
+
+def tstr_line(t: dict | None) -> str:
+  if not t:
+    return ("TSTR / TRTR: not computed (give --config.tstr.synthetic and --config.tstr.real: `busgen-jax classify` "
+            "workdirs trained on generated and on real data).")
+  return (f"**TSTR / TRTR = {t['ratio']:.2f}**: AUC {t['tstr_auc']:.3f} trained on synthetic vs {t['trtr_auc']:.3f} "
+          f"trained on real, both on the real test set `{t['test']}` ({t['n_test']} images).")
+
+
+def markdown_to_html(md: str, base: Path) -> str:
+  """The Markdown subset our reports write: # headings, paragraphs, - lists, | tables, ![alt](file) images
+  (embedded from `base`), **bold** and `code`."""
+  import re
+
+  def inline(text):
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+  out, lines, i = [], md.splitlines(), 0
+  while i < len(lines):
+    line = lines[i]
+    if line.startswith("#"):
+      level = len(line) - len(line.lstrip("#"))
+      out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+    elif line.startswith("|"):
+      table = []
+      while i < len(lines) and lines[i].startswith("|"):
+        cells = [x.strip() for x in lines[i].strip().strip("|").split("|")]
+        if not all(set(x) <= {"-"} for x in cells):
+          table.append(cells)
+        i += 1
+      out.append(html_table(table))
+      continue
+    elif line.startswith("- "):
+      items = []
+      while i < len(lines) and lines[i].startswith("- "):
+        items.append(f"<li>{inline(lines[i][2:])}</li>")
+        i += 1
+      out.append("<ul>" + "".join(items) + "</ul>")
+      continue
+    elif re.fullmatch(r"(!\[[^\]]*\]\([^)]+\)\s*)+", line.strip()):
+      for alt, name in re.findall(r"!\[([^\]]*)\]\(([^)]+)\)", line):
+        p = Path(base) / name
+        out.append(img_tag(p, alt) if p.is_file() else f"<p>[{html.escape(alt)}: {html.escape(name)} missing]</p>")
+    elif line.strip():
+      out.append(f"<p>{inline(line)}</p>")
+    i += 1
+  return "".join(out)

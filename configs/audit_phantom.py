@@ -1,0 +1,23 @@
+"""Privacy audit of the demo's generated phantom repository (run `busgen-jax demo --workdir /tmp/busgen_demo` first).
+
+  busgen-jax audit --config configs/audit_phantom.py:/tmp/busgen_demo --workdir /tmp/busgen_demo/audit
+  busgen-jax audit --config configs/audit_phantom.py:/tmp/busgen_demo --workdir /tmp/busgen_demo/audit \
+      --config.filter_output=/tmp/busgen_demo/filtered --strict
+
+Nearest training cases of every generated image in pixel space (aligned) and in the real-data classifier's
+feature space, thresholds calibrated on the held-out test split, the denoising-loss membership-inference attack on
+the diffusion model, the TSTR / TRTR headline from the demo's classifiers, and the verdict.
+"""
+
+from busgen_jax.evaluate import privacy
+
+
+def get_config(arg: str = "/tmp/busgen_demo"):
+  work = arg or "/tmp/busgen_demo"
+  c = privacy.default_config()
+  c.generated = f"{work}/generated/data/phantom_generated/1.0.0"
+  c.train = f"{work}/data/phantom/1.0.0"
+  c.encoder = f"{work}/classify/real/best"
+  c.mia.checkpoint = f"{work}/diffusion/checkpoints"
+  c.tstr.synthetic, c.tstr.real = f"{work}/classify/generated", f"{work}/classify/real"
+  return c
