@@ -64,6 +64,12 @@ class Dataset:
       p = self.dir / "generation_report.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
+  def shard_lengths(self, split: str) -> list[int]:
+    """Records per shard file of a split, in file order."""
+    if split not in self._splits:
+      raise KeyError(f"{self.dir}: no split {split!r} (splits: {sorted(self._splits)})")
+    return list(self._splits[split])
+
   def files(self, split: str) -> list[str]:
     if split not in self._splits:
       raise KeyError(f"{self.dir}: no split {split!r} (splits: {sorted(self._splits)})")

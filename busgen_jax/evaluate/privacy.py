@@ -304,10 +304,12 @@ class PixelIndex:
         ts = max(4, int(round(s * c.resolution)))
         tmpl = np.stack([np.asarray(Image.fromarray(w).resize((ts, ts), Image.Resampling.BILINEAR)) for w in work])
         tmpl = jnp.asarray(tmpl[[q for q, _, _ in pairs]])
-        ncc, row, col = (np.asarray(a) for a in _ncc_max(canvases, extents, tmpl, ts=ts))
-        for j, (q, k, f) in enumerate(pairs):
-          if ncc[j] > best[q, k]:
-            best[q, k], align[q, k] = ncc[j], (f, s, row[j], col[j])
+        ncc, row, col = (np.asarray(a).reshape(Q, K, 2) for a in _ncc_max(canvases, extents, tmpl, ts=ts))
+        f = np.argmax(ncc, axis=2)                                  # the better flip of each candidate
+        pick = lambda a: np.take_along_axis(a, f[..., None], 2)[..., 0]
+        better = pick(ncc) > best
+        best = np.where(better, pick(ncc), best)
+        align = np.where(better[..., None], np.stack([f, np.full(f.shape, s), pick(row), pick(col)], -1).astype(float), align)
       d = np.sqrt(np.maximum(2 - 2 * best, 0))
       order = np.argsort(d, axis=1, kind="stable")
       take = lambda a: np.take_along_axis(a, order, 1)
@@ -484,9 +486,7 @@ def filter_dataset(src: str | Path, split: str, remove: Mapping[int, str], outpu
     raise ValueError(f"{out}: the filtered copy must not overwrite the dataset it filters")
   (out / "shard_reports").mkdir(parents=True, exist_ok=True)
   vocab = {"device": ds.vocab("device"), "histology": ds.vocab("histology")}
-  tasks = []
-  for s, lengths in ds._splits.items():
-    tasks += [(s, k, len(lengths)) for k in range(len(lengths))]
+  tasks = [(s, k, len(ds.shard_lengths(s))) for s in ds.splits for k in range(len(ds.shard_lengths(s)))]
   fingerprint = f"filter:{ds.dir}:{len(remove)}"
   convert.write_json(out / "shard_reports" / "plan.json", {
       "fingerprint": fingerprint, "num_tasks": len(tasks), "num_inputs": sum(ds.splits.values()), "vocab": vocab,
@@ -495,8 +495,8 @@ def filter_dataset(src: str | Path, split: str, remove: Mapping[int, str], outpu
                  "filter": {"split": split, "removed": len(remove)}}})
   for task, (s, k, n) in enumerate(tasks):
     shard_file = ds.files(s)[k]
-    offset = sum(ds._splits[s][:k])
-    src_records = ArrayRecordDataSource([shard_file]) if ds._splits[s][k] else []
+    offset = sum(ds.shard_lengths(s)[:k])
+    src_records = ArrayRecordDataSource([shard_file]) if ds.shard_lengths(s)[k] else []
     path = out / convert.shard_filename(ds.name, s, k, n)
     writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
     converted, rejections, counts = [], [], {"pathology": {}, "device": {}, "boxes": {}}
