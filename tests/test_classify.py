@@ -91,12 +91,13 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   q = fidelity.default_config()
   q.update(real=str(phantom), real_split="test", generated=str(phantom), generated_split="train",
            encoder=str(tmp_path / "run" / "best"), conditions=("pathology",), min_count=5, bootstrap=20,
-           kid_subsets=10)
+           kid_subsets=10, classifiers=(str(tmp_path / "run" / "best"),))
   q.tstr.synthetic = q.tstr.real = str(tmp_path / "run")
   rep = fidelity.run(q, tmp_path / "quality")
   assert rep["encoder"] == enc.name and set(rep["fidelity"]["conditions"]) == {"benign", "malignant"}
   acc = rep["conditional_accuracy"]
   assert acc["generated"]["n"] == len(f) and acc["generated"]["accuracy"] > 0.75, acc
+  assert rep["conditional_accuracy_more"][0]["generated"] == acc["generated"]   # a second classifier: same plumbing
   assert rep["box_fidelity"]["real"]["auc"] > 0.8 and rep["box_fidelity"]["generated"]["auc"] > 0.8, rep["box_fidelity"]
   assert rep["tstr"]["ratio"] == 1.0 and rep["tstr"]["n_test"] == res["real_test"]["n"]
   md = (tmp_path / "quality" / "quality.md").read_text()

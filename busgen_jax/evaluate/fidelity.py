@@ -34,6 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.generated = ""              # generated dataset directory
   c.generated_split = "train"
   c.encoder = ""                # `busgen-jax classify` <workdir>/best, trained on real data (required)
+  c.classifiers = ()            # more `classify` <workdir>/best checkpoints (e.g. one with task.field=device): each
+                                # adds the conditional accuracy of its own label field
   c.conditions = ("pathology", "device")   # per-condition metrics over these label fields (() = overall only)
   c.min_count = 10              # conditions with fewer images on either side are listed as skipped
   c.k = 3                       # precision / recall neighbourhood
@@ -125,9 +127,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             kid_subset_size=cfg.kid_subset_size, seed=cfg.seed)
   fid = quality.per_condition(real["features"], label(real), gen["features"], label(gen), encoder=enc.name,
                               min_count=cfg.min_count, **kw)
-  cond = {"field": enc.field, "classes": enc.classes,
-          "generated": conditional_accuracy(gen["probs"], enc.classes, gen[enc.field]),
-          "real": conditional_accuracy(real["probs"], enc.classes, real[enc.field])}
+  def agreement(e, r, g):
+    return {"field": e.field, "classes": e.classes, "classifier": e.name,
+            "generated": conditional_accuracy(g["probs"], e.classes, g[e.field]),
+            "real": conditional_accuracy(r["probs"], e.classes, r[e.field])}
+
+  cond = agreement(enc, real, gen)
+  more = []
+  for d in cfg.classifiers:
+    e = encoder_lib.ClassifierEncoder(d)
+    more.append(agreement(e, e(cfg.real, cfg.real_split), e(cfg.generated, cfg.generated_split)))
   gi, gb = _images_and_boxes(cfg.generated, cfg.generated_split)
   ri, rb = _images_and_boxes(cfg.real, cfg.real_split)
   boxes = {"generated": box_fidelity(gi, gb, ring=cfg.box_ring, seed=cfg.seed),
@@ -135,7 +144,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   rep = {"real": {"dataset": str(reader.open_dataset(cfg.real).dir), "split": cfg.real_split},
          "generated": {"dataset": str(reader.open_dataset(cfg.generated).dir), "split": cfg.generated_split,
                        "name": reader.open_dataset(cfg.generated).name},
-         "encoder": enc.name, "fidelity": fid, "conditional_accuracy": cond, "box_fidelity": boxes,
+         "encoder": enc.name, "fidelity": fid, "conditional_accuracy": cond,
+         "conditional_accuracy_more": more, "box_fidelity": boxes,
          "tstr": report_lib.tstr_headline(cfg.tstr), "config": cfg.to_dict()}
   rep["seconds"] = time.time() - t0
   write_report(work, rep)
@@ -168,6 +178,9 @@ def write_report(work: Path, rep: dict) -> dict[str, Path]:
             f"- Conditional accuracy ({c['field']}: {', '.join(c['classes'])}): the real-data classifier agrees with "
             f"the requested label on **{c['generated']['accuracy']:.3f}** of {c['generated']['n']} generated images; "
             f"its accuracy on the real images is {c['real']['accuracy']:.3f} ({c['real']['n']}).",
+            *[f"- Conditional accuracy ({m['field']}, {m['classifier']}): {m['generated']['accuracy']:.3f} of "
+              f"{m['generated']['n']} generated images; real {m['real']['accuracy']:.3f} ({m['real']['n']})."
+              for m in rep.get("conditional_accuracy_more", [])],
             f"- Box fidelity (own box vs another image's box, lesion contrast): generated {box_row(b['generated'])}; "
             f"real {box_row(b['real'])}. 0.5 = the lesion ignores the box.", "",
             "FD and KID: lower is closer to the real images (compare FD only at equal set sizes); precision: share "
