@@ -260,21 +260,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   return work
 
 
-def assess(cfg, work: Path, ds_dir: Path, gen_dir: Path, times: dict) -> dict:
-  """`busgen-jax quality` and `busgen-jax audit` on the generated repository, with the real-data classifier as
-  the encoder and the demo's classifiers for TSTR / TRTR."""
-  t = time.time()
+def quality_config(work: str | Path) -> ml_collections.ConfigDict:
+  """`busgen-jax quality` on a demo workdir's repository: the real-data classifier as the encoder, the demo's
+  classifiers for TSTR / TRTR."""
+  work = Path(work)
   q = fidelity.default_config()
-  q.update(real=str(ds_dir), generated=str(gen_dir), encoder=str(work / "classify" / "real" / "best"),
-           conditions=tuple(cfg.quality.conditions), min_count=cfg.quality.min_count, bootstrap=cfg.quality.bootstrap)
+  q.update(real=str(work / "data" / "phantom" / "1.0.0"), encoder=str(work / "classify" / "real" / "best"),
+           generated=str(work / "generated" / "data" / "phantom_generated" / "1.0.0"))
   q.tstr.update(synthetic=str(work / "classify" / "generated"), real=str(work / "classify" / "real"))
+  return q
+
+
+def audit_config(work: str | Path) -> ml_collections.ConfigDict:
+  """`busgen-jax audit` on a demo workdir's repository, with membership inference on its diffusion model."""
+  q = quality_config(work)
+  a = privacy.default_config()
+  a.update(generated=q.generated, train=q.real, encoder=q.encoder)
+  a.tstr = q.tstr
+  a.mia.checkpoint = str(Path(work) / "diffusion" / "checkpoints")
+  return a
+
+
+def assess(cfg, work: Path, ds_dir: Path, gen_dir: Path, times: dict) -> dict:
+  """`busgen-jax quality` and `busgen-jax audit` on the generated repository."""
+  t = time.time()
+  q = quality_config(work)
+  q.update(real=str(ds_dir), generated=str(gen_dir), conditions=tuple(cfg.quality.conditions),
+           min_count=cfg.quality.min_count, bootstrap=cfg.quality.bootstrap)
   quality = fidelity.run(q, work / "quality")
   times["quality"] = time.time() - t
   t = time.time()
-  a = privacy.default_config()
-  a.update(generated=str(gen_dir), train=str(ds_dir), encoder=q.encoder)
-  a.tstr = q.tstr
-  a.mia.update(checkpoint=str(work / "diffusion" / "checkpoints"), max_per_group=cfg.audit_mia_per_group)
+  a = audit_config(work)
+  a.update(generated=str(gen_dir), train=str(ds_dir))
+  a.mia.max_per_group = cfg.audit_mia_per_group
   audit = privacy.run(a, work / "audit")
   times["audit"] = time.time() - t
   return {"quality": quality, "audit": audit}
@@ -309,7 +327,6 @@ def _delong_rows(delong: dict, against: str) -> list[list[str]]:
 def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusion, results, preds, times,
                  adaptation: dict | None = None, assessment: dict | None = None) -> dict:
   import html as _html
-  import re
   conv = reader.open_dataset(ds_dir).report
   gen = reader.open_dataset(gen_dir).report
   comparison = _comparison_sheet(work / "real_vs_generated.png", ds_dir, gen_dir)
@@ -416,11 +433,7 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
         "model then generates as many labelled images as wanted. Compare *adapted generated* and *few-shot mixed* "
         "with *few-shot real*: all three saw the same real images (the shots) and nothing else that is labelled.")
 
-  def inline(text):
-    text = _html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
+  inline = report.inline
   md = ["# busgen-jax demo report", "", f"Stage times: {timing}.", ""]
   body = [f"<h1>busgen-jax demo report</h1><p>Stage times: {_html.escape(timing)}.</p>"]
   for title, paragraphs, images in sections:

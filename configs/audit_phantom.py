@@ -9,15 +9,8 @@ feature space, thresholds calibrated on the held-out test split, the denoising-l
 the diffusion model, the TSTR / TRTR headline from the demo's classifiers, and the verdict.
 """
 
-from busgen_jax.evaluate import privacy
+from busgen_jax import demo
 
 
 def get_config(arg: str = "/tmp/busgen_demo"):
-  work = arg or "/tmp/busgen_demo"
-  c = privacy.default_config()
-  c.generated = f"{work}/generated/data/phantom_generated/1.0.0"
-  c.train = f"{work}/data/phantom/1.0.0"
-  c.encoder = f"{work}/classify/real/best"
-  c.mia.checkpoint = f"{work}/diffusion/checkpoints"
-  c.tstr.synthetic, c.tstr.real = f"{work}/classify/generated", f"{work}/classify/real"
-  return c
+  return demo.audit_config(arg or "/tmp/busgen_demo")

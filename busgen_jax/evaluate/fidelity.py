@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from busgen_jax.data import reader
-from busgen_jax.evaluate import metrics, quality, report as report_lib
+from busgen_jax.evaluate import metrics, privacy, quality, report as report_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -84,14 +84,6 @@ def box_fidelity(images, boxes, *, ring: float = 0.5, seed: int = 0, n_bootstrap
           "mean_contrast_other_box": float(other[ok].mean())}
 
 
-def _images_and_boxes(path, split: str, indices=None):
-  ds = reader.open_dataset(path)
-  recs = ds.records(split)
-  indices = range(len(recs)) if indices is None else indices
-  out = [ds.decode(recs[int(i)], skip=("mask",)) for i in indices]
-  return [e["image"][..., 0] for e in out], [e["boxes"] for e in out]
-
-
 # ------------------------------------------------------------------------------------------------ conditional accuracy
 
 def conditional_accuracy(probs: np.ndarray, classes, requested) -> dict:
@@ -137,13 +129,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   for d in cfg.classifiers:
     e = encoder_lib.ClassifierEncoder(d)
     more.append(agreement(e, e(cfg.real, cfg.real_split), e(cfg.generated, cfg.generated_split)))
-  gi, gb = _images_and_boxes(cfg.generated, cfg.generated_split)
-  ri, rb = _images_and_boxes(cfg.real, cfg.real_split)
-  boxes = {"generated": box_fidelity(gi, gb, ring=cfg.box_ring, seed=cfg.seed),
-           "real": box_fidelity(ri, rb, ring=cfg.box_ring, seed=cfg.seed)}
+  boxes = {}
+  for key, path, split in (("generated", cfg.generated, cfg.generated_split), ("real", cfg.real, cfg.real_split)):
+    d = privacy.read_images(path, split)
+    boxes[key] = box_fidelity(d["images"], d["boxes"], ring=cfg.box_ring, seed=cfg.seed)
+  gen_ds = reader.open_dataset(cfg.generated)
   rep = {"real": {"dataset": str(reader.open_dataset(cfg.real).dir), "split": cfg.real_split},
-         "generated": {"dataset": str(reader.open_dataset(cfg.generated).dir), "split": cfg.generated_split,
-                       "name": reader.open_dataset(cfg.generated).name},
+         "generated": {"dataset": str(gen_ds.dir), "split": cfg.generated_split, "name": gen_ds.name},
          "encoder": enc.name, "fidelity": fid, "conditional_accuracy": cond,
          "conditional_accuracy_more": more, "box_fidelity": boxes,
          "tstr": report_lib.tstr_headline(cfg.tstr), "config": cfg.to_dict()}

@@ -91,19 +91,20 @@ def default_config() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------------------------ images
 
 def read_images(path: str | Path, split: str, indices: Sequence[int] | None = None) -> dict:
-  """uint8 grayscale images of a split's records (all or `indices`) with their case ids and record indices."""
+  """uint8 grayscale images of a split's records (all or `indices`) with their case ids, lesion boxes and record
+  indices."""
   ds = reader.open_dataset(path)
   records = ds.records(split)
   indices = np.arange(len(records)) if indices is None else np.asarray(indices, np.int64)
 
   def one(i):
     ex = ds.decode(records[int(i)], skip=("mask",))
-    return ex["image"][..., 0], ex["case_id"] or f"#{int(i)}"
+    return ex["image"][..., 0], ex["case_id"] or f"#{int(i)}", ex["boxes"]
 
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     out = list(pool.map(one, indices))
-  return {"images": [o[0] for o in out], "cases": np.asarray([o[1] for o in out]), "index": indices,
-          "dataset": str(ds.dir), "split": split}
+  return {"images": [o[0] for o in out], "cases": np.asarray([o[1] for o in out]), "boxes": [o[2] for o in out],
+          "index": indices, "dataset": str(ds.dir), "split": split}
 
 
 def subsample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -158,15 +159,21 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
   return ndimage.gaussian_filter(x, sigma, mode="nearest")
 
 
+def _cap_aspect(image: np.ndarray, a: float) -> np.ndarray:
+  """Centre-crops the long side so that long / short <= a."""
+  h, w = image.shape
+  if max(h, w) <= a * min(h, w):
+    return image
+  long = int(a * min(h, w))
+  return image[(h - long) // 2:(h - long) // 2 + long] if h > w else image[:, (w - long) // 2:(w - long) // 2 + long]
+
+
 def _canvas(image: np.ndarray, c) -> tuple[np.ndarray, tuple[int, int]]:
   """A training image at the working resolution (short side = resolution, aspect capped), blurred, placed top-left
   on a square canvas; returns (canvas, (h, w) of the image on it)."""
   r, a = c.resolution, c.max_aspect
+  image = _cap_aspect(image, a)
   h, w = image.shape
-  if max(h, w) > a * min(h, w):   # centre-crop the long side to the aspect cap
-    long = int(a * min(h, w))
-    image = image[(h - long) // 2:(h - long) // 2 + long] if h > w else image[:, (w - long) // 2:(w - long) // 2 + long]
-    h, w = image.shape
   f = r / min(h, w)
   hh, ww = max(r, int(round(h * f))), max(r, int(round(w * f)))
   side = int(math.ceil(a * r))
@@ -322,14 +329,8 @@ class PixelIndex:
     """The training image region the alignment matched, as a size x size uint8 image (for side-by-side sheets)."""
     flip, s, top, left = align
     _, (hh, ww) = self.canvas(i, int(flip))
-    im = self.images[i][:, ::-1] if flip else self.images[i]
-    h, w = im.shape
-    a = self.c.max_aspect
-    if max(h, w) > a * min(h, w):
-      long = int(a * min(h, w))
-      im = im[(h - long) // 2:(h - long) // 2 + long] if h > w else im[:, (w - long) // 2:(w - long) // 2 + long]
-      h, w = im.shape
-    f = h / hh
+    im = _cap_aspect(self.images[i][:, ::-1] if flip else self.images[i], self.c.max_aspect)
+    f = im.shape[0] / hh
     ts = max(4, int(round(s * self.c.resolution)))
     y0, x0, side = int(top * f), int(left * f), max(1, int(round(ts * f)))
     crop = np.ascontiguousarray(im[y0:y0 + side, x0:x0 + side])

@@ -156,16 +156,18 @@ def tstr_line(t: dict | None) -> str:
           f"trained on real, both on the real test set `{t['test']}` ({t['n_test']} images).")
 
 
+def inline(text: str) -> str:
+  """One line of Markdown's **bold** and `code` as escaped HTML."""
+  import re
+  text = html.escape(text)
+  text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+  return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def markdown_to_html(md: str, base: Path) -> str:
   """The Markdown subset our reports write: # headings, paragraphs, - lists, | tables, ![alt](file) images
   (embedded from `base`), **bold** and `code`."""
   import re
-
-  def inline(text):
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
   out, lines, i = [], md.splitlines(), 0
   while i < len(lines):
     line = lines[i]
