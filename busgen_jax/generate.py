@@ -280,8 +280,8 @@ class Examples:
 def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, image_size: int,
                  prediction: str, mesh: jax.sharding.Mesh, *, protected: bool = False):
   """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond) -> images
-  in [-1, 1], or (params, index, cond, bank) with privacy protection (bank: protect.load_bank's descriptors,
-  replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
+  in [-1, 1], or (params, index, cond, bank) with privacy protection (bank: protect.load_bank's (descriptors,
+  radius), replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
   sched = schedule.Schedule.from_config(cfg.schedule)
   if sched.T != model_cfg.T:
     raise ValueError(f"schedule.T={sched.T} differs from the model's T={model_cfg.T}")
@@ -296,7 +296,7 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
     eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
     transform = None if bank is None else functools.partial(
-        protect.protected, bank=bank, sched=sched, radius=pc.radius, scale=pc.scale, resolution=pc.resolution)
+        protect.protected, bank=bank[0], sched=sched, radius=bank[1], scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
                                      guidance_scale=scale, clip_x0=clip, eps_transform=transform)
 
@@ -327,7 +327,7 @@ class Sampler:
   """The jitted sampler over the scope's devices: (params, this host's indices, conditions) -> its images in
   [-1, 1]. `batch` is this host's rows per call; in slice scope every host must call it equally often."""
 
-  def __init__(self, cfg, model: Model):
+  def __init__(self, cfg, model: Model, bank: tuple[np.ndarray, float] | None = None):
     self.scope = resolve_scope(cfg.scope, jax.devices())
     if self.scope == "slice" and cfg.local_devices:
       raise ValueError("--config.local_devices applies to scope=host only")
@@ -339,10 +339,10 @@ class Sampler:
     self.model_conditions = tuple(model.cfg.conditions)
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
     self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh,
-                                           protected=bool(cfg.protect.bank))
+                                           protected=bank is not None)
     self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), parallel.replicated(self.mesh))
-    self.bank = () if not cfg.protect.bank else (
-        jax.device_put(protect.load_bank(cfg.protect, cfg.seed), parallel.replicated(self.mesh)),)
+    self.bank = () if bank is None else (
+        jax.device_put((bank[0], np.float32(bank[1])), parallel.replicated(self.mesh)),)
     self.rows = parallel.rows(self.mesh)
 
   def __call__(self, examples: list[dict], vocab) -> np.ndarray:
@@ -396,9 +396,11 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   ds = Path(cfg.output or work / "data").expanduser() / cfg.name / cfg.version
   (ds / "shard_reports").mkdir(parents=True, exist_ok=True)
   n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
+  bank = protect.load_bank(cfg.protect, cfg.seed) if cfg.protect.bank else None
   provenance = {"model": model.name, "step": model.step, "which": cfg.which, "seed": cfg.seed,
                 "sampler": cfg.sampler.to_dict(), "image_size": model.image_size, "adapters": cfg.adapters,
-                "task": task, "protect": cfg.protect.to_dict() if cfg.protect.bank else None}
+                "task": task, "protect": bank and {**cfg.protect.to_dict(), "bank_images": len(bank[0]) // 2,
+                                                   "radius_used": round(bank[1], 6)}}
   fingerprint = hashlib.sha256(json.dumps(
       [provenance, conds, cfg.box, {k: v.tolist() for k, v in prior.groups.items()} if prior else None,
        cfg.mask.to_dict(), cfg.examples_per_shard, cfg.name, cfg.split], sort_keys=True,
@@ -416,7 +418,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   todo = [k for k in mine if not convert.shard_done(ds, k, fingerprint)]
   if len(todo) < len(mine):
     logging.info("resuming: %d of this process's %d shards are already written", len(mine) - len(todo), len(mine))
-  sampler = Sampler(cfg, model)
+  sampler = Sampler(cfg, model, bank)
   serialize = schema.Serializer(schema.Vocab(device=tuple(model.vocab["device"]), histology=tuple(histology)))
   span = lambda k: (k * cfg.examples_per_shard, min((k + 1) * cfg.examples_per_shard, examples.total))  # shard k
   n_todo = sum(hi - lo for lo, hi in map(span, todo))

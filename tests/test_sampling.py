@@ -266,11 +266,23 @@ def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, t
                        **{"protect.bank": str(trained["data"]), "protect.radius": 2.0, "protect.scale": 0.5})
   pd = generate.generate(guarded, tmp_path / "guarded")
   assert all(a != b for a, b in zip(sha(full), sha(pd))) and len(sha(pd)) == 10
-  assert json.loads((pd / "generation.json").read_text())["provenance"]["protect"]["radius"] == 2.0
-  bank = protect.load_bank(guarded.protect)
+  assert json.loads((pd / "generation.json").read_text())["provenance"]["protect"]["radius_used"] == 2.0
+  bank, _ = protect.load_bank(guarded.protect)
   near = lambda d: np.asarray(protect.nearest(
       jnp.asarray(np.stack([e["image"][..., 0] for e in _records(d)]), jnp.float32), bank, 16))
   assert near(pd).mean() > near(full).mean()
+
+  # The default radius is calibrated on held-out patients: about 10% of the test split lie inside it.
+  from busgen_jax.evaluate import privacy
+  cal = gen_config(trained, **{"protect.bank": str(trained["data"])}).protect
+  bank, radius = protect.load_bank(cal)
+  held = privacy.read_images(trained["data"], "test")["images"]
+  d = np.asarray(protect.nearest(jnp.asarray(np.stack(
+      [privacy._resize(privacy._square(im), 16, 16) for im in held]), jnp.float32), bank, 16))
+  assert 0 < radius < np.median(d) and np.mean(d < radius) <= cal.holdout_quantile + 1 / len(d)
+  with pytest.raises(ValueError, match="holdout_split"):
+    protect.load_bank(gen_config(trained, **{"protect.bank": str(trained["data"]),
+                                             "protect.holdout_split": "val_missing"}).protect)
 
 
 def test_two_processes_generate_one_dataset_in_slice_scope(trained, tmp_path):

@@ -1,9 +1,12 @@
 """Privacy-protected sampling: steer samples away from training images while they are being generated.
 
 In the spirit of classifier-protected sampling: a term from a model that recognises training members guides each
-solver step. The recogniser here is the audit's own: nearest-neighbour distance in a low-resolution, gain- and
-offset-normalised pixel space (evaluate/privacy.py's coarse descriptors), against a bank of training images and
-their mirror images. At every model evaluation the predicted clean image x0 = (x - s eps) / a is compared with the
+solver step. The recogniser is nearest-neighbour distance in a low-resolution, gain- and offset-normalised pixel
+space (the audit's coarse descriptors, evaluate/privacy.py), against a bank of training images and their mirror
+images. Its radius is calibrated as the audit calibrates its thresholds, on new patients: by default it is the
+`holdout_quantile` of the held-out split's own nearest-training distances, so a sample may come no closer to a
+training image than all but that fraction of new patients do (the distance-to-closest-record test's criterion).
+At every model evaluation the predicted clean image x0 = (x - s eps) / a is compared with the
 bank; when it lies within `radius` of a member, the step moves x0 down the gradient of the hinge penalty
 sum_i max(0, radius - d_i)^2, by an RMS pixel change of `scale` x (radius - d_1) / radius, which is folded back
 into the noise prediction (eps' = eps + a / s x the x0 change). Outside the radius the penalty and its gradient
@@ -29,8 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.split = "train"
   c.max_images = 0         # bank at most this many training images (0: all)
   c.resolution = 16        # descriptor size (the audit's coarse_resolution)
-  c.radius = 0.35          # descriptor distance that counts as "too close" (new patients sit at ~0.6-0.9)
-  c.scale = 0.5            # RMS pixel change of x0 (in [-1, 1] units) per step at distance 0
+  c.radius = 0.0           # descriptor distance that counts as "too close"; 0: calibrate it on held-out patients
+  c.holdout_split = "test"  # the bank dataset's split of patients not trained on (for radius 0)
+  c.holdout_quantile = 0.1  # radius = this quantile of their nearest-training distances
+  c.scale = 1.0            # RMS pixel change of x0 (in [-1, 1] units) per step at distance 0
   return c
 
 
@@ -45,19 +50,34 @@ def descriptors(images: jax.Array, resolution: int) -> jax.Array:
   return x / (jnp.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
 
 
-def load_bank(c: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
-  """Descriptors (2N, r*r) of the bank's training images and their mirror images, each a centre square crop
-  (what generated images are)."""
+def _split_descriptors(c: ml_collections.ConfigDict, split: str, limit: int, seed: int) -> np.ndarray:
+  """(N, r*r) descriptors of a split's images, each a centre square crop (what generated images are)."""
   from busgen_jax.evaluate import privacy
   from busgen_jax.data import reader
-  n = reader.open_dataset(c.bank).splits.get(c.split)
+  n = reader.open_dataset(c.bank).splits.get(split)
   if not n:
-    raise ValueError(f"protect.bank={c.bank!r} has no images in split {c.split!r}")
-  imgs = privacy.read_images(c.bank, c.split, privacy.subsample(n, c.max_images, seed))["images"]
+    raise ValueError(f"protect.bank={c.bank!r} has no images in split {split!r}")
+  imgs = privacy.read_images(c.bank, split, privacy.subsample(n, limit, seed))["images"]
+  x = np.stack([privacy._resize(privacy._square(im), c.resolution, c.resolution) for im in imgs])
+  return np.asarray(descriptors(jnp.asarray(x), c.resolution), np.float32)
+
+
+def load_bank(c: ml_collections.ConfigDict, seed: int = 0) -> tuple[np.ndarray, float]:
+  """(descriptors (2N, r*r) of the bank's training images and their mirror images, the radius): the config's
+  radius, or with radius 0 the holdout_quantile of the held-out split's nearest-bank distances."""
+  train = _split_descriptors(c, c.split, c.max_images, seed)
   r = c.resolution
-  side = [privacy._resize(privacy._square(im), r, r) for im in imgs]
-  x = np.stack(side + [s[:, ::-1] for s in side])
-  return np.asarray(descriptors(jnp.asarray(x), r), np.float32)
+  mirror = train.reshape(-1, r, r)[:, :, ::-1].reshape(len(train), -1)
+  bank = np.concatenate([train, mirror])
+  if c.radius > 0:
+    return bank, float(c.radius)
+  try:
+    held = _split_descriptors(c, c.holdout_split, 0, seed)
+  except ValueError as e:
+    raise ValueError(f"{e}: protect.radius=0 calibrates on held-out patients; name a split of patients not "
+                     "trained on with protect.holdout_split, or give protect.radius") from None
+  d = np.sqrt(np.maximum(2 - 2 * np.max(held @ bank.T, axis=1), 0.0))
+  return bank, float(np.quantile(d, c.holdout_quantile))
 
 
 def nearest(x0: jax.Array, bank: jax.Array, resolution: int) -> jax.Array:
@@ -66,8 +86,9 @@ def nearest(x0: jax.Array, bank: jax.Array, resolution: int) -> jax.Array:
   return jnp.sqrt(jnp.maximum(2 - 2 * jnp.max(q @ bank.T, axis=1), 0.0))
 
 
-def protected(eps_fn, bank: jax.Array, sched: Schedule, *, radius: float, scale: float, resolution: int):
-  """eps_fn(x, t) (the guided prediction a sampler steps with) -> the same with the protection term."""
+def protected(eps_fn, bank: jax.Array, sched: Schedule, *, radius, scale: float, resolution: int):
+  """eps_fn(x, t) (the guided prediction a sampler steps with) -> the same with the protection term (radius may
+  be traced: one compilation serves every calibration)."""
   sqrt_ab, sqrt_1m_ab = (jnp.asarray(a, jnp.float32) for a in (sched.sqrt_ab, sched.sqrt_1m_ab))
 
   def penalty(x0):
