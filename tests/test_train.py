@@ -122,9 +122,11 @@ def test_classifier_free_dropout_modes():
   assert (np.asarray(out["box"])[~kept] == 0).all() and (np.asarray(out["box"])[kept] == 1).all()
 
 
-def test_two_processes_train_and_checkpoint(phantom, tmp_path):
+def test_two_processes_train_checkpoint_and_resume_on_one(phantom, tmp_path):
   """2 CPU processes x 2 devices with jax.distributed: a global batch from both processes' slices, a few
-  sharded training steps, one checkpoint with each process's data-iterator state."""
+  sharded training steps, one checkpoint with each process's data-iterator state. Then one process on another
+  mesh (data 4 x fsdp 2) resumes it; the data goes on at the next global batch, so the result is a 1-process
+  run's (to float tolerance: the two meshes reduce in different orders)."""
   cfg = tiny_config(phantom, num_steps=2)
   cfg.mesh = {"data": 2, "fsdp": 2}
   out = run_two_processes("train", cfg.to_json(), tmp_path / "run", tmp_path)
@@ -135,3 +137,12 @@ def test_two_processes_train_and_checkpoint(phantom, tmp_path):
   step = tmp_path / "run" / "checkpoints" / "2"
   assert (step / "state").is_dir()
   assert len(list((step / "data").iterdir())) >= 2   # one iterator state per process
+
+  cfg = tiny_config(phantom, num_steps=4, mesh={"data": 4, "fsdp": 2})
+  diffusion.train(cfg, tmp_path / "run")
+  diffusion.train(cfg, tmp_path / "one")
+  assert checkpoint.load_meta(tmp_path / "run" / "checkpoints")[1]["data_offset"] == 2
+  for which in ("params", "ema"):
+    a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
+    b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)

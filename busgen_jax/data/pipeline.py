@@ -1,12 +1,15 @@
 """The one Grain input pipeline, shared by diffusion training, sampling conditions and classifiers.
 
     index streams (per source: filter, per-epoch shuffle, class balancing, endless epochs)
-      -> MapDataset.mix(weights) -> this process's slice -> load + transform (random_map, seeded per index)
-      -> batch (per-process share of the global batch) -> to_iter_dataset -> mp_prefetch (workers)
+      -> MapDataset.mix(weights) -> load + transform (random_map, seeded per global position)
+      -> batch (chunks of the per-process share of the global batch) -> this process's chunks
+      -> [from local batch `start`] -> to_iter_dataset -> mp_prefetch (workers)
 
-Everything random is a function of (seed, position), so the same seed gives the same batches for any number of
-worker processes, and the iterator's state is its position (Grain checkpoints it). Records are decoded only
-after the per-process slice, so each host decodes only its own examples.
+Everything random is a function of (seed, global position), so the same seed gives the same examples, with the
+same augmentations, for any number of worker processes and any number of hosts: global batch k is positions
+[k B, (k+1) B) of the mixed stream in order, process p holding its p-th contiguous part. The iterator's state is its position (Grain
+checkpoints it); after a change of process count a run resumes with `start` = its step instead. MapDatasets are
+lazy, so records are decoded only after the per-process slice: each host decodes only its own examples.
 
 Labels are mapped to one global vocabulary (`data.device_vocab`, else the union of the sources' names with
 "unknown" first), since each dataset stores its own.
@@ -171,13 +174,24 @@ class LoadAndTransform(grain.RandomMapTransform):
 
 @dataclasses.dataclass
 class Pipeline:
-  dataset: grain.IterDataset
+  batches: grain.MapDataset          # this process's local batches, in order
   vocab: dict[str, list[str]]
   local_batch_size: int
   source_names: tuple[str, ...]
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+
+  def iterator(self, start: int = 0) -> grain.DatasetIterator:
+    """The local batches from number `start` on (a Grain iterator, checkpointable)."""
+    it = self.batches[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=0 if self.worker_count else 2, prefetch_buffer_size=4))
+    if self.worker_count:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                                       per_worker_buffer_size=self.worker_buffer_size))
+    return iter(it)
 
   def __iter__(self):
-    return iter(self.dataset)
+    return self.iterator(0)
 
 
 def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
@@ -203,16 +217,14 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
     sources.append(ds.source(sc.split))
     label_maps.append(_label_map(ds, vocab))
   mixed = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
-  mixed = mixed[process_index::process_count]
   load = LoadAndTransform(tuple(sources), tuple(label_maps), cfg.image_size, cfg.crop, cfg.flip,
                           tuple(cfg.ultrasound_augment))
   local_batch = cfg.batch_size // process_count
-  ds = mixed.random_map(load, seed=cfg.seed).batch(local_batch, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.worker_count else 2, prefetch_buffer_size=4))
-  if cfg.worker_count:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                     per_worker_buffer_size=cfg.worker_buffer_size))
-  return Pipeline(it, vocab, local_batch, names)
+  # Chunks of a local batch, process p taking every P-th from the p-th: global batch k = chunks kP..kP+P-1, rows
+  # in process order, as jax.make_array_from_process_local_data assembles them. Lazy: only mine are loaded.
+  chunks = mixed.random_map(load, seed=cfg.seed).batch(local_batch, drop_remainder=True)
+  return Pipeline(chunks[process_index::process_count], vocab, local_batch, names, cfg.worker_count,
+                  cfg.worker_buffer_size)
 
 
 def limit(indices: np.ndarray, n: int, *, seed: int) -> np.ndarray:
@@ -303,6 +315,5 @@ def build_eval(path: str, split: str, *, image_size: int, batch_size: int, filte
   mine = np.arange(len(items)).reshape(-1, process_count, local)[:, process_index].reshape(-1)
   load = LoadAndTransform((ds.source(split),), (_label_map(ds, vocab),), image_size, "center", False, ())
   elements = [(int(items[i]), bool(valid[i])) for i in mine]
-  it = (grain.MapDataset.source(elements).map(_EvalLoad(load)).batch(local, drop_remainder=False)
-        .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
-  return Pipeline(it, vocab, local, (ds.name,))
+  return Pipeline(grain.MapDataset.source(elements).map(_EvalLoad(load)).batch(local, drop_remainder=False),
+                  vocab, local, (ds.name,))

@@ -358,9 +358,8 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   val_batches = setup.val_batches(cfg.data.batch_size)
   meta = _meta(cfg, setup)
   ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
-                                 async_save=cfg.async_checkpoints)
-  it = iter(pipe)
-  state = ckpt.restore_or_init(setup.abstract_state, it, setup.init_state)
+                                 async_save=cfg.async_checkpoints, catch_sigterm=True)
+  state, it = ckpt.restore_or_init(setup.abstract_state, pipe, setup.init_state)
   history_path = work / "val_history.json"
   history = [h for h in (json.loads(history_path.read_text()) if history_path.exists() else [])
              if h["step"] <= int(state["step"])]

@@ -5,10 +5,17 @@ asks for, so a run resumes on a different mesh or process count); `data` is each
 state (its own file per process); `meta` is JSON (config, vocabularies). Saves are asynchronous and atomic
 (Orbax finalises a step only when every item is written), so a crash never leaves a readable-looking half
 checkpoint; keep-N prunes old steps.
+
+Preemption: a training loop asks `reached_preemption(step)` after each save and stops when it is true. With
+several processes that is JAX's preemption sync service (every host agrees on the step to save at); with one
+process, a SIGTERM handler (installed by `catch_sigterm=True`) sets the flag, so `kill -TERM`, a spot VM's
+shutdown or a scheduler's notice saves the next step and exits instead of losing the steps since the last save.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,52 +38,94 @@ ocp.type_handlers.register_type_handler(
 
 
 class Checkpointer:
-  def __init__(self, directory: str | Path, *, keep: int = 3, every: int = 1000, async_save: bool = True):
+  def __init__(self, directory: str | Path, *, keep: int = 3, every: int = 1000, async_save: bool = True,
+               catch_sigterm: bool = False):
     self.directory = paths.path(directory)
     self.every = every
+    self.signalled = False
+    self.data_offset = 0          # the local batch the data iterator started at (see restore_latest)
+    self._previous_handler = None
+    # Only with one process: with several, JAX's own SIGTERM notifier feeds the sync service that keeps hosts in
+    # step, and a Python handler would replace it.
+    if catch_sigterm and jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     items = {"state": ocp.handlers.StandardCheckpointHandler(), "meta": ocp.handlers.JsonCheckpointHandler(),
              "data": grain.checkpoint.CheckpointHandler()}
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=items,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True))   # a killed save's leftovers
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _on_sigterm(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint at the next step, then stopping")
+    self.signalled = True
+
   def should_save(self, step: int) -> bool:
-    return step % self.every == 0 or self.manager.reached_preemption(step)
+    return step % self.every == 0 or self.reached_preemption(step)
 
   def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
+    return self.signalled or self.manager.reached_preemption(step)
 
   def save(self, step: int, state: Any, data_iterator=None, meta: dict | None = None, *, force=False) -> bool:
-    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+    meta = dict(meta or {})
+    args = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      meta["data_offset"] = self.data_offset
+    args["meta"] = ocp.args.JsonSave(meta)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
     """Restore `step` onto `abstract_state`'s shapes, dtypes and shardings (and the iterator, in place)."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
-      if not (self.directory / str(step) / "data").exists():
-        raise FileNotFoundError(f"{self.directory / str(step)}: the checkpoint has no data iterator state")
+      if not self._has_my_data_state(step):
+        raise FileNotFoundError(f"{self.directory / str(step)}: the checkpoint has no data iterator state for "
+                                f"process {jax.process_index()} of {jax.process_count()}")
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - name the checkpoint that failed, keep the cause
       raise RuntimeError(f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}") from e
-    return out["state"], out["meta"]
+    return out["state"], dict(out["meta"] or {})
 
-  def restore_or_init(self, abstract_state: Any, data_iterator, init) -> Any:
-    """The latest checkpoint's state (and the iterator's position, in place), or `init()` without one."""
+  def _has_my_data_state(self, step: int) -> bool:
+    # Grain writes one state file per process, named by process index and count.
+    return (self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists()
+
+  def restore_latest(self, abstract_state: Any, pipeline) -> tuple[Any | None, dict, Any]:
+    """(state, meta, data iterator) of the latest checkpoint, the iterator where that run's was; without a
+    checkpoint (None, {}, a fresh iterator). `pipeline.iterator(start)` gives the local batches from `start` on.
+
+    Every training step takes one local batch on every process, and global batch k is the same examples however
+    many processes split it (data/pipeline.py), so the position is the step. Grain's saved state is per process:
+    when the checkpoint was written by a different number of processes it does not apply, and the iterator
+    starts at the checkpoint's step instead (`data_offset`, kept in later checkpoints' meta)."""
     latest = self.latest_step()
     if latest is None:
-      return init()
-    state, _ = self.restore(latest, abstract_state, data_iterator)
+      self.data_offset = 0
+      return None, {}, pipeline.iterator(0)
+    mine = self._has_my_data_state(latest)
+    if mine:
+      meta = self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+      self.data_offset = int(meta.get("data_offset", 0))
+    else:
+      self.data_offset = latest
+      logging.warning("%s/%d was written by a different number of processes: the data pipeline resumes at "
+                      "global batch %d", self.directory, latest, latest)
+    it = pipeline.iterator(self.data_offset)
+    state, meta = self.restore(latest, abstract_state, it if mine else None)
     logging.info("resumed from %s/%d", self.directory, latest)
-    return state
+    return state, meta, it
+
+  def restore_or_init(self, abstract_state: Any, pipeline, init) -> tuple[Any, Any]:
+    """(state, data iterator): the latest checkpoint's (see restore_latest), or init() and a fresh iterator."""
+    state, _, it = self.restore_latest(abstract_state, pipeline)
+    return (init() if state is None else state), it
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -84,6 +133,9 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
 
 
 # ------------------------------------------------------------------------------------------------ params only

@@ -218,18 +218,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   cfg = _with_task_filters(cfg)
   pipe = pipeline.build(cfg.data)
   setup = Setup(cfg, pipe.vocab)
-  ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+  ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
+                                 catch_sigterm=True)
   best_dir = work / "best"
-  it = iter(pipe)
-  best = {"step": -1, "value": -np.inf}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, meta = ckpt.restore(latest, jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), setup.abstract_state(),
-        setup.state_shardings), it)
-    best = meta.get("best", best)
-    logging.info("resumed from %s/%d (best so far: %s)", ckpt.directory, latest, best)
-  else:
+  state, meta, it = ckpt.restore_latest(jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), setup.abstract_state(),
+      setup.state_shardings), pipe)
+  best = meta.get("best", {"step": -1, "value": -np.inf})
+  if state is None:
     state = setup.init_state()
   meta = {"model": cfg.model.to_dict(), "task": cfg.task.to_dict(), "image_size": cfg.data.image_size,
           "vocab": pipe.vocab, "config": cfg.to_json()}

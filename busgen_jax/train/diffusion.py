@@ -191,9 +191,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
       logging.warning("the data's %s vocabulary has %d names, the model %d rows: labels beyond are rejected "
                       "when they occur", field, len(pipe.vocab[field]), rows)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
-                                 async_save=cfg.async_checkpoints)
-  it = iter(pipe)
-  state = ckpt.restore_or_init(setup.abstract_state, it, lambda: setup.init_state(
+                                 async_save=cfg.async_checkpoints, catch_sigterm=True)
+  state, it = ckpt.restore_or_init(setup.abstract_state, pipe, lambda: setup.init_state(
       cfg.seed, checkpoint.load_params(cfg.init_from) if cfg.init_from else None))
   meta = {"model": cfg.model.to_dict(), "vocab": pipe.vocab, "config": cfg.to_json()}
   writer, progress = writers.create(str(workdir), cfg.num_steps, process_index=jax.process_index(),
