@@ -377,7 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string("workdir", None, "dataset directory (or give it as the argument)")
   stage.define_flags()
   logging.set_verbosity(logging.INFO)
-  app.run(stage.main, argv=stage_argv)
+  app.run(stage.main, argv=stage_argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad `--config.key=value` (a key the config lacks, a value of the wrong type) a
+  one-line usage error (exit status 2) instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    print(f"{argv[0]}: bad --config override: {type(e).__name__}: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.scope = "auto"
   # Privacy-protected sampling (diffusion/protect.py): steer samples away from the bank's training images.
   c.protect = protect.default_config()
+  # The dataset's reports (plan, conversion report, generation.json) name the checkpoint, box prior, adapters,
+  # mask source, protection bank and output by their last two path parts, so a shared repository does not
+  # reveal the producer's file system; True records them in full.
+  c.record_paths = False
   return c
+
+
+_PATH_KEYS = ("checkpoint", "box_prior", "adapters", "output", "source", "bank")
+
+
+def _shown(tree, record_paths: bool):
+  """A config or provenance dict as the dataset's reports show it (see default_config().record_paths)."""
+  if record_paths:
+    return tree
+  if isinstance(tree, dict):
+    return {k: (_short(v) if k in _PATH_KEYS and isinstance(v, str) else _shown(v, False)) for k, v in tree.items()}
+  return tree
+
+
+def _short(path: str) -> str:
+  return "/".join(Path(path).parts[-2:]) if path else path
 
 
 class SimulatedCrash(RuntimeError):
@@ -412,8 +432,10 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     convert.write_json(ds / "shard_reports" / "plan.json", {
         "fingerprint": fingerprint, "num_tasks": n_shards, "num_inputs": examples.total, "vocab": vocab_json,
         "rejected": [], "duplicates": [], "ignored_files": [], "warnings": [],
-        "config": {"name": cfg.name, "format": "generated", "input": model.name, "generation": cfg.to_dict(),
-                   "conditions": conds, "provenance": provenance}})
+        "directory": str(ds) if cfg.record_paths else _short(str(ds)),
+        "config": {"name": cfg.name, "format": "generated", "input": model.name,
+                   "generation": _shown(cfg.to_dict(), cfg.record_paths), "conditions": conds,
+                   "provenance": _shown(provenance, cfg.record_paths)}})
   mine = [k for k in range(n_shards) if k % processes == process]
   todo = [k for k in mine if not convert.shard_done(ds, k, fingerprint)]
   if len(todo) < len(mine):
@@ -467,7 +489,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
       report = convert.merge(ds)
       sheets = contact_sheets(ds, examples, cfg)
       convert.write_json(ds / "generation.json", {
-          "provenance": provenance, "conditions": conds, "num_examples": report["converted"],
+          "provenance": _shown(provenance, cfg.record_paths), "conditions": conds, "num_examples": report["converted"],
           "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
           "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})
     else:

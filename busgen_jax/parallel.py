@@ -114,6 +114,16 @@ class Rules:
       out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
 
+  def check(self, mesh: Mesh) -> None:
+    """A mesh axis (of size > 1) that no rule names would only replicate the work over its devices: almost
+    always a typo in --config.mesh or the rules, so it is an error."""
+    named = {a for axes in self.rules.values() for a in axes}
+    unused = [a for a, n in mesh.shape.items() if n > 1 and a not in named]
+    if unused:
+      raise ValueError(f"mesh axes {unused} of mesh {dict(mesh.shape)} are named by no sharding rule (the rules use "
+                       f"{sorted(named)}): their devices would all do the same work. Check --config.mesh and "
+                       "--config.sharding_rules")
+
   def data_axes(self, mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in self.rules.get("batch", ()) if a in mesh.shape)
 

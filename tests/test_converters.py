@@ -162,6 +162,8 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(tmp_path):
       {"file": "missing.png", "pathology": "benign", "boxes": [[0.1, 0.1, 0.2, 0.2]]},
       {"file": "../outside.png", "pathology": "benign"},
       {"file": str(tmp_path / "outside.png"), "pathology": "benign"},
+      {"file": "link.png", "pathology": "benign"},                            # a symlink out of the root
+      {"file": "masked.png", "pathology": "benign", "mask": "../outside.png"},  # a mask outside it
       {"file": "small.png", "pathology": "benign", "mask": "small_mask.png"},
       {"file": "empty.png", "pathology": "malignant", "mask": "empty_mask.png"},
       {"file": "outbox.png", "pathology": "benign", "boxes": [[0.5, 0.5, 1.3, 0.9]]},
@@ -171,8 +173,9 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(tmp_path):
       {"pathology": "benign"},
       "just a string",
   ]
-  for name in ("small.png", "empty.png", "outbox.png", "flipped.png", "label.png", "birads.png"):
+  for name in ("small.png", "empty.png", "outbox.png", "flipped.png", "label.png", "birads.png", "masked.png"):
     save(root / name, gray())
+  (root / "link.png").symlink_to(tmp_path / "outside.png")
   (root / "manifest.json").write_text(json.dumps(entries))
   _, report = _convert(convert_config("manifest", root / "manifest.json", tmp_path / "out",
                                       **{"manifest.box_units": "normalized"}))
@@ -183,6 +186,7 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(tmp_path):
       "rgba.png": "unsupported_mode", "cmyk.jpg": "unsupported_mode", "palette.png": "unsupported_mode",
       "colour.png": "unsupported_mode", "bomb.png": "too_large", "missing.png": "missing_file",
       "../outside.png": "path_escapes_root", str(tmp_path / "outside.png"): "path_escapes_root",
+      "link.png": "path_escapes_root", "masked.png": "path_escapes_root",
       "small.png": "mask_size_mismatch", "empty.png": "empty_mask", "outbox.png": "box_outside_image",
       "flipped.png": "bad_box", "label.png": "unknown_label", "birads.png": "unknown_label"}
   for file, code in expected.items():

@@ -226,6 +226,14 @@ def test_generation_on_8_devices_then_through_the_grain_pipeline(trained, tmp_pa
     assert len(e["boxes"]) == 1 and ds.vocab("pathology")[e["pathology"]] in ("benign", "malignant")
   assert len(list((ds_dir / generate.SHEETS).glob("*.png"))) == 2 * len(devices)
   assert json.loads((ds_dir / "generation.json").read_text())["num_examples"] == n
+  # Nothing in the repository names the producer's file system or a training patient (record_paths=False).
+  train = reader.open_dataset(trained["data"])
+  cases = {train.decode(r, skip=("image", "mask"))["case_id"] for r in train.records("train")}
+  for f in ds_dir.rglob("*"):
+    if f.is_file():
+      text = f.read_bytes().decode("latin-1")
+      assert str(trained["root"]) not in text and str(tmp_path) not in text, f
+      assert not any(c in text for c in cases), f
   import tensorflow_datasets as tfds                          # TFDS reads it as it reads converted data
   via_tfds = tfds.builder_from_directory(str(ds_dir)).as_data_source("train")
   assert len(via_tfds) == n

@@ -312,7 +312,7 @@ def merge(ds: Path) -> dict:
   reasons = collections.Counter(r["code"] for r in rejections)
   report = {
       "dataset": name, "format": plan["config"]["format"], "input": plan["config"]["input"],
-      "directory": str(ds), "schema_version": schema.SCHEMA_VERSION,
+      "directory": plan.get("directory", str(ds)), "schema_version": schema.SCHEMA_VERSION,
       "inputs": plan["num_inputs"], "converted": converted, "rejected": len(rejections),
       "accounted": plan["num_inputs"] == converted + len(rejections),
       "rejections_by_code": dict(reasons), "rejections": rejections, "duplicates": duplicates,

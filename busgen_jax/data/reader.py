@@ -99,14 +99,59 @@ class Dataset:
     return np.asarray([self.decode(records[int(i)], skip=("image", "mask"))["case_id"] or f"#{int(i)}"
                        for i in indices])
 
-  def records(self, split: str):
+  def records(self, split: str) -> "Records | list":
     """Raw records of a split (bytes), random access; shards left empty by rejections are skipped."""
-    from array_record.python.array_record_data_source import ArrayRecordDataSource
-    files = [f for f, n in zip(self.files(split), self._splits[split]) if n > 0]
-    return ArrayRecordDataSource(files) if files else []
+    kept = [(f, n) for f, n in zip(self.files(split), self._splits[split]) if n > 0]
+    return Records([f for f, _ in kept], [n for _, n in kept]) if kept else []
 
   def source(self, split: str) -> "RecordSource":
     return RecordSource(str(self.dir), split)
+
+
+class Records:
+  """A split's raw records over its shard files, random access. A missing, truncated or corrupted shard, or one
+  holding a different number of records than dataset_info.json says, is an error naming the file."""
+
+  def __init__(self, files: list[str], lengths: list[int]):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    self.files, self._ends = files, np.cumsum(lengths)
+    try:
+      self._source = ArrayRecordDataSource(files)
+    except Exception as e:  # noqa: BLE001 - find the file that fails on its own, keep the cause
+      raise IOError(f"{self._culprit(files)}: cannot open the shard ({type(e).__name__}: {e or 'truncated or corrupted'})"
+                    f"; {_REDO}") from e
+    if len(self._source) != self._ends[-1]:
+      counts = [len(ArrayRecordDataSource([f])) for f in files]
+      bad = [(f, c, n) for f, c, n in zip(files, counts, lengths) if c != n]
+      raise IOError("; ".join(f"{f}: holds {c} records, dataset_info.json says {n}" for f, c, n in bad) + f"; {_REDO}")
+
+  @staticmethod
+  def _culprit(files: list[str]) -> str:
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    for f in files:
+      try:
+        ArrayRecordDataSource([f])
+      except Exception:  # noqa: BLE001
+        return f
+    return ", ".join(files)
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      return self._source[index]
+    except Exception as e:  # noqa: BLE001 - name the shard and record, keep the cause
+      k = int(np.searchsorted(self._ends, index, side="right"))
+      if k >= len(self.files):
+        raise IndexError(f"record {index} of {len(self)}") from e
+      local = index - (int(self._ends[k - 1]) if k else 0)
+      raise IOError(f"{self.files[k]}: cannot read record {local} ({type(e).__name__}: "
+                    f"{e or 'truncated or corrupted'}); {_REDO}") from e
+
+
+_REDO = ("the shard is damaged: delete it and run the same `busgen-jax convert` (or `sample`) command again, "
+         "which rewrites only missing shards")
 
 
 class RecordSource:

@@ -214,11 +214,36 @@ class UpSample(nnx.Module):
 
 # ------------------------------------------------------------------------------------------------ the UNet
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Clear errors for model settings of the wrong type or out of range (an override like --config.model.
+  ch_mult=abc would otherwise fail deep inside initialisation)."""
+  def positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+      raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
+  for name in ("ch", "num_res_blocks", "num_groups", "T", "num_pathology", "num_devices", "attention_chunk"):
+    positive_int(name, cfg[name])
+  if isinstance(cfg.ch_mult, str) or not hasattr(cfg.ch_mult, "__len__") or not len(cfg.ch_mult):
+    raise ValueError(f"model.ch_mult must be a tuple of positive integers, e.g. (1, 2, 2, 2), got {cfg.ch_mult!r}")
+  for m in cfg.ch_mult:
+    positive_int("ch_mult entries", m)
+  for m in (1, *cfg.ch_mult):
+    if (cfg.ch * m) % cfg.num_groups:
+      raise ValueError(f"model.num_groups={cfg.num_groups} does not divide the {cfg.ch * m} channels of a level "
+                       f"(ch={cfg.ch}, ch_mult={tuple(cfg.ch_mult)})")
+  levels = len(cfg.ch_mult)
+  bad = [a for a in cfg.attn_levels if not isinstance(a, (int, np.integer)) or not -levels <= a < levels]
+  if isinstance(cfg.attn_levels, str) or bad:
+    raise ValueError(f"model.attn_levels: {cfg.attn_levels!r} must be level indices in [-{levels}, {levels})")
+  if not 0 <= float(cfg.dropout) < 1:
+    raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout!r}")
+  unknown = set(cfg.conditions) - {"pathology", "device", "box", "mask"}
+  if isinstance(cfg.conditions, str) or unknown:
+    raise ValueError(f"model.conditions: unknown {sorted(unknown) or cfg.conditions!r} (pathology, device, box, mask)")
+
+
 class UNet(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, seed: int = 0):
-    unknown = set(cfg.conditions) - {"pathology", "device", "box", "mask"}
-    if unknown:
-      raise ValueError(f"model.conditions: unknown {sorted(unknown)} (pathology, device, box, mask)")
+    check_config(cfg)
     self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)  # static (hashable) in the graph definition
     dtype = None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
     rng = np.random.default_rng(seed)

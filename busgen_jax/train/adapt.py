@@ -250,6 +250,7 @@ class Setup:
 
     self.mesh = parallel.make_mesh(dict(cfg.mesh))
     self.rules = parallel.Rules(cfg.sharding_rules)
+    self.rules.check(self.mesh)
     parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
     repl = parallel.replicated(self.mesh)
     frozen_sh = parallel.shardings(frozen, frozen_axes, self.mesh, self.rules)

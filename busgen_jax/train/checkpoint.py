@@ -14,6 +14,7 @@ shutdown or a scheduler's notice saves the next step and exits instead of losing
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -77,7 +78,18 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
       meta["data_offset"] = self.data_offset
     args["meta"] = ocp.args.JsonSave(meta)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    with self._saving():   # an asynchronous save's failure surfaces here, at the next save
+      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  @contextlib.contextmanager
+  def _saving(self):
+    """OS errors of a save (a full disk, a lost bucket permission) name the directory and the last complete
+    checkpoint; the failed step stays a temporary directory, which no reader lists and the next run removes."""
+    try:
+      yield
+    except OSError as e:
+      raise OSError(e.errno, f"saving a checkpoint in {self.directory} failed ({e.strerror or e}); the last "
+                             f"complete checkpoint is step {self.manager.latest_step()}") from e
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
     """Restore `step` onto `abstract_state`'s shapes, dtypes and shardings (and the iterator, in place)."""
@@ -90,7 +102,8 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - name the checkpoint that failed, keep the cause
-      raise RuntimeError(f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}") from e
+      raise RuntimeError(f"cannot restore checkpoint {self.directory / str(step)}: {type(e).__name__}: {e}"
+                         f"{_older(self.manager, step)}") from e
     return out["state"], dict(out["meta"] or {})
 
   def _has_my_data_state(self, step: int) -> bool:
@@ -128,14 +141,18 @@ class Checkpointer:
     return (init() if state is None else state), it
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._saving():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    try:
+      with self._saving():
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+      if self._previous_handler is not None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
 
 
 # ------------------------------------------------------------------------------------------------ params only
@@ -157,16 +174,28 @@ def load_params(directory: str | Path, model_cfg=None, *, which: str = "ema", st
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint found")
-  meta = mngr.item_metadata(step)["state"]
-  if which not in meta:
-    raise KeyError(f"{directory}/{step}: no {which!r} in the checkpoint (has {sorted(meta)})")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[which])}
-  restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                   partial_restore=True)
-  out = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"][which]
-  mngr.close()
+  try:
+    meta = mngr.item_metadata(step)["state"]
+    if which not in meta:
+      raise KeyError(f"{directory}/{step}: no {which!r} in the checkpoint (has {sorted(meta)})")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[which])}
+    restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True)
+    out = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"][which]
+  except KeyError:
+    raise
+  except Exception as e:  # noqa: BLE001 - name the checkpoint that failed, keep the cause
+    raise RuntimeError(f"cannot restore checkpoint {directory / str(step)}: {type(e).__name__}: {e}"
+                       f"{_older(mngr, step)}") from e
+  finally:
+    mngr.close()
   return _int_keys(jax.tree.map(np.asarray, out))
+
+
+def _older(mngr, step: int) -> str:
+  older = [s for s in mngr.all_steps() if s < step]
+  return f" (older checkpoints: {older}; pass step=, or delete this one to resume from {older[-1]})" if older else ""
 
 
 def _int_keys(tree):

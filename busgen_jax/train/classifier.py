@@ -70,6 +70,7 @@ class Setup:
     self.cfg = cfg
     self.mesh = mesh or parallel.make_mesh(dict(cfg.mesh))
     self.rules = parallel.Rules(cfg.sharding_rules)
+    self.rules.check(self.mesh)
     parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
     self.classes = list(cfg.task.classes)
     if len(self.classes) < 2:

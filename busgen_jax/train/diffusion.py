@@ -124,6 +124,7 @@ class Setup:
     self.cfg = cfg
     self.mesh = mesh or parallel.make_mesh(dict(cfg.mesh))
     self.rules = parallel.Rules(cfg.sharding_rules)
+    self.rules.check(self.mesh)
     parallel.check_batch_size(cfg.data.batch_size, self.mesh, self.rules)
     if cfg.data.batch_size % (cfg.accum_steps * parallel.data_parallel_size(self.mesh, self.rules)):
       raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by accum_steps x data-parallel "
