@@ -317,6 +317,21 @@ def _default_audit_config():
   return privacy.default_config()
 
 
+# ---------------------------------------------------------------------------------------------------- bench
+
+def _bench_main(argv):
+  from busgen_jax import bench
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (bench.json, bench.md and the pipeline's data go there)")
+  bench.run(FLAGS.config, FLAGS.workdir)
+  print(open(os.path.join(FLAGS.workdir, "bench.md")).read())
+
+
+def _default_bench_config():
+  from busgen_jax import bench
+  return bench.default_config()
+
+
 STAGES: dict[str, Stage] = {
     "demo": Stage("the end-to-end job on the built-in phantom data (writes <workdir>/report.md)",
                   _default_demo_config, lambda: None, _demo_main),
@@ -341,6 +356,9 @@ STAGES: dict[str, Stage] = {
                    "a safe-to-share verdict, and a filtered copy", _default_audit_config, _audit_flags, _audit_main),
     "sweep": Stage("expand a sweep config (configs/sweeps/*.py) into runs; run them here or on a TPU VM; one table",
                    None, _sweep_flags, _sweep_main),
+    "bench": Stage("throughput, fraction of peak (MFU on accelerators), compile time and memory of training, "
+                   "sampling and the input pipeline; writes bench.md (and docs/BENCHMARKS.md's generated section)",
+                   _default_bench_config, lambda: None, _bench_main),
     "aot": Stage("compile the sharded train and sample steps for a TPU topology here; per-chip HBM, FLOPs, MFU",
                  _default_train_config, _aot_flags, _aot_main),
     "import-official": Stage("import an official BUSGen PyTorch checkpoint into an Orbax checkpoint",

@@ -8,7 +8,7 @@ import pytest
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for k in (8, 16, 32, 64)],
         "classify_phantom": ["real", "generated", "mixed"], "demo": ["cpu", "ci", "full"],
-        "convert": ["phantom", "busbra", "busi", "manifest"]}
+        "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"]}
 
 
 def _load(name):

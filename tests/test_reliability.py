@@ -1,9 +1,13 @@
-"""Crash and preemption: `busgen-jax train` killed with SIGKILL at random points and resumed each time ends with
-the parameters of an uninterrupted run, bit for bit; no checkpoint is ever left unreadable; SIGTERM saves the
-next step and exits with status 0. The CI variant kills 3 times; `-m slow -k many_kills` kills 9 times."""
+"""Crash, preemption and long runs: `busgen-jax train` killed with SIGKILL at random points and resumed each time
+ends with the parameters of an uninterrupted run, bit for bit; no checkpoint is ever left unreadable; SIGTERM saves
+the next step and exits with status 0; host memory does not grow over a long run. The CI variants kill 3 times and
+run 500 steps; `-m slow -k "many_kills or long_run"` kills 9 times and runs 3,000 steps."""
 
+import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,3 +141,32 @@ def test_sigterm_saves_the_next_step_and_exits_cleanly(run, tmp_path):
   proc = _start(run, workdir)
   assert proc.wait(timeout=600) == 0, _log(workdir)
   jax.tree.map(np.testing.assert_array_equal, run["params"]["ema"], checkpoint.load_params(directory))
+
+
+def _memory_over_a_run(run, tmp_path, steps: int) -> list[tuple[int, float]]:
+  """(step, host RSS GiB) as the trainer logs it every steps/20, over a run of `steps` (4 checkpoints)."""
+  cfg = json.loads((run["root"] / "config.json").read_text())
+  cfg.update(num_steps=steps, log_every=steps // 20, checkpoint_every=steps // 4)
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  shutil.copy(run["config"], tmp_path / "config.py")
+  proc = _start({**run, "config": tmp_path / "config.py"}, tmp_path / "long")
+  assert proc.wait(timeout=3000) == 0, _log(tmp_path / "long")
+  rss = [(int(m[1]), float(m[2])) for m in re.finditer(r"\[(\d+)\] [^\n]*host_rss_gib=([\d.]+)",
+                                                       _log(tmp_path / "long", None))]
+  assert [s for s, _ in rss] == list(range(steps // 20, steps + 1, steps // 20)), rss
+  return rss
+
+
+def _assert_flat(rss, limit_gib: float = 0.15):
+  # From a quarter of the way in (caches, the first checkpoint's buffers and the allocator have settled).
+  settled = [r for s, r in rss if s >= rss[-1][0] // 4]
+  assert max(settled) - settled[0] < limit_gib, rss
+
+
+def test_host_memory_is_flat_over_a_run(run, tmp_path):
+  _assert_flat(_memory_over_a_run(run, tmp_path, 500))
+
+
+@pytest.mark.slow
+def test_long_run_host_memory(run, tmp_path):
+  _assert_flat(_memory_over_a_run(run, tmp_path, 3000))

@@ -120,6 +120,8 @@ def attention(q, k, v, *, impl: str, chunk: int):
     return rows(q)
   if impl != "chunked":
     raise ValueError(f"model.attention must be dense, chunked, cudnn or auto, got {impl!r}")
+  if L <= chunk:     # one chunk: the dense form is the same computation
+    return rows(q)
   if L % chunk:
     raise ValueError(f"chunked attention: {L} pixels are not divisible by attention_chunk={chunk}")
   qs = q.reshape(B, L // chunk, chunk, C).swapaxes(0, 1)

@@ -402,6 +402,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
           dt = time.perf_counter() - t0
           last = {k: float(v) for k, v in metrics.items() if k != "finite"}
           last["images_per_sec"] = cfg.data.batch_size * (step - start) / dt
+          last["host_rss_gib"] = writers.host_rss_gib()
           writer.write_scalars(step, last)
           start, t0 = step, time.perf_counter()
         if step % cfg.eval_every == 0 or step == cfg.num_steps:

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import resource
+
 import numpy as np
 from clu import metric_writers, periodic_actions
+
+
+def host_rss_gib() -> float:
+  """This process's resident host memory now (Linux /proc), else its peak: logged so leaks show in the curves."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+  except (OSError, ValueError, IndexError):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def create(workdir: str, num_steps: int, *, process_index: int, every_steps: int):

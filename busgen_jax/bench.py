@@ -1,0 +1,340 @@
+"""`busgen-jax bench`: what the training step, the sampler and the Grain pipeline achieve on this machine.
+
+  busgen-jax bench --workdir /tmp/bench                                  # the CPU cases (~15 min on 2 cores)
+  busgen-jax bench --workdir /tmp/bench --config.docs=docs/BENCHMARKS.md # and rewrite its generated section
+  busgen-jax bench --workdir /tmp/bench --config.only=tiny               # one case
+  busgen-jax bench --config configs/bench.py:accelerator --workdir /tmp/bench   # GPU/TPU: bf16, big batches
+
+Each case runs in its own process, so its peak host memory (ru_maxrss) is its own. In that process: the matmul
+peak (best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) before and after, because shared
+machines drift (fractions are of the higher); the train step's compile time, step time, images/s, model FLOPs (XLA's cost analysis, forward x 3)
+and their fraction of the measured peak, and on an accelerator the MFU against the chip's published bf16 peak;
+XLA's compiled temporary memory of the step with materialised (dense) and memory-efficient (chunked) attention;
+the guided sampler's images/s (DPM-Solver++ multistep, two network passes per step); the Grain pipeline's images/s
+at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and
+bench.md; with --config.docs, the section between `<!-- bench:begin -->` and `<!-- bench:end -->` of that file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+
+# Published dense bf16 peaks per chip (TFLOP/s), matched against jax's device_kind: the MFU denominator.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v6": 918.0, "TPU v5p": 459.0,
+                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, pipeline_batches=0, dtype="float32",
+          attention="auto", compare_attention=False) -> dict:
+  return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
+              pipeline_batches=pipeline_batches, dtype=dtype, attention=attention,
+              compare_attention=compare_attention)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.cases = ml_collections.ConfigDict({
+      "tiny_32px": _case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, pipeline_batches=40),
+      "official_64px": _case("official", 64, 4, sample_batch=2, sample_steps=10, pipeline_batches=20,
+                             compare_attention=True),
+      "official_128px": _case("official", 128, 1, steps=2, pipeline_batches=10, compare_attention=True),
+  })
+  c.only = ""                 # comma-separated case names ("" = all)
+  c.pipeline_images = 256     # phantom images converted for the pipeline measurement
+  c.docs = ""                 # a Markdown file whose generated section to rewrite (e.g. docs/BENCHMARKS.md)
+  c.timeout_s = 3600          # per case
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ one case
+
+def _matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def _tiny_config():
+  """configs/phantom_tiny.py (the demo's architecture)."""
+  from importlib import util
+  path = Path(__file__).resolve().parents[1] / "configs" / "phantom_tiny.py"
+  spec = util.spec_from_file_location("phantom_tiny", path)
+  mod = util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _config(case: dict):
+  from busgen_jax import official
+  from busgen_jax.train import diffusion
+  cfg = _tiny_config() if case["model"] == "tiny" else diffusion.default_config()
+  if case["model"] == "official":
+    cfg.model = official.model_config(dropout=0.1)
+  elif case["model"] != "tiny":
+    raise ValueError(f"bench case model must be tiny or official, got {case['model']!r}")
+  cfg.model.dtype, cfg.model.attention = case["dtype"], case["attention"]
+  cfg.data.image_size, cfg.data.batch_size = case["size"], case["batch"]
+  return cfg
+
+
+def _train(cfg, case: dict) -> dict:
+  import jax
+  import numpy as np
+  from busgen_jax import parallel
+  from busgen_jax.models import unet
+  from busgen_jax.train import diffusion
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  B, S = case["batch"], case["size"]
+  rng = np.random.default_rng(0)
+  local = {"image": rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32), "box": np.zeros((B, S, S, 1), np.float32),
+           "mask": np.zeros((B, S, S, 1), np.float32), "pathology": np.ones(B, np.int32),
+           "device": np.ones(B, np.int32)}
+  out = {}
+  variants = ("dense", "chunked") if case["compare_attention"] else ()
+  for impl in variants:   # compile only: XLA's temporary buffers of the whole step
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.model.attention = impl
+    setup = diffusion.Setup(c, mesh=mesh)
+    batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
+    mem = setup.train_step.lower(setup.abstract_state, batch).compile().memory_analysis()
+    out[f"temp_gib_{impl}_attention"] = mem.temp_size_in_bytes / 2 ** 30
+  setup = diffusion.Setup(cfg, mesh=mesh)
+  state = setup.init_state(0)
+  batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
+  t = time.perf_counter()
+  step = setup.train_step.lower(state, batch).compile()
+  out["train_compile_s"] = time.perf_counter() - t
+  state, m = step(state, batch)                      # warm-up
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(case["steps"]):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  step_s = (time.perf_counter() - t) / case["steps"]
+  flops = unet.flops_per_image(cfg.model, S)
+  out.update(train_step_s=step_s, train_images_per_s=B / step_s, gflop_per_image=flops / 1e9,
+             train_gflop_per_s=flops * B / step_s / 1e9)
+  return out
+
+
+def _sample(cfg, case: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from busgen_jax.diffusion import samplers, schedule
+  from busgen_jax.models import unet
+  B, S = case["sample_batch"], case["size"]
+  plan = samplers.make_plan(schedule.Schedule.from_config(cfg.schedule).betas, steps=case["sample_steps"],
+                            method="multistep", order=2)
+  graphdef, params = nnx.split(unet.create(cfg.model, 0), nnx.Param)
+
+  def sample(params, cond, keys):
+    net = nnx.merge(graphdef, params)
+    return samplers.sample_from_keys(plan, lambda x, t, c: net(x, t, c), keys, (S, S, 3), cond=cond,
+                                     guidance_scale=2.8)
+
+  cond = {"pathology": jnp.ones(B, jnp.int32), "device": jnp.ones(B, jnp.int32), "box": jnp.zeros((B, S, S, 1)),
+          "mask": jnp.zeros((B, S, S, 1))}
+  cond = {k: v for k, v in cond.items() if k in cfg.model.conditions}
+  keys = jax.random.split(jax.random.PRNGKey(1), B)
+  t = time.perf_counter()
+  fn = jax.jit(sample).lower(params, cond, keys).compile()
+  compile_s = time.perf_counter() - t
+  jax.block_until_ready(fn(params, cond, keys))
+  t = time.perf_counter()
+  jax.block_until_ready(fn(params, cond, keys))
+  dt = time.perf_counter() - t
+  fwd = unet.flops_per_image(cfg.model, S, backward=False)
+  return {"sample_steps": case["sample_steps"], "sample_network_evals": plan.num_evals, "sample_compile_s": compile_s,
+          "sample_images_per_s": B / dt, "sample_gflop_per_s": 2 * plan.num_evals * fwd * B / dt / 1e9}
+
+
+def _pipeline(case: dict, data: str) -> dict:
+  from busgen_jax.data import pipeline
+  out = {}
+  for workers in (0, 2):
+    c = pipeline.default_config()
+    c.sources.real.path = data
+    c.image_size, c.batch_size, c.worker_count = case["size"], max(case["batch"], 8), workers
+    it = iter(pipeline.build(c, process_index=0, process_count=1))
+    try:
+      for _ in range(3):
+        next(it)
+      t = time.perf_counter()
+      for _ in range(case["pipeline_batches"]):
+        next(it)
+      out[f"pipeline_images_per_s_{workers}_workers"] = c.batch_size * case["pipeline_batches"] / (time.perf_counter() - t)
+    finally:
+      it.close()
+  return out
+
+
+def run_case(case: dict, data: str) -> dict:
+  """One case, in this process."""
+  import jax
+  import jax.numpy as jnp
+  device = jax.devices()[0]
+  accelerator = device.platform != "cpu"
+  dtype = jnp.bfloat16 if accelerator else jnp.float32
+  cfg = _config(case)
+  out = {"platform": device.platform, "device_kind": device.device_kind, "matmul_dtype": jnp.dtype(dtype).name,
+         "matmul_peak_gflop_per_s": _matmul_peak(dtype) / 1e9}
+  out.update(_train(cfg, case))
+  if case["sample_steps"] and case["sample_batch"]:
+    out.update(_sample(cfg, case))
+  out["matmul_peak_after_gflop_per_s"] = _matmul_peak(dtype) / 1e9
+  # Fractions of the better of the two peaks: a conservative figure on a machine that others share.
+  best = max(out["matmul_peak_gflop_per_s"], out["matmul_peak_after_gflop_per_s"])
+  out["train_fraction_of_matmul_peak"] = out["train_gflop_per_s"] / best
+  if "sample_gflop_per_s" in out:
+    out["sample_fraction_of_matmul_peak"] = out["sample_gflop_per_s"] / best
+  spec = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device.device_kind), None)
+  if accelerator and spec:
+    out["bf16_peak_tflop_per_s_published"] = spec
+    out["train_mfu"] = out["train_gflop_per_s"] / (spec * 1e3)
+    if "sample_gflop_per_s" in out:
+      out["sample_mfu"] = out["sample_gflop_per_s"] / (spec * 1e3)
+  if case["pipeline_batches"] and data:
+    out.update(_pipeline(case, data))
+    out["pipeline_over_train"] = out["pipeline_images_per_s_2_workers"] / out["train_images_per_s"]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def _child(name: str, case: dict, data: str, out: Path, timeout: float) -> dict:
+  """Run one case in a child process; its result plus the child's peak host memory."""
+  cmd = [sys.executable, "-m", "busgen_jax.bench", json.dumps(case), data, str(out)]
+  t = time.perf_counter()
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")   # compile times are cold compiles
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  deadline = time.time() + timeout
+  log = []
+  for line in proc.stdout:             # stream the child's log (and keep its tail for errors)
+    log.append(line)
+    if time.time() > deadline:
+      proc.kill()
+  _, status, usage = os.wait4(proc.pid, 0)
+  if status != 0 or not out.exists():
+    raise RuntimeError(f"bench case {name} failed (status {status}):\n{''.join(log[-40:])}")
+  res = json.loads(out.read_text())
+  res["peak_host_memory_gib"] = usage.ru_maxrss / 2 ** 20          # KiB on Linux
+  res["wall_s"] = time.perf_counter() - t
+  return res
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  from absl import logging
+  from busgen_jax.data import convert
+  work = Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  names = [n for n in cfg.only.split(",") if n] or list(cfg.cases.keys())
+  unknown = sorted(set(names) - set(cfg.cases.keys()))
+  if unknown:
+    raise ValueError(f"--config.only: unknown cases {unknown} (cases: {sorted(cfg.cases.keys())})")
+  data = ""
+  if any(cfg.cases[n].pipeline_batches for n in names):
+    c = convert.default_config()
+    c.format, c.output = "phantom", str(work / "data")
+    c.phantom.num_examples = cfg.pipeline_images
+    c.phantom.size = max(cfg.cases[n].size for n in names)
+    data = str(convert.convert(c))
+  results = {}
+  for name in names:
+    logging.info("bench case %s: %s", name, cfg.cases[name].to_dict())
+    results[name] = {"case": cfg.cases[name].to_dict(),
+                     **_child(name, cfg.cases[name].to_dict(), data, work / f"{name}.json", cfg.timeout_s)}
+    logging.info("bench case %s: %s", name, json.dumps(results[name]))
+  report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu_count": os.cpu_count(),
+            "command": " ".join(["busgen-jax", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "busgen-jax bench",
+            "cases": results}
+  (work / "bench.json").write_text(json.dumps(report, indent=1))
+  md = markdown(report)
+  (work / "bench.md").write_text(md)
+  if cfg.docs:
+    write_section(Path(cfg.docs), md)
+  return report
+
+
+def _f(x, fmt="{:.3g}") -> str:
+  return "-" if x is None else fmt.format(x)
+
+
+def _table(cases: dict, needs: str, header: list[str], row) -> list[str]:
+  """A Markdown table of the cases that have `needs`, one row of cells each (row(name, result))."""
+  rows = [row(n, r) for n, r in cases.items() if needs in r]
+  if not rows:
+    return []
+  return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
+def markdown(report: dict) -> str:
+  """The report as Markdown, cases from small to large: training, sampling, attention memory, pipeline."""
+  cases = dict(sorted(report["cases"].items(),
+                      key=lambda kv: (kv[1]["case"]["model"] != "tiny", kv[1]["case"]["size"], kv[0])))
+  first = next(iter(cases.values()), {})
+  lines = [f"Generated by `{report['command']}` on {report['date']} ({report['cpu_count']} CPU cores; "
+           f"{first.get('platform', '?')}: {first.get('device_kind', '?')}). The matmul peak is measured in each case's "
+           f"process before and after it; fractions are of the higher of the two."]
+  lines += _table(cases, "train_images_per_s", [
+      "case", "matmul peak GFLOP/s (before/after)", "train images/s", "GFLOP/image", "train GFLOP/s", "of peak",
+      "MFU", "compile s", "peak host GiB"], lambda n, r: [
+      f"{n} ({r['case']['model']}, {r['case']['size']} px, batch {r['case']['batch']}, {r['case']['dtype']})",
+      f"{_f(r['matmul_peak_gflop_per_s'], '{:.0f}')} / {_f(r['matmul_peak_after_gflop_per_s'], '{:.0f}')}",
+      _f(r["train_images_per_s"]), _f(r["gflop_per_image"], "{:.1f}"), _f(r["train_gflop_per_s"], "{:.1f}"),
+      _f(r["train_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("train_mfu"), "{:.1%}"),
+      _f(r["train_compile_s"], "{:.0f}"), _f(r["peak_host_memory_gib"], "{:.2f}")])
+  lines += _table(cases, "sample_images_per_s", [
+      "case", "sampler", "images/s", "GFLOP/s", "of peak", "MFU", "compile s"], lambda n, r: [
+      f"{n} (batch {r['case']['sample_batch']})",
+      f"DPM-Solver++ multistep, {r['sample_steps']} steps, guidance 2.8 ({r['sample_network_evals']} evaluations "
+      f"of a doubled batch)", _f(r["sample_images_per_s"]), _f(r["sample_gflop_per_s"], "{:.1f}"),
+      _f(r["sample_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("sample_mfu"), "{:.1%}"),
+      _f(r["sample_compile_s"], "{:.0f}")])
+  lines += _table(cases, "temp_gib_dense_attention", [
+      "case", "XLA temporary memory of the train step: dense attention", "chunked (memory-efficient)"],
+      lambda n, r: [n, f"{_f(r['temp_gib_dense_attention'], '{:.2f}')} GiB",
+                    f"{_f(r['temp_gib_chunked_attention'], '{:.2f}')} GiB"])
+  lines += _table(cases, "pipeline_over_train", [
+      "case", "Grain pipeline images/s, 0 workers", "2 workers", "÷ what the train step consumes"],
+      lambda n, r: [n, _f(r["pipeline_images_per_s_0_workers"], "{:.0f}"),
+                    _f(r["pipeline_images_per_s_2_workers"], "{:.0f}"), f"{_f(r['pipeline_over_train'], '{:,.0f}')}×"])
+  return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, md: str) -> None:
+  """Replace the generated section of `path` (between the bench markers), or append one."""
+  text = path.read_text() if path.exists() else ""
+  block = f"{BEGIN}\n{md}{END}"
+  if BEGIN in text and END in text:
+    text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+  else:
+    text = text.rstrip("\n") + f"\n\n## Generated by `busgen-jax bench`\n\n{block}\n"
+  path.write_text(text)
+
+
+if __name__ == "__main__":     # a case's child process: bench.py CASE_JSON DATA OUT_JSON
+  from absl import flags, logging
+  flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  result = run_case(json.loads(sys.argv[1]), sys.argv[2])
+  Path(sys.argv[3]).write_text(json.dumps(result))
