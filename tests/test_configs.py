@@ -48,3 +48,12 @@ def test_sweep_configs_expand_into_runs_of_existing_config_keys():
       for part in key.split("."):
         assert part in node, f"{path.name}: {key} is not a key of {cfg.config}"
         node = node[part]
+
+
+def test_docs_experiment_scripts_import_and_document_their_command():
+  """docs/experiments/*.py (the commands behind docs/PRIVACY.md's figures) stay runnable against the package."""
+  for path in sorted((CONFIGS.parent / "docs" / "experiments").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)          # imports only: main() runs under __main__
+    assert f"python docs/experiments/{path.name}" in module.__doc__ and callable(module.main), path
