@@ -1,18 +1,19 @@
 """`busgen-jax bench`: what the training step, the sampler and the Grain pipeline achieve on this machine.
 
-  busgen-jax bench --workdir /tmp/bench                                  # the CPU cases (~15 min on 2 cores)
+  busgen-jax bench --workdir /tmp/bench                                  # the CPU cases
   busgen-jax bench --workdir /tmp/bench --config.docs=docs/BENCHMARKS.md # and rewrite its generated section
-  busgen-jax bench --workdir /tmp/bench --config.only=tiny               # one case
+  busgen-jax bench --workdir /tmp/bench --config.only=tiny_32px          # one case
   busgen-jax bench --config configs/bench.py:accelerator --workdir /tmp/bench   # GPU/TPU: bf16, big batches
 
 Each case runs in its own process, so its peak host memory (ru_maxrss) is its own. In that process: the matmul
 peak (best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) before and after, because shared
-machines drift (fractions are of the higher); the train step's compile time, step time, images/s, model FLOPs (XLA's cost analysis, forward x 3)
-and their fraction of the measured peak, and on an accelerator the MFU against the chip's published bf16 peak;
-XLA's compiled temporary memory of the step with materialised (dense) and memory-efficient (chunked) attention;
-the guided sampler's images/s (DPM-Solver++ multistep, two network passes per step); the Grain pipeline's images/s
-at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and
-bench.md; with --config.docs, the section between `<!-- bench:begin -->` and `<!-- bench:end -->` of that file.
+machines drift (fractions are of the higher); the train step's cold compile time, step time, images/s, model
+FLOPs (XLA's cost analysis, forward x 3) and their fraction of the measured peak, and on an accelerator the MFU
+against the chip's published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and
+memory-efficient (chunked) attention; the guided sampler's images/s (DPM-Solver++ multistep, one doubled batch per
+step); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step
+consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between
+`<!-- bench:begin -->` and `<!-- bench:end -->` of that file. The CPU cases took 11 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def _case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, pipeline_batches=0, dtype="float32",
-          attention="auto", compare_attention=False) -> dict:
+def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, pipeline_batches=0, dtype="float32",
+         attention="auto", compare_attention=False) -> dict:
+  """One bench case: the model ("tiny": configs/phantom_tiny.py's, or "official"), image size and train batch,
+  timed train steps, sampler batch and steps (0: no sampling), pipeline batches (0: none), compute dtype,
+  attention implementation, and whether to compare dense with chunked attention's memory."""
   return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
               pipeline_batches=pipeline_batches, dtype=dtype, attention=attention,
               compare_attention=compare_attention)
@@ -44,10 +48,10 @@ def _case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, pipeli
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.cases = ml_collections.ConfigDict({
-      "tiny_32px": _case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, pipeline_batches=40),
-      "official_64px": _case("official", 64, 4, sample_batch=2, sample_steps=10, pipeline_batches=20,
+      "tiny_32px": case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, pipeline_batches=40),
+      "official_64px": case("official", 64, 4, sample_batch=2, sample_steps=10, pipeline_batches=20,
                              compare_attention=True),
-      "official_128px": _case("official", 128, 1, steps=2, pipeline_batches=10, compare_attention=True),
+      "official_128px": case("official", 128, 1, steps=2, pipeline_batches=10, compare_attention=True),
   })
   c.only = ""                 # comma-separated case names ("" = all)
   c.pipeline_images = 256     # phantom images converted for the pipeline measurement
@@ -181,7 +185,8 @@ def _pipeline(case: dict, data: str) -> dict:
       t = time.perf_counter()
       for _ in range(case["pipeline_batches"]):
         next(it)
-      out[f"pipeline_images_per_s_{workers}_workers"] = c.batch_size * case["pipeline_batches"] / (time.perf_counter() - t)
+      seconds = time.perf_counter() - t
+      out[f"pipeline_images_per_s_{workers}_workers"] = c.batch_size * case["pipeline_batches"] / seconds
     finally:
       it.close()
   return out
@@ -264,7 +269,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                      **_child(name, cfg.cases[name].to_dict(), data, work / f"{name}.json", cfg.timeout_s)}
     logging.info("bench case %s: %s", name, json.dumps(results[name]))
   report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu_count": os.cpu_count(),
-            "command": " ".join(["busgen-jax", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "busgen-jax bench",
+            "command": " ".join(["busgen-jax", *sys.argv[1:]]) if "bench" in sys.argv else "busgen-jax bench",
             "cases": results}
   (work / "bench.json").write_text(json.dumps(report, indent=1))
   md = markdown(report)
@@ -293,8 +298,8 @@ def markdown(report: dict) -> str:
                       key=lambda kv: (kv[1]["case"]["model"] != "tiny", kv[1]["case"]["size"], kv[0])))
   first = next(iter(cases.values()), {})
   lines = [f"Generated by `{report['command']}` on {report['date']} ({report['cpu_count']} CPU cores; "
-           f"{first.get('platform', '?')}: {first.get('device_kind', '?')}). The matmul peak is measured in each case's "
-           f"process before and after it; fractions are of the higher of the two."]
+           f"{first.get('platform', '?')}: {first.get('device_kind', '?')}). The matmul peak is measured in each "
+           "case's process before and after it; fractions are of the higher of the two."]
   lines += _table(cases, "train_images_per_s", [
       "case", "matmul peak GFLOP/s (before/after)", "train images/s", "GFLOP/image", "train GFLOP/s", "of peak",
       "MFU", "compile s", "peak host GiB"], lambda n, r: [

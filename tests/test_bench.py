@@ -9,7 +9,7 @@ def test_bench_micro_case_and_docs_section(tmp_path):
   docs.write_text(f"# Benchmarks\n\nhand-written\n\n{bench.BEGIN}\nold figures\n{bench.END}\n\nmore hand-written\n")
   cfg = bench.default_config()
   with cfg.unlocked():
-    cfg.cases = {"micro": bench._case("tiny", 16, 2, steps=1, sample_batch=2, sample_steps=2, pipeline_batches=2,
+    cfg.cases = {"micro": bench.case("tiny", 16, 2, steps=1, sample_batch=2, sample_steps=2, pipeline_batches=2,
                                       compare_attention=True)}
   cfg.pipeline_images, cfg.docs = 16, str(docs)
   report = bench.run(cfg, tmp_path / "work")
