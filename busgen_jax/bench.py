@@ -29,9 +29,9 @@ from pathlib import Path
 
 import ml_collections
 
-# Published dense bf16 peaks per chip (TFLOP/s), matched against jax's device_kind: the MFU denominator.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v6": 918.0, "TPU v5p": 459.0,
-                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
+# Published dense bf16 peaks of GPUs (FLOP/s), matched as substrings of jax's device_kind; TPUs' are aot.CHIPS'
+# (keyed by their exact device_kind). The MFU denominator.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -99,18 +99,21 @@ def _config(case: dict):
   return cfg
 
 
-def _train(cfg, case: dict) -> dict:
-  import jax
+def _batch(B: int, S: int) -> dict:
+  """A batch of every field a model may take (noise images, empty boxes and masks, label 1)."""
   import numpy as np
+  return {"image": np.random.default_rng(0).uniform(-1, 1, (B, S, S, 3)).astype(np.float32),
+          "box": np.zeros((B, S, S, 1), np.float32), "mask": np.zeros((B, S, S, 1), np.float32),
+          "pathology": np.ones(B, np.int32), "device": np.ones(B, np.int32)}
+
+
+def _train(cfg, case: dict, fwd_flops: float) -> dict:
+  import jax
   from busgen_jax import parallel
-  from busgen_jax.models import unet
   from busgen_jax.train import diffusion
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-  B, S = case["batch"], case["size"]
-  rng = np.random.default_rng(0)
-  local = {"image": rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32), "box": np.zeros((B, S, S, 1), np.float32),
-           "mask": np.zeros((B, S, S, 1), np.float32), "pathology": np.ones(B, np.int32),
-           "device": np.ones(B, np.int32)}
+  B = case["batch"]
+  local = _batch(B, case["size"])
   out = {}
   variants = ("dense", "chunked") if case["compare_attention"] else ()
   for impl in variants:   # compile only: XLA's temporary buffers of the whole step
@@ -133,42 +136,38 @@ def _train(cfg, case: dict) -> dict:
     state, m = step(state, batch)
   jax.block_until_ready(m)
   step_s = (time.perf_counter() - t) / case["steps"]
-  flops = unet.flops_per_image(cfg.model, S)
+  flops = 3 * fwd_flops                              # forward + backward
   out.update(train_step_s=step_s, train_images_per_s=B / step_s, gflop_per_image=flops / 1e9,
              train_gflop_per_s=flops * B / step_s / 1e9)
   return out
 
 
-def _sample(cfg, case: dict) -> dict:
+def _sample(cfg, case: dict, fwd_flops: float) -> dict:
+  """The production sampling program (generate.make_sampler) at the case's batch, steps and guidance 2.8."""
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
-  from busgen_jax.diffusion import samplers, schedule
+  from busgen_jax import generate, parallel
   from busgen_jax.models import unet
   B, S = case["sample_batch"], case["size"]
-  plan = samplers.make_plan(schedule.Schedule.from_config(cfg.schedule).betas, steps=case["sample_steps"],
-                            method="multistep", order=2)
-  graphdef, params = nnx.split(unet.create(cfg.model, 0), nnx.Param)
-
-  def sample(params, cond, keys):
-    net = nnx.merge(graphdef, params)
-    return samplers.sample_from_keys(plan, lambda x, t, c: net(x, t, c), keys, (S, S, 3), cond=cond,
-                                     guidance_scale=2.8)
-
-  cond = {"pathology": jnp.ones(B, jnp.int32), "device": jnp.ones(B, jnp.int32), "box": jnp.zeros((B, S, S, 1)),
-          "mask": jnp.zeros((B, S, S, 1))}
-  cond = {k: v for k, v in cond.items() if k in cfg.model.conditions}
-  keys = jax.random.split(jax.random.PRNGKey(1), B)
+  scfg = generate.default_config()
+  scfg.schedule = ml_collections.ConfigDict(cfg.schedule.to_dict())
+  scfg.sampler.update(method="multistep", order=2, steps=case["sample_steps"], guidance_scale=2.8)
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  sample, plan = generate.make_sampler(scfg, cfg.model, S, cfg.objective.prediction, mesh)
+  params = nnx.to_pure_dict(nnx.state(unet.create(cfg.model, 0), nnx.Param))
+  batch = _batch(B, S)
+  args = (params, np.arange(B, dtype=np.int32), {k: batch[k] for k in cfg.model.conditions})
   t = time.perf_counter()
-  fn = jax.jit(sample).lower(params, cond, keys).compile()
+  fn = sample.lower(*args).compile()
   compile_s = time.perf_counter() - t
-  jax.block_until_ready(fn(params, cond, keys))
+  jax.block_until_ready(fn(*args))
   t = time.perf_counter()
-  jax.block_until_ready(fn(params, cond, keys))
+  jax.block_until_ready(fn(*args))
   dt = time.perf_counter() - t
-  fwd = unet.flops_per_image(cfg.model, S, backward=False)
+  flops = 2 * plan.num_evals * fwd_flops * B          # guidance: every evaluation is on a doubled batch
   return {"sample_steps": case["sample_steps"], "sample_network_evals": plan.num_evals, "sample_compile_s": compile_s,
-          "sample_images_per_s": B / dt, "sample_gflop_per_s": 2 * plan.num_evals * fwd * B / dt / 1e9}
+          "sample_images_per_s": B / dt, "sample_gflop_per_s": flops / dt / 1e9}
 
 
 def _pipeline(case: dict, data: str) -> dict:
@@ -192,6 +191,13 @@ def _pipeline(case: dict, data: str) -> dict:
   return out
 
 
+def _published_bf16_peak(device_kind: str) -> float | None:
+  from busgen_jax import aot
+  if device_kind in aot.CHIPS:
+    return aot.CHIPS[device_kind].bf16_flops
+  return next((v for k, v in GPU_BF16_PEAK.items() if k in device_kind), None)
+
+
 def run_case(case: dict, data: str) -> dict:
   """One case, in this process."""
   import jax
@@ -199,24 +205,26 @@ def run_case(case: dict, data: str) -> dict:
   device = jax.devices()[0]
   accelerator = device.platform != "cpu"
   dtype = jnp.bfloat16 if accelerator else jnp.float32
+  from busgen_jax.models import unet
   cfg = _config(case)
   out = {"platform": device.platform, "device_kind": device.device_kind, "matmul_dtype": jnp.dtype(dtype).name,
          "matmul_peak_gflop_per_s": _matmul_peak(dtype) / 1e9}
-  out.update(_train(cfg, case))
+  fwd = unet.flops_per_image(cfg.model, case["size"], backward=False)
+  out.update(_train(cfg, case, fwd))
   if case["sample_steps"] and case["sample_batch"]:
-    out.update(_sample(cfg, case))
+    out.update(_sample(cfg, case, fwd))
   out["matmul_peak_after_gflop_per_s"] = _matmul_peak(dtype) / 1e9
   # Fractions of the better of the two peaks: a conservative figure on a machine that others share.
   best = max(out["matmul_peak_gflop_per_s"], out["matmul_peak_after_gflop_per_s"])
   out["train_fraction_of_matmul_peak"] = out["train_gflop_per_s"] / best
   if "sample_gflop_per_s" in out:
     out["sample_fraction_of_matmul_peak"] = out["sample_gflop_per_s"] / best
-  spec = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device.device_kind), None)
+  spec = _published_bf16_peak(device.device_kind)
   if accelerator and spec:
-    out["bf16_peak_tflop_per_s_published"] = spec
-    out["train_mfu"] = out["train_gflop_per_s"] / (spec * 1e3)
+    out["bf16_peak_tflop_per_s_published"] = spec / 1e12
+    out["train_mfu"] = out["train_gflop_per_s"] * 1e9 / spec
     if "sample_gflop_per_s" in out:
-      out["sample_mfu"] = out["sample_gflop_per_s"] / (spec * 1e3)
+      out["sample_mfu"] = out["sample_gflop_per_s"] * 1e9 / spec
   if case["pipeline_batches"] and data:
     out.update(_pipeline(case, data))
     out["pipeline_over_train"] = out["pipeline_images_per_s_2_workers"] / out["train_images_per_s"]

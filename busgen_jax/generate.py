@@ -428,6 +428,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   histology = [schema.UNKNOWN] + (list(task["classes"]) if task and task["field"] == "histology" else [])
   vocab_json = {"device": model.vocab["device"], "histology": histology}
   process, processes = jax.process_index(), jax.process_count()
+  shown = _shown(provenance, cfg.record_paths)
   if process == 0:
     convert.write_json(ds / "shard_reports" / "plan.json", {
         "fingerprint": fingerprint, "num_tasks": n_shards, "num_inputs": examples.total, "vocab": vocab_json,
@@ -435,7 +436,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
         "directory": str(ds) if cfg.record_paths else _short(str(ds)),
         "config": {"name": cfg.name, "format": "generated", "input": model.name,
                    "generation": _shown(cfg.to_dict(), cfg.record_paths), "conditions": conds,
-                   "provenance": _shown(provenance, cfg.record_paths)}})
+                   "provenance": shown}})
   mine = [k for k in range(n_shards) if k % processes == process]
   todo = [k for k in mine if not convert.shard_done(ds, k, fingerprint)]
   if len(todo) < len(mine):
@@ -489,7 +490,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
       report = convert.merge(ds)
       sheets = contact_sheets(ds, examples, cfg)
       convert.write_json(ds / "generation.json", {
-          "provenance": _shown(provenance, cfg.record_paths), "conditions": conds, "num_examples": report["converted"],
+          "provenance": shown, "conditions": conds, "num_examples": report["converted"],
           "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
           "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})
     else:

@@ -7,9 +7,10 @@
 
 Everything random is a function of (seed, global position), so the same seed gives the same examples, with the
 same augmentations, for any number of worker processes and any number of hosts: global batch k is positions
-[k B, (k+1) B) of the mixed stream in order, process p holding its p-th contiguous part. The iterator's state is its position (Grain
-checkpoints it); after a change of process count a run resumes with `start` = its step instead. MapDatasets are
-lazy, so records are decoded only after the per-process slice: each host decodes only its own examples.
+[k B, (k+1) B) of the mixed stream in order, process p holding its p-th contiguous part. The iterator's state
+is its position (Grain checkpoints it); after a change of process count a run resumes with `start` = its step
+instead. MapDatasets are lazy, so records are decoded only after the per-process slice: each host decodes only
+its own examples.
 
 Labels are mapped to one global vocabulary (`data.device_vocab`, else the union of the sources' names with
 "unknown" first), since each dataset stores its own.

@@ -118,8 +118,8 @@ class Records:
     try:
       self._source = ArrayRecordDataSource(files)
     except Exception as e:  # noqa: BLE001 - find the file that fails on its own, keep the cause
-      raise IOError(f"{self._culprit(files)}: cannot open the shard ({type(e).__name__}: {e or 'truncated or corrupted'})"
-                    f"; {_REDO}") from e
+      raise IOError(f"{self._culprit(files)}: cannot open the shard ({type(e).__name__}: "
+                    f"{e or 'truncated or corrupted'}); {_REDO}") from e
     if len(self._source) != self._ends[-1]:
       counts = [len(ArrayRecordDataSource([f])) for f in files]
       bad = [(f, c, n) for f, c, n in zip(files, counts, lengths) if c != n]

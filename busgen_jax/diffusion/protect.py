@@ -16,8 +16,6 @@ bit as without protection. The UNet is not differentiated: only the descriptor i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -76,14 +74,17 @@ def load_bank(c: ml_collections.ConfigDict, seed: int = 0) -> tuple[np.ndarray, 
   except ValueError as e:
     raise ValueError(f"{e}: protect.radius=0 calibrates on held-out patients; name a split of patients not "
                      "trained on with protect.holdout_split, or give protect.radius") from None
-  d = np.sqrt(np.maximum(2 - 2 * np.max(held @ bank.T, axis=1), 0.0))
-  return bank, float(np.quantile(d, c.holdout_quantile))
+  return bank, float(np.quantile(_nearest_distance(held, bank), c.holdout_quantile))
+
+
+def _nearest_distance(q: jax.Array, bank: jax.Array) -> jax.Array:
+  """(B,) distance of unit descriptors to their nearest bank member."""
+  return jnp.sqrt(jnp.maximum(2 - 2 * jnp.max(q @ bank.T, axis=1), 0.0))
 
 
 def nearest(x0: jax.Array, bank: jax.Array, resolution: int) -> jax.Array:
   """(B,) descriptor distance of each image to its nearest bank member."""
-  q = descriptors(x0, resolution)
-  return jnp.sqrt(jnp.maximum(2 - 2 * jnp.max(q @ bank.T, axis=1), 0.0))
+  return _nearest_distance(descriptors(x0, resolution), bank)
 
 
 def protected(eps_fn, bank: jax.Array, sched: Schedule, *, radius, scale: float, resolution: int):

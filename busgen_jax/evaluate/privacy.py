@@ -33,14 +33,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from busgen_jax.data import reader
 from busgen_jax.evaluate import metrics

@@ -174,22 +174,22 @@ def load_params(directory: str | Path, model_cfg=None, *, which: str = "ema", st
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint found")
+  out = None
   try:
     meta = mngr.item_metadata(step)["state"]
-    if which not in meta:
-      raise KeyError(f"{directory}/{step}: no {which!r} in the checkpoint (has {sorted(meta)})")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[which])}
-    restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                     partial_restore=True)
-    out = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"][which]
-  except KeyError:
-    raise
+    if which in meta:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = {which: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[which])}
+      restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                       partial_restore=True)
+      out = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"][which]
   except Exception as e:  # noqa: BLE001 - name the checkpoint that failed, keep the cause
     raise RuntimeError(f"cannot restore checkpoint {directory / str(step)}: {type(e).__name__}: {e}"
                        f"{_older(mngr, step)}") from e
   finally:
     mngr.close()
+  if out is None:
+    raise KeyError(f"{directory}/{step}: no {which!r} in the checkpoint (has {sorted(meta)})")
   return _int_keys(jax.tree.map(np.asarray, out))
 
 
