@@ -24,6 +24,7 @@ class Stage:
   default_config: Callable | None        # the config used when --config is not given
   define_flags: Callable[[], None]
   main: Callable[[list[str]], None]
+  open_keys: tuple[str, ...] = ()        # config dicts that take new keys: --config.<key>.<any name>=<value>
 
 
 def _define_config(default_config: Callable | None, argv: list[str]) -> None:
@@ -317,6 +318,23 @@ def _default_audit_config():
   return privacy.default_config()
 
 
+# ---------------------------------------------------------------------------------------------------- experiment
+
+def _experiment_main(argv):
+  from busgen_jax import experiment
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (the experiment's run directory)")
+  s = experiment.run(FLAGS.config, FLAGS.workdir)
+  for test, t in s.get("tests", {}).items():
+    print(f"{test}: " + ", ".join(f"{arm} {r['auc']:.3f}" for arm, r in t["arms"].items())
+          + f"; TSTR/TRTR {t['tstr_over_trtr']:.3f}, mixed - real {t['mixed_minus_real']:+.3f}")
+
+
+def _default_experiment_config():
+  from busgen_jax import experiment
+  return experiment.default_config()
+
+
 # ---------------------------------------------------------------------------------------------------- bench
 
 def _bench_main(argv):
@@ -345,6 +363,10 @@ STAGES: dict[str, Stage] = {
                            _default_box_prior_config, lambda: None, _fit_box_prior_main),
     "sample": Stage("generate a synthetic dataset from a checkpoint (sharded, resumable)",
                     _default_sample_config, lambda: None, _sample_main),
+    "experiment": Stage("the paper's protocol on real data: pretrain, generate, classifiers on real / generated / "
+                        "mixed data and a scaling curve, tested on the internal test split and on external sets "
+                        "(--config.external.NAME=PATH), quality and audit; one report",
+                        _default_experiment_config, lambda: None, _experiment_main, open_keys=("external",)),
     "classify": Stage("train a classifier on real, generated or mixed data; evaluate on held-out real data",
                       _default_classify_config, lambda: None, _classify_main),
     "evaluate": Stage("evaluate a saved classifier on any dataset: --config.checkpoint=DIR --config.dataset=DS",
@@ -388,14 +410,41 @@ def main(argv: list[str] | None = None) -> None:
     print(f"busgen-jax: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
   stage = STAGES[name]
-  stage_argv = [f"busgen-jax {name}"] + argv[2:]
+  stage_argv, added = _open_key_overrides([f"busgen-jax {name}"] + argv[2:], stage.open_keys)
+  if added:   # ml-collections' config flag also reads sys.argv for overrides
+    sys.argv[:] = [a for a in sys.argv if a in stage_argv or a == sys.argv[0] or a == name]
   if name != "inspect":
     _define_config(stage.default_config, stage_argv)
   else:
     flags.DEFINE_string("workdir", None, "dataset directory (or give it as the argument)")
   stage.define_flags()
   logging.set_verbosity(logging.INFO)
-  app.run(stage.main, argv=stage_argv, flags_parser=_parse_flags)
+
+  def stage_main(args):
+    if added:
+      with FLAGS.config.unlocked():
+        for key, entries in added.items():
+          FLAGS.config[key].update(entries)
+    stage.main(args)
+
+  app.run(stage_main, argv=stage_argv, flags_parser=_parse_flags)
+
+
+def _open_key_overrides(argv: list[str], open_keys) -> tuple[list[str], dict[str, dict[str, str]]]:
+  """Takes `--config.<key>.<name>=<value>` for each open key out of argv (ml-collections rejects keys a config
+  lacks), to be added to the parsed config: how `--config.external.NAME=PATH` names any number of test sets."""
+  rest, added = [], {}
+  for a in argv:
+    key = next((k for k in open_keys if a.startswith(f"--config.{k}.")), None)
+    if key is None:
+      rest.append(a)
+      continue
+    name, sep, value = a[len(f"--config.{key}."):].partition("=")
+    if not sep or not name or "." in name or not value:
+      print(f"{argv[0]}: expected --config.{key}.NAME=VALUE, got {a!r}", file=sys.stderr)
+      sys.exit(2)
+    added.setdefault(key, {})[name] = value
+  return rest, added
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ runs that finished (DIR/<run>/sweep_run.json with status 0) are skipped.
            one line per value of another)
 
     c.stage = "classify"
-    c.config = "configs/classify_phantom.py:mixed"
+    c.config = "configs/classify.py:real=/r,generated=/g"
     c.fixed = ("num_steps=500",)                            # --config.<...> for every run
     c.axes.n_gen = {"key": "data.sources.generated.limit", "values": (250, 500, 1000)}
     c.axes.w_gen = {"key": "data.sources.generated.weight", "values": (0.5, 1.0)}

@@ -7,7 +7,8 @@ import pytest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for k in (8, 16, 32, 64)],
-        "classify_phantom": ["real", "generated", "mixed"], "demo": ["cpu", "ci", "full"],
+        "classify": ["", "real=/r", "generated=/g,val=/r", "real=/r,generated=/g,mix=0.3,siteB=/b"],
+        "experiment": ["cpu", "ci", "full"], "demo": ["cpu", "ci", "full"],
         "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"]}
 
 
@@ -57,3 +58,29 @@ def test_docs_experiment_scripts_import_and_document_their_command():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)          # imports only: main() runs under __main__
     assert f"python docs/experiments/{path.name}" in module.__doc__ and callable(module.main), path
+
+
+def test_classify_config_takes_every_dataset_by_argument(tmp_path):
+  from busgen_jax.data import convert
+  from busgen_jax.train import classifier
+  from helpers import convert_config
+  real = convert.convert(convert_config("phantom", "", tmp_path / "real", **{"phantom.num_examples": 12}))
+  gen = convert.convert(convert_config("phantom", "", tmp_path / "gen", **{"phantom.num_examples": 12,
+                                                                           "phantom.seed": 5}))
+  cfg = _load("classify").get_config(f"real={real},generated={gen},mix=0.3,siteB={tmp_path / 'siteB'}")
+  s = cfg.data.sources
+  assert (s.real.path, s.generated.path) == (str(real), str(gen))
+  assert (s.real.weight, s.generated.weight) == pytest.approx((0.7, 0.3))
+  assert cfg.val.path == str(real) and cfg.val.split == "val"          # selection: the real source's val split
+  assert {n: (t.path, t.split) for n, t in cfg.test.items()} == {
+      "real_test": (str(real), "test"), "siteB": (str(tmp_path / "siteB"), "test")}
+  with pytest.raises(FileNotFoundError, match="test.siteB.path"):   # before any training
+    classifier.check_paths(cfg)
+  only = _load("classify").get_config(f"generated={gen},val={real}")
+  assert set(only.data.sources) == {"generated"} and only.val.path == str(real) and not len(only.test)
+  classifier.check_paths(only)
+  with pytest.raises(ValueError, match="val=PATH"):
+    _load("classify").get_config(f"generated={gen}")
+  bare = _load("classify").get_config("")            # nothing given: nothing defaults to a made-up path
+  with pytest.raises(ValueError, match="data.sources.real.path is empty"):
+    classifier.check_paths(bare)

@@ -178,7 +178,7 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(tmp_path):
   (root / "link.png").symlink_to(tmp_path / "outside.png")
   (root / "manifest.json").write_text(json.dumps(entries))
   _, report = _convert(convert_config("manifest", root / "manifest.json", tmp_path / "out",
-                                      **{"manifest.box_units": "normalized"}))
+                                      **{"manifest.box_units": "normalized", "image.colour": "reject"}))
   assert report["inputs"] == len(entries) and report["converted"] == 1
   codes = rejections_by_file(report)
   expected = {
@@ -196,6 +196,38 @@ def test_every_bad_input_kind_is_rejected_with_its_reason(tmp_path):
   assert "palette" in reasons["palette.png"] and "decompression bomb" in reasons["bomb.png"]
   assert "listed twice" in reasons["ok.png"]
   assert sum(1 for r in report["rejections"] if r["code"] == "bad_row") == 2  # no file, not an object
+
+
+def _annotate(image: np.ndarray) -> np.ndarray:
+  """A grayscale image as RGB with coloured annotation marks (a yellow cross and a green calliper line), as
+  BUSI's colour-marked images carry."""
+  rgb = np.stack([image] * 3, -1)
+  rgb[18:22, 10:40] = (255, 255, 0)
+  rgb[5:35, 24:26] = (0, 200, 0)
+  return rgb
+
+
+def test_colour_marked_images_become_luma_with_a_warning(tmp_path):
+  make_busi(tmp_path / "in")
+  b = tmp_path / "in" / "Dataset_BUSI_with_GT"
+  marked = _annotate(gray(seed=11))
+  save(b / "malignant/malignant (3).png", marked)
+  save(b / "malignant/malignant (3)_mask.png", lesion_mask(boxes=((20, 10, 40, 35),)))
+  ds, report = _convert(convert_config("busi", tmp_path / "in", tmp_path / "out"))
+  assert report["converted"] == 5 and "unsupported_mode" not in report["rejections_by_code"]
+  rel = "Dataset_BUSI_with_GT/malignant/malignant (3).png"
+  warned = [w for w in report["warnings"] if w.get("code") == "colour_to_luma"]
+  assert [w["file"] for w in warned] == [rel], report["warnings"]   # gray RGB files (benign (1)) are not warned
+  ex = _all(ds)["busi/malignant/malignant (3)"]
+  want = np.asarray(Image.fromarray(marked).convert("L"))            # ITU-R 601 luma, as PIL computes it
+  np.testing.assert_array_equal(ex["image"][..., 0], want)
+  assert ex["image"][0, 0, 0] == gray(seed=11)[0, 0]                 # unmarked pixels keep their gray value
+
+  # image.colour=reject: the same file is rejected with its reason, and still accounted for.
+  _, report = _convert(convert_config("busi", tmp_path / "in", tmp_path / "out2", **{"image.colour": "reject"}))
+  assert rejections_by_file(report)[rel] == "unsupported_mode" and report["converted"] == 4
+  with pytest.raises(ValueError, match="image.colour"):
+    convert.convert(convert_config("busi", tmp_path / "in", tmp_path / "out3", **{"image.colour": "rgb"}))
 
 
 def test_manifest_errors_name_the_file(tmp_path):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def grid_config(**kw):
   c = sweep.default_config()
-  c.stage, c.config = "classify", "configs/classify_phantom.py:mixed"
+  c.stage, c.config = "classify", "configs/classify.py:real=/r,generated=/g"
   c.fixed = ("num_steps=10",)
   c.axes = ml_collections.ConfigDict({
       "n_gen": {"key": "data.sources.generated.limit", "values": (100, 1000)},
@@ -51,7 +51,7 @@ def test_print_and_tpu_modes_give_the_commands():
   c.tpu.zone, c.tpu.name = "us-east5-a", "pod"
   lines = []
   sweep.run(c, "gs://bucket/sweeps/s", mode="print", log=lines.append, only=["0"])
-  assert lines == ["busgen-jax classify --config configs/classify_phantom.py:mixed --workdir "
+  assert lines == ["busgen-jax classify --config configs/classify.py:real=/r,generated=/g --workdir "
                    "gs://bucket/sweeps/s/model=resnet_tiny,n_gen=100,real=0.7,share=0.3 --config.num_steps=10 "
                    "--config.model.name=resnet_tiny --config.data.sources.generated.limit=100 "
                    "--config.data.sources.real.weight=0.7 --config.data.sources.generated.weight=0.3"]
@@ -63,7 +63,7 @@ def test_print_and_tpu_modes_give_the_commands():
   out = subprocess.run(["bash", *argv[:-len(argv) + argv.index("--")], "--dry_run", *argv[argv.index("--"):]],
                        capture_output=True, text=True, check=True).stdout
   assert out.startswith("gcloud compute tpus tpu-vm ssh pod --zone us-east5-a --worker=all --command")
-  assert "busgen-jax classify --config configs/classify_phantom.py:mixed" in out
+  assert "busgen-jax classify --config configs/classify.py:real" in out   # (bash %q escapes the commas)
 
 
 @pytest.fixture(scope="module")

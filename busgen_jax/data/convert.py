@@ -52,13 +52,17 @@ def _need_input(cfg) -> Path:
   return p
 
 
+def _image_args(c) -> dict:
+  if c.image.colour not in base.COLOUR_MODES:
+    raise ValueError(f"image.colour must be one of {base.COLOUR_MODES}, got {c.image.colour!r}")
+  return {"max_pixels": c.image.max_pixels, "colour": c.image.colour}
+
+
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], base.Source]] = {
     "phantom": lambda c: PhantomSource(**c.phantom.to_dict(), name=c.name or "phantom"),
-    "busi": lambda c: BusiSource(_need_input(c), **c.busi.to_dict(), max_pixels=c.image.max_pixels,
-                                 name=c.name or "busi"),
-    "busbra": lambda c: BusbraSource(_need_input(c), **c.busbra.to_dict(), max_pixels=c.image.max_pixels,
-                                     name=c.name or "busbra"),
-    "manifest": lambda c: ManifestSource(_need_input(c), **c.manifest.to_dict(), max_pixels=c.image.max_pixels,
+    "busi": lambda c: BusiSource(_need_input(c), **c.busi.to_dict(), **_image_args(c), name=c.name or "busi"),
+    "busbra": lambda c: BusbraSource(_need_input(c), **c.busbra.to_dict(), **_image_args(c), name=c.name or "busbra"),
+    "manifest": lambda c: ManifestSource(_need_input(c), **c.manifest.to_dict(), **_image_args(c),
                                          name=c.name or "manifest"),
 }
 
@@ -339,7 +343,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.output = ""                 # data_dir; the dataset goes to <output>/<name>/<version>
   c.name = ""                   # dataset name (default: the format)
   c.version = "1.0.0"
-  c.image = ml_collections.ConfigDict({"resize": "max_side", "size": 256, "max_pixels": 50_000_000})
+  # colour: RGB files with colour content (annotation marks, Doppler): "luma" converts them (a warning per file
+  # in the report, as the official code's convert("RGB") keeps them) | "reject" (unsupported_mode)
+  c.image = ml_collections.ConfigDict({"resize": "max_side", "size": 256, "max_pixels": 50_000_000,
+                                       "colour": "luma"})
   c.split = ml_collections.ConfigDict({
       "scheme": "random", "fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "seed": 0,
       "test_fold": 1, "val_fold": -1})

@@ -1,4 +1,4 @@
-"""Downstream classifiers: `busgen-jax classify --config configs/classify_phantom.py --workdir DIR`.
+"""Downstream classifiers: `busgen-jax classify --config configs/classify.py:real=DIR --workdir DIR`.
 
 Read top to bottom: task (label field, class names) -> Grain pipeline over real, generated or mixed sources
 (`config.data.sources`, mixing weights) filtered to the task's classes -> model from the registry -> jitted
@@ -211,9 +211,24 @@ def _default_real(cfg) -> str:
   return cfg.data.sources["real"].path if "real" in cfg.data.sources else cfg.data.sources[first].path
 
 
+def check_paths(cfg) -> None:
+  """Every dataset the run will read exists: a missing validation or test set fails now, not after training."""
+  named = [(f"data.sources.{n}.path", cfg.data.sources[n].path) for n in cfg.data.sources.keys()]
+  named += [("val.path", cfg.val.path or _default_real(cfg))]
+  named += [(f"test.{n}.path", cfg.test[n].path or _default_real(cfg)) for n in cfg.test.keys()]
+  for key, path in named:
+    if not path:
+      raise ValueError(f"--config.{key} is empty: give a dataset directory")
+    try:
+      reader.find_dataset_dir(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise FileNotFoundError(f"--config.{key}: {e}") from None
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains, keeps the best checkpoint on validation, evaluates it on the test sets. Returns the test reports."""
   parallel.maybe_initialize_distributed()
+  check_paths(cfg)
   work = Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
   cfg = _with_task_filters(cfg)

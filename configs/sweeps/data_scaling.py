@@ -5,7 +5,7 @@ mixed in at two shares (the paper's Fig. 3 experiment), on the demo's phantom da
   busgen-jax sweep --config configs/sweeps/data_scaling.py:/tmp/busgen_demo --workdir /tmp/sweep_scaling
   # on a TPU VM (launch/tpu.sh): --mode=tpu --config.tpu.zone=ZONE --config.tpu.name=NAME --workdir gs://B/sweeps/x
 
-Each run is `busgen-jax classify --config configs/classify_phantom.py:mixed` with
+Each run is `busgen-jax classify --config configs/classify.py:real=...,generated=...` with
 `data.sources.generated.limit` generated images and the generated share of the training stream given by
 `gen_share`; results go to DIR/sweep.md and DIR/sweep.png (AUC with its 95% CI vs generated images).
 """
@@ -20,10 +20,7 @@ def get_config(arg: str = "/tmp/busgen_demo"):
   real, generated = f"{demo}/data", f"{demo}/generated/data"
   c = sweep.default_config()
   c.stage = "classify"
-  c.config = "configs/classify_phantom.py:mixed"
-  c.fixed = (f"data.sources.real.path={real}", f"data.sources.generated.path={generated}",
-             f"val.path={real}", f"test.real_test.path={real}", "data.image_size=32", "num_steps=400",
-             "eval_every=100")
+  c.config = f"configs/classify.py:real={real},generated={generated},size=32,steps=400"
   c.axes = ml_collections.ConfigDict({
       "n_gen": {"key": "data.sources.generated.limit", "values": (125, 250, 500, 1000)},
       "gen_share": {"key": "data.sources.generated.weight", "values": (0.5, 0.8)},

@@ -128,19 +128,33 @@ def _open(path: Path, max_pixels: int, what: str) -> Image.Image:
   return im
 
 
-def load_grayscale(path: Path, *, max_pixels: int, gray_tolerance: int = 8) -> np.ndarray:
-  """An 8-bit grayscale image as uint8 (H, W). RGB is accepted only when its content is gray (BUSI's case)."""
+COLOUR_MODES = ("luma", "reject")
+
+
+def load_grayscale(path: Path, *, max_pixels: int, colour: str = "luma", name: str = "",
+                   gray_tolerance: int = 8) -> tuple[np.ndarray, list[dict]]:
+  """An 8-bit grayscale image as uint8 (H, W), and warnings. RGB of gray content is read as is (BUSI's files);
+  RGB with colour content (annotation marks, Doppler) becomes luma with a warning (`colour="luma"`, what the
+  official BUSGen's `convert("RGB")` keeps) or is rejected (`colour="reject"`). `name` is the file as reports show it."""
+  if colour not in COLOUR_MODES:
+    raise ValueError(f"image.colour must be one of {COLOUR_MODES}, got {colour!r}")
   im = _open(path, max_pixels, "image")
   if im.mode in _REJECTED_MODES:
     raise Reject("unsupported_mode", f"{_REJECTED_MODES[im.mode]}: mode {im.mode}")
   if im.mode == "L":
-    return np.asarray(im, np.uint8)
+    return np.asarray(im, np.uint8), []
   if im.mode == "RGB":
     rgb = np.asarray(im, np.int16)
-    spread = rgb.max(-1) - rgb.min(-1)
-    if np.mean(spread > gray_tolerance) > 0.01:
-      raise Reject("unsupported_mode", "RGB image with colour content (Doppler or annotations?); expected grayscale")
-    return np.asarray(im.convert("L"), np.uint8)
+    coloured = float(np.mean((rgb.max(-1) - rgb.min(-1)) > gray_tolerance))
+    warnings = []
+    if coloured > 0.01:
+      if colour == "reject":
+        raise Reject("unsupported_mode", f"RGB image with colour content in {coloured:.1%} of its pixels (Doppler "
+                                         "or annotations?); image.colour=luma converts it")
+      warnings.append({"file": name or path.name, "code": "colour_to_luma",
+                       "message": f"RGB image with colour content in {coloured:.1%} of its pixels (annotation "
+                                  "marks or Doppler?) converted to luma"})
+    return np.asarray(im.convert("L"), np.uint8), warnings
   raise Reject("unsupported_mode", f"unsupported image mode {im.mode}")
 
 

@@ -28,6 +28,7 @@ class BusbraSource:
   folds_file: str = "5-fold-cv.csv"     # "" for none
   box_iou_warn: float = 0.5
   max_pixels: int = 50_000_000
+  colour: str = "luma"          # RGB with colour content: luma (with a warning) | reject
   name: str = "busbra"
 
   def __post_init__(self):
@@ -92,9 +93,9 @@ class BusbraSource:
   def load(self, item: base.Item):
     p = item.payload
     path = base.resolve_inside(self.root, item.source_file)
-    image = base.load_grayscale(path, max_pixels=self.max_pixels)
+    image, warnings = base.load_grayscale(path, max_pixels=self.max_pixels, colour=self.colour,
+                                          name=item.source_file)
     h, w = image.shape
-    warnings = []
     if tuple(p["csv_size"]) != (w, h):
       warnings.append({"file": item.source_file, "code": "size_mismatch",
                        "message": f"{self.csv_file}:{p['line']} gives {p['csv_size'][0]}x{p['csv_size'][1]}, "

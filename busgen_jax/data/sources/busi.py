@@ -41,6 +41,7 @@ class BusiSource:
   min_component_pixels: int = 16
   on_conflict: str = "exclude"         # "exclude" | "keep_first"
   max_pixels: int = 50_000_000
+  colour: str = "luma"          # RGB with colour content: luma (with a warning) | reject
   name: str = "busi"
 
   def __post_init__(self):
@@ -108,7 +109,8 @@ class BusiSource:
     return p.relative_to(self.root).as_posix()
 
   def load(self, item: base.Item):
-    image = base.load_grayscale(base.resolve_inside(self.root, item.source_file), max_pixels=self.max_pixels)
+    image, warnings = base.load_grayscale(base.resolve_inside(self.root, item.source_file),
+                                          max_pixels=self.max_pixels, colour=self.colour, name=item.source_file)
     masks = [base.load_mask(base.resolve_inside(self.root, m), shape=image.shape, max_pixels=self.max_pixels)
              for m in item.payload["masks"]]
     if item.pathology != "normal" and not masks:
@@ -127,4 +129,4 @@ class BusiSource:
     ex = schema.Example(id=item.key, image=image, mask=union, boxes=boxes, pathology=item.pathology,
                         case_id=item.case_id, source_dataset=self.name, source_file=item.source_file,
                         sha256=item.payload["sha256"], orig_height=image.shape[0], orig_width=image.shape[1])
-    return ex, []
+    return ex, warnings

@@ -54,6 +54,7 @@ class ManifestSource:
   root: Path | None = None              # default: the manifest's folder
   box_units: str = "auto"               # "auto" | "normalized" | "pixels"
   max_pixels: int = 50_000_000
+  colour: str = "luma"          # RGB with colour content: luma (with a warning) | reject
   name: str = "manifest"
 
   def __post_init__(self):
@@ -141,7 +142,8 @@ class ManifestSource:
   def load(self, item: base.Item):
     p = item.payload
     path = base.resolve_inside(self.root, item.source_file)
-    image = base.load_grayscale(path, max_pixels=self.max_pixels)
+    image, warnings = base.load_grayscale(path, max_pixels=self.max_pixels, colour=self.colour,
+                                          name=item.source_file)
     h, w = image.shape
     mask = None
     if p["mask"]:
@@ -157,4 +159,4 @@ class ManifestSource:
         id=item.key, image=image, mask=mask, boxes=boxes, pathology=item.pathology, device=p["device"],
         birads=p["birads"], histology=p["histology"], case_id=item.case_id, source_dataset=self.name,
         source_file=item.source_file, sha256=base.file_sha256(path), fold=item.fold, orig_height=h, orig_width=w)
-    return ex, []
+    return ex, warnings

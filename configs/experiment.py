@@ -1,0 +1,92 @@
+"""The paper's protocol on real data: pretrain -> generate -> classifiers on real / generated / mixed data and a
+data-scaling curve -> internal and external test sets -> quality and privacy audit -> one report.
+
+  # BUS-BRA (its own folds: train 3-5, select on 2, test on 1) on 2 CPU cores, under an hour:
+  busgen-jax experiment --config configs/experiment.py:cpu --workdir /tmp/exp \
+      [--config.data.input=/path/to/BUS-BRA]                      # default: ../shared/data/busbra if present
+  # any number of external test sets (converted datasets, BUSI-style folders, .json/.csv manifests):
+  busgen-jax experiment --config configs/experiment.py:cpu --workdir /tmp/exp \
+      --config.external.siteA=/data/siteA/1.0.0 --config.external.busi=/raw/Dataset_BUSI_with_GT
+  # accelerator scale: the official 160 px model in bf16, 1x-8x repositories sharded over every host
+  busgen-jax experiment --config configs/experiment.py:full --workdir /mnt/exp --config.data.input=/data/busbra
+  # the test suite's tiny run (phantom data unless --config.data.input/dataset is given)
+  busgen-jax experiment --config configs/experiment.py:ci --workdir /tmp/exp_ci
+
+`--config.data.dataset=DIR` takes an already converted dataset instead of raw data. docs/EXPERIMENTS.md holds the
+`cpu` preset's measured results and the recipe study (`--config.docs=docs/EXPERIMENTS.md` rewrites its tables).
+"""
+
+from pathlib import Path
+
+from busgen_jax import experiment
+
+# BUS-BRA beside the checkout (this project's shared data), used when present; elsewhere pass the path.
+_SHARED_BUSBRA = Path(__file__).resolve().parents[2] / "shared" / "data" / "busbra"
+
+
+def get_config(arg: str = "cpu"):
+  preset = arg.removeprefix("preset=") or "cpu"
+  if preset not in PRESETS:
+    raise ValueError(f"configs/experiment.py: preset must be one of {sorted(PRESETS)}, got {preset!r}")
+  c = experiment.default_config(preset)
+  PRESETS[preset](c)
+  return c
+
+
+def _cpu(c):
+  """Two CPU cores, under 60 minutes: a 64 px, 32-channel UNet; a 2x repository by a 10-step solver."""
+  c.data.input = str(_SHARED_BUSBRA) if _SHARED_BUSBRA.is_dir() else ""
+  d = c.diffusion
+  d.num_steps, d.log_every, d.checkpoint_every, d.sample_every = 1400, 50, 200, 0
+  d.data.image_size, d.data.batch_size = 64, 16
+  d.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8, attn_levels=(2,), dropout=0.0,
+                 num_pathology=3, num_devices=5)
+  d.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
+  c.generate.update(multiples=(0.5, 1.0, 2.0), per_device_batch=64, local_devices=1)
+  k = c.classifier
+  k.num_steps, k.log_every, k.eval_every, k.checkpoint_every = 1500, 50, 100, 500
+  k.data.image_size, k.data.batch_size = 64, 32
+  k.model.name = "resnet_tiny"
+  k.optim.update(lr=3e-3, warmup_steps=30)
+
+
+def _ci(c):
+  """Minutes: phantom data (or the data given), a 16-channel UNet at 16 px, a few steps of everything."""
+  c.data.convert.update(format="phantom", examples_per_shard=256)
+  c.data.convert.phantom.update(num_examples=160, size=32, num_devices=2)
+  c.data.convert.image.size = 32
+  c.data.convert.split.update(scheme="random", fractions={"train": 0.6, "val": 0.2, "test": 0.2})
+  d = c.diffusion
+  d.num_steps, d.log_every, d.checkpoint_every, d.sample_every = 4, 2, 4, 0
+  d.data.image_size, d.data.batch_size = 16, 8
+  d.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), dropout=0.0,
+                 num_pathology=4, num_devices=8)
+  c.generate.update(multiples=(0.5, 1.0), per_device_batch=32, local_devices=1)
+  c.generate.sampler.steps = 2
+  k = c.classifier
+  k.num_steps, k.log_every, k.eval_every, k.checkpoint_every = 6, 3, 3, 6
+  k.data.image_size, k.data.batch_size = 16, 8
+  k.data.ultrasound_augment = ()
+  k.model.name = "resnet_tiny"
+  k.n_bootstrap, k.eval_batch_size = 50, 32
+  c.quality.update(conditions=("pathology",), min_count=4, bootstrap=10)
+  c.audit.mia_per_group = 16
+
+
+def _full(c):
+  """Accelerators: the official model (160 px, ch 128, 1-2-2-2) in bf16; 1x-8x repositories, official sampler."""
+  d = c.diffusion
+  d.num_steps, d.log_every, d.checkpoint_every, d.sample_every = 100_000, 100, 2000, 5000
+  d.data.image_size, d.data.batch_size, d.data.worker_count = 160, 256, 4
+  d.model.update(num_pathology=3, num_devices=5, dtype="bfloat16")
+  d.optim.warmup_steps = 2000
+  d.mesh = {"data": -1, "fsdp": 1}
+  c.generate.update(multiples=(1.0, 2.0, 4.0, 8.0), per_device_batch=64, local_devices=0)
+  c.generate.sampler.update(method="singlestep", order=3, steps=50, guidance_scale=2.8)
+  k = c.classifier
+  k.num_steps, k.eval_every, k.checkpoint_every = 5000, 250, 500
+  k.data.image_size, k.data.batch_size = 128, 128
+  k.model.name = "resnet18"
+
+
+PRESETS = {"cpu": _cpu, "ci": _ci, "full": _full}

@@ -1,0 +1,237 @@
+"""`busgen-jax experiment`: the protocol end to end at toy scale (a BUS-BRA subset with one scanner held out as an
+external site when ../shared is there, the phantom otherwise), external test sets by path in every format, the
+report's figures, resuming, and the pieces it is built from."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from busgen_jax import cli, experiment
+from busgen_jax.data import convert, reader
+from helpers import convert_config, gray, lesion_mask, make_busi, save
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT = "Toshiba"       # the scanner kept out of the internal data: the "other hospital"
+
+
+def _busbra_manifests(busbra: Path, out: Path) -> tuple[Path, Path]:
+  """A CSV manifest of a small BUS-BRA subset without one scanner (split by BUS-BRA's own folds: 1 test, 2 val),
+  and a folder with a manifest of that scanner's images (files beside it, as a user's export would be)."""
+  fold = {r["ID"]: int(r["kFold"]) for r in csv.DictReader(open(busbra / "5-fold-cv.csv"))}
+  internal, external, per = [], [], {}
+  for r in csv.DictReader(open(busbra / "bus_data.csv")):
+    key = (r["Device"], r["Pathology"], fold[r["ID"]])
+    per[key] = per.get(key, 0) + 1
+    if per[key] > (6 if fold[r["ID"]] > 2 else 4):
+      continue
+    row = {"file": f"Images/{r['ID']}.png", "mask": f"Masks/mask_{r['ID'].removeprefix('bus_')}.png",
+           "pathology": r["Pathology"], "device": r["Device"], "case_id": r["Case"],
+           "split": {1: "test", 2: "val"}.get(fold[r["ID"]], "train")}
+    (external if r["Device"].startswith(HELD_OUT) else internal).append(row)
+  site = out / "site"
+  for row in external:
+    for k in ("file", "mask"):
+      (site / row[k]).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(busbra / row[k], site / row[k])
+  paths = []
+  for rows, path in ((internal, out / "internal.csv"), (external, site / "manifest.csv")):
+    with open(path, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def _busi_site(root: Path) -> Path:
+  """A BUSI-style folder whose malignant image carries coloured annotation marks (kept as luma)."""
+  make_busi(root)
+  rgb = np.stack([gray(seed=11)] * 3, -1)
+  rgb[18:22, 10:40] = (255, 255, 0)
+  save(root / "Dataset_BUSI_with_GT/malignant/malignant (3).png", rgb)
+  save(root / "Dataset_BUSI_with_GT/malignant/malignant (3)_mask.png", lesion_mask(boxes=((20, 10, 40, 35),)))
+  return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """One tiny experiment through the CLI with three external sets: a manifest folder, a BUSI-style folder and
+  a converted dataset. Internal data: a BUS-BRA subset without one scanner, or the phantom."""
+  tmp = tmp_path_factory.mktemp("experiment")
+  busbra = ROOT.parent / "shared" / "data" / "busbra"
+  args = []
+  if (busbra / "bus_data.csv").is_file():
+    internal, site = _busbra_manifests(busbra, tmp)
+    args += ["--config.data.convert.format=manifest", f"--config.data.input={internal}",
+             f"--config.data.convert.manifest.root={busbra}", "--config.data.convert.split.scheme=given",
+             "--config.diffusion.model.num_pathology=3"]
+  else:
+    site_cfg = convert_config("phantom", "", tmp / "site", **{"phantom.num_examples": 40, "phantom.size": 32,
+                                                                "phantom.seed": 7, "image.size": 32})
+    site = convert.convert(site_cfg)
+  converted = convert.convert(convert_config("phantom", "", tmp / "converted", **{
+      "phantom.num_examples": 40, "phantom.size": 32, "phantom.seed": 3, "image.size": 32}))
+  work = tmp / "work"
+  externals = [f"--config.external.site={site}", f"--config.external.busi={_busi_site(tmp / 'busi')}",
+               f"--config.external.phantom_b={converted}"]
+  cmd = [sys.executable, "-m", "busgen_jax.cli", "experiment", "--config", "configs/experiment.py:ci",
+         "--workdir", str(work), *args, *externals]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+  return {"work": work, "cmd": cmd, "stdout": r.stdout, "real_data": bool(args)}
+
+
+def test_report_has_every_test_set_and_arm(run):
+  work = run["work"]
+  rep = json.loads((work / "report.json").read_text())
+  assert set(rep["tests"]) == {"internal", "site", "busi", "phantom_b"}
+  arms = {"real", "generated", "mixed", "generated x0.5"}
+  for name, t in rep["tests"].items():
+    assert set(t["arms"]) == arms, name
+    n = {a["n"] for a in t["arms"].values()}
+    assert len(n) == 1, (name, n)          # every arm on the same images
+    for arm, a in t["arms"].items():
+      lo, hi = a["auc_ci95"]
+      assert lo <= a["auc"] <= hi, (name, arm)
+      if arm != "real":
+        d = a["delong_vs_real"]
+        assert abs(d["difference"] - (a["auc"] - t["arms"]["real"]["auc"])) < 1e-9 and 0 <= d["p_value"] <= 1
+    assert t["tstr_over_trtr"] == pytest.approx(t["arms"]["generated"]["auc"] / t["arms"]["real"]["auc"])
+    assert t["mixed_minus_real"] == pytest.approx(t["arms"]["mixed"]["auc"] - t["arms"]["real"]["auc"])
+    assert [s["multiple"] for s in t["scaling"]] == [0.5, 1.0]
+    assert t["scaling"][0]["n_generated"] < t["scaling"][1]["n_generated"]
+  # The external sets are what their paths hold: the BUSI folder (5 kept, the colour-marked one among them; 2
+  # benign/malignant images after the task's filter drops normal) and the held-out scanner, all of it tested.
+  ext = rep["external"]
+  assert ext["busi"]["format"] == "busi" and ext["phantom_b"]["format"] == "dataset"
+  busi_report = reader.open_dataset(ext["busi"]["dataset"]).report
+  assert busi_report["converted"] == 5 and any(w.get("code") == "colour_to_luma" for w in busi_report["warnings"])
+  if run["real_data"]:
+    assert ext["site"]["format"] == "manifest"
+    site = reader.open_dataset(ext["site"]["dataset"])
+    assert set(site.splits) == {"test"} and all(HELD_OUT in d for d in site.vocab("device")[1:])
+    internal = reader.open_dataset(rep["data"]["dataset"])
+    assert not any(HELD_OUT in d for d in internal.vocab("device"))
+  # The repository is 1x the real training images (the largest multiple of the ci preset).
+  gen = reader.open_dataset(rep["generated"]["dataset"])
+  assert rep["generated"]["images"] == gen.splits["train"]
+  assert rep["generated"]["images"] == round(1.0 * rep["generated"]["real_images"])
+
+
+def test_report_pages_and_figures(run):
+  work = run["work"]
+  md = (work / "report.md").read_text()
+  for needle in ("## Classifiers per test set", "**busi**", "TSTR/TRTR", "DeLong", "![scaling](scaling.png)",
+                 "## Privacy audit", "## Quality", "Stage times"):
+    assert needle in md, needle
+  html = (work / "report.html").read_text()
+  assert html.count("<img") >= 4 + len(list((work / "sheets").glob("*.png")))
+  assert (work / "scaling.png").stat().st_size > 5000
+  assert list((work / "sheets").glob("*_generated.png")) and list((work / "sheets").glob("*_real.png"))
+  assert "internal:" in run["stdout"] and "TSTR/TRTR" in run["stdout"]
+
+
+def test_rerun_reuses_every_stage_and_refuses_another_config(run):
+  work = run["work"]
+  before = {p.name: p.stat().st_mtime for p in (work / "stages").glob("*.json")}
+  r = subprocess.run(run["cmd"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "experiment: pretrain ..." not in r.stdout and "experiment done" in r.stdout
+  assert {p.name: p.stat().st_mtime for p in (work / "stages").glob("*.json")} == before
+  r = subprocess.run(run["cmd"] + ["--config.diffusion.num_steps=5"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode != 0 and "another config" in r.stderr and "diffusion.num_steps" in r.stderr
+
+
+def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("experiment_config", ROOT / "configs" / "experiment.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("ci")
+  cfg.update(pretrained=str(run["work"]), skip=("quality", "audit"))
+  cfg.generate.sampler.guidance_scale = 1.5
+  cfg.generate.multiples = (1.0,)
+  summary = experiment.run(cfg, str(tmp_path / "variant"))
+  base = json.loads((run["work"] / "report.json").read_text())
+  assert summary["data"] == base["data"] and summary["diffusion"]["final"] == base["diffusion"]["final"]
+  assert not (tmp_path / "variant" / "diffusion").exists()         # no second model was trained
+  assert set(summary["tests"]["internal"]["arms"]) == {"real", "generated", "mixed"}
+  gen = reader.open_dataset(summary["generated"]["dataset"])
+  assert json.loads(gen.source("train")[0]["gen_conditions"])["guidance_scale"] == 1.5
+  assert "reused from the experiment" in (tmp_path / "variant" / "report.md").read_text()
+  with pytest.raises(ValueError, match="not a finished experiment"):
+    experiment.adopt_pretrained(_with(cfg, pretrained=str(tmp_path)), tmp_path / "other")
+
+
+def _with(cfg, **kw):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.update(kw)
+  return cfg
+
+
+def test_missing_paths_are_errors_naming_them(tmp_path):
+  cfg = experiment.default_config()
+  cfg.data.input = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="data.input.*nope"):
+    experiment.run(cfg, str(tmp_path / "w1"))
+  cfg = experiment.default_config()
+  cfg.data.convert.format = "phantom"
+  cfg.data.convert.phantom.num_examples = 20
+  cfg.data.convert.split.scheme = "random"
+  cfg.external.far = str(tmp_path / "far_away")
+  cfg.skip = ("quality", "audit")
+  with pytest.raises(FileNotFoundError, match="external.far"):
+    experiment.run(cfg, str(tmp_path / "w2"))
+  (tmp_path / "junk").mkdir()
+  with pytest.raises(ValueError, match="neither a converted dataset"):
+    experiment.detect_format(tmp_path / "junk")
+
+
+def test_generation_conditions_keep_the_training_proportions():
+  counts = {"benign": {"A": 60, "B": 30, "unknown": 5}, "malignant": {"A": 10, "B": 20}, "normal": {"A": 9}}
+  conds = experiment.generation_conditions(counts, ("benign", "malignant"), 240, "train")
+  got = {(c["pathology"], c["device"]): c["num"] for c in conds}
+  assert got == {("benign", "A"): 120, ("benign", "B"): 60, ("malignant", "A"): 20, ("malignant", "B"): 40}
+  odd = experiment.generation_conditions(counts, ("benign", "malignant"), 7, "train")
+  assert sum(c["num"] for c in odd) == 7
+  grid = experiment.generation_conditions(counts, ("benign", "malignant"), 8, "grid")
+  assert [c["num"] for c in grid] == [2, 2, 2, 2]
+  with pytest.raises(ValueError, match="proportions"):
+    experiment.generation_conditions(counts, ("benign",), 8, "uniform")
+
+
+def test_scaling_arms_are_nested_subsets_of_one_repository():
+  cfg = experiment.default_config()
+  cfg.generate.multiples = (0.25, 1.0, 4.0)
+  arms = experiment.arms(cfg, n_real=100, n_generated=400)
+  assert arms["generated"]["generated"] == (1.0, 0) and arms["real"]["generated"] is None
+  assert arms["generated x0.25"]["generated"] == (1.0, 25) and arms["generated x1"]["generated"] == (1.0, 100)
+  assert arms["mixed"]["real"] + arms["mixed"]["generated"][0] == pytest.approx(1.0)
+
+
+def test_interrupted_stage_is_not_recorded(tmp_path):
+  rec = experiment.Record(tmp_path)
+
+  def preempted():
+    raise experiment.Interrupted("stopped at step 3 of 10")
+  with pytest.raises(experiment.Interrupted):
+    rec.run("pretrain", preempted)
+  assert not (tmp_path / "stages" / "pretrain.json").exists()
+  assert rec.run("pretrain", lambda: {"loss": 1.0}) == {"loss": 1.0}
+  assert rec.run("pretrain", lambda: {"loss": 2.0}) == {"loss": 1.0}     # done: not run again
+
+
+def test_open_config_keys_take_any_name():
+  argv, added = cli._open_key_overrides(
+      ["busgen-jax experiment", "--config.external.siteA=/a", "--config.seed=1", "--config.external.b=gs://x/y"],
+      ("external",))
+  assert argv == ["busgen-jax experiment", "--config.seed=1"]
+  assert added == {"external": {"siteA": "/a", "b": "gs://x/y"}}
+  with pytest.raises(SystemExit):
+    cli._open_key_overrides(["x", "--config.external.noval"], ("external",))
