@@ -11,6 +11,10 @@ Each stage records its result in DIR/stages/<stage>.json and is skipped on a rer
 where it stopped. Selection (checkpoints, early stopping) uses the real validation split only; the test split
 and the external sets are only evaluated.
 
+On several hosts every process runs the same command (the trainers and generation shard their work over all
+of them); give `--config.data.dataset` (converted beforehand, e.g. by `busgen-jax convert` across hosts) on a
+file system every host sees.
+
 An external test set is any dataset by path: a converted dataset (its `external_split`, default "test"), or raw
 data converted into DIR/external/NAME with every image in "test": a BUSI-style folder, a folder in BUS-BRA's
 layout, or a manifest (.json: the official BUSGen dataset JSON or ours; .csv: our manifest columns).
@@ -19,25 +23,23 @@ layout, or a manifest (.json: the official BUSGen dataset JSON or ours; .csv: ou
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from busgen_jax import generate, paths
-from busgen_jax.data import convert, inspect, pipeline, reader
+from busgen_jax.data import convert, pipeline, reader
 from busgen_jax.data.sources import busi as busi_source
 from busgen_jax.diffusion import box_prior
-from busgen_jax.evaluate import fidelity, metrics, privacy, report
+from busgen_jax.evaluate import experiment_report, fidelity, privacy
+from busgen_jax.evaluate.experiment_report import GENERATED, INTERNAL, MIXED, REAL, arm_dir, scaling_arm
 from busgen_jax.train import checkpoint, classifier, diffusion
 
 STAGES = ("data", "external", "pretrain", "box_prior", "generate", "classify", "quality", "audit")
-REAL, GENERATED, MIXED = "real", "generated", "mixed"
-INTERNAL = "internal"
-BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
 
 
 def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -73,6 +75,9 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   c.classifier = classifier.default_config()
   c.classifier.test = ml_collections.ConfigDict()   # filled in: the internal test split and the external sets
   c.mixed_weight_generated = 0.5          # share of generated images in the real + generated stream
+  # "key=value" overrides of `classifier` for the arms that train on generated images (e.g. "num_steps=3000",
+  # "data.ultrasound_augment=()"): the classifier recipe on generated data, the real arm untouched.
+  c.generated_overrides = ()
   c.quality = ml_collections.ConfigDict({"conditions": ("pathology", "device"), "min_count": 10, "bootstrap": 100})
   c.audit = ml_collections.ConfigDict({"mia_per_group": 256})
   # Another experiment's run directory: its data, diffusion model and box prior are reused (and its data,
@@ -107,17 +112,10 @@ class Record:
     t = time.time()
     result = fn(*args)
     self.times[name] = time.time() - t
-    f.write_text(json.dumps({"seconds": self.times[name], "result": result}, indent=1, default=_json))
+    if jax.process_index() == 0:         # every host runs every stage (sharded inside); one writes the record
+      f.write_text(json.dumps({"seconds": self.times[name], "result": result}, indent=1, default=experiment_report.to_json))
     print(f"experiment: {name} done in {self.times[name]:.0f} s", flush=True)
     return result
-
-
-def _json(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -226,8 +224,22 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
   for key in ("data", "diffusion", "box_prior"):
     cfg[key] = ml_collections.ConfigDict(old[key])
   (work / "stages").mkdir(parents=True, exist_ok=True)
-  for s in PRETRAINED_STAGES:
-    (work / "stages" / f"{s}.json").write_text((src / "stages" / f"{s}.json").read_text())
+  reuse = list(PRETRAINED_STAGES)
+  # The repository too, when it would be generated the same way (the multiples may differ below its size).
+  same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+  g_new, g_old = cfg.generate.to_dict(), dict(old["generate"])
+  if (src / "stages" / "generate.json").is_file() and cfg.seed == old["seed"] and \
+      max(g_new.pop("multiples")) == max(g_old.pop("multiples")) and same(g_new, g_old):
+    reuse.append("generate")
+  for s in reuse:
+    if not (work / "stages" / f"{s}.json").exists():
+      (work / "stages" / f"{s}.json").write_text((src / "stages" / f"{s}.json").read_text())
+  # The real-only classifier, when trained the same way: it restores at its last step and is only evaluated.
+  real = work / "classify" / REAL
+  if same(cfg.classifier.to_dict(), old["classifier"]) and cfg.seed == old["seed"] and not real.exists() \
+      and (src / "classify" / REAL / "best").is_dir():
+    import shutil
+    shutil.copytree(src / "classify" / REAL, real, ignore=shutil.ignore_patterns("eval", "events.*"))
   return cfg
 
 
@@ -294,16 +306,28 @@ def arms(cfg, n_real: int, n_generated: int) -> dict[str, dict]:
   return out
 
 
-def scaling_arm(m: float) -> str:
-  return f"generated x{m:g}"
-
-
-def _arm_dir(arm: str) -> str:
-  return arm.replace(" ", "_")
+def parse_overrides(overrides) -> dict:
+  """("key=value", ...) -> {key: value}, values read as Python literals where they parse as one."""
+  import ast
+  out = {}
+  for o in overrides:
+    key, sep, value = o.partition("=")
+    if not sep or not key:
+      raise ValueError(f"generated_overrides: expected key=value, got {o!r}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
 
 
 def classifier_config(cfg, arm: dict, data: dict, generated: dict, external: dict) -> ml_collections.ConfigDict:
   k = ml_collections.ConfigDict(cfg.classifier.to_dict())
+  if arm["generated"] is not None and cfg.generated_overrides:
+    try:
+      k.update_from_flattened_dict(parse_overrides(cfg.generated_overrides))
+    except (KeyError, AttributeError, TypeError) as e:
+      raise ValueError(f"generated_overrides {tuple(cfg.generated_overrides)}: {e}") from None
   template = dict(k.data.sources[sorted(k.data.sources.keys())[0]].to_dict())
   sources = {}
   if arm["real"] is not None:
@@ -327,35 +351,13 @@ def stage_classify(cfg, work: Path, data: dict, generated: dict, external: dict)
   n_real = generated["real_images"]
   for name, arm in arms(cfg, n_real, generated["images"]).items():
     t = time.time()
-    res = classifier.train(classifier_config(cfg, arm, data, generated, external), work / "classify" / _arm_dir(name))
+    res = classifier.train(classifier_config(cfg, arm, data, generated, external), work / "classify" / arm_dir(name))
     if not res:
       raise Interrupted(f"the {name!r} classifier stopped early")
     out[name] = {"seconds": time.time() - t, "train": arm, "tests": res}
-    print(f"experiment:   {name}: " + ", ".join(f"{s} AUC {r['auc']:.3f}" for s, r in res.items()), flush=True)
-  return out
-
-
-def load_predictions(work: Path, arm: str, test: str) -> dict:
-  with np.load(work / "classify" / _arm_dir(arm) / "eval" / f"{test}.predictions.npz") as z:
-    return {k: z[k] for k in z.files}
-
-
-def compare(work: Path, cfg, results: dict, test: str) -> dict:
-  """DeLong's test of every arm against real-only training on one test set (same images, same order)."""
-  classes = list(cfg.classifier.task.classes)
-  pos = classes.index(cfg.classifier.task.positive)
-  ref = load_predictions(work, REAL, test)
-  out = {}
-  for arm in results:
-    if arm == REAL:
-      continue
-    p = load_predictions(work, arm, test)
-    if not np.array_equal(p["labels"], ref["labels"]):
-      raise AssertionError(f"{test}: arm {arm!r} was evaluated on other images than {REAL!r}")
-    try:
-      out[arm] = metrics.delong((p["labels"] == pos).astype(int), p["probs"][:, pos], ref["probs"][:, pos])
-    except ValueError as e:       # a test set with fewer than two images of a class
-      out[arm] = {"error": str(e)}
+    # The validation AUC (what selected the checkpoint); test figures wait for the report, read once.
+    print(f"experiment:   {name}: validation AUC {(res[INTERNAL].get('best') or {}).get('value', float('nan')):.3f}",
+          flush=True)
   return out
 
 
@@ -419,7 +421,8 @@ def _check_same_config(cfg, path: Path) -> None:
     return out
 
   a, b = flatten(json.loads(path.read_text())), flatten(json.loads(cfg.to_json()))
-  changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[0] not in RERUN_KEYS)
+  # Keys the saved config lacks are settings added since (an older busgen-jax wrote it): not a change.
+  changed = sorted(k for k in a if a[k] != b.get(k) and k.split(".")[0] not in RERUN_KEYS)
   if changed:
     raise ValueError(f"{path.parent} holds an experiment run with another config ({', '.join(changed[:8])}"
                      f"{' ...' if len(changed) > 8 else ''} differ); use a new --workdir, or the same settings "
@@ -440,190 +443,7 @@ def _run(cfg, work: Path, rec: Record) -> dict:
   quality = None if "quality" in cfg.skip else rec.run("quality", stage_quality, cfg, work, data, gen)
   audit = None if "audit" in cfg.skip else rec.run("audit", stage_audit, cfg, work, data, gen)
   t = time.time()
-  summary = write_report(work, cfg, data, external, last, gen, results, quality, audit, rec.times)
+  summary = experiment_report.write(work, cfg, data, external, last, gen, results, quality, audit, rec.times)
   rec.times["report"] = time.time() - t
   print(f"experiment done ({sum(rec.times.values()) / 60:.1f} min of stages): {work / 'report.html'}")
   return summary
-
-
-# ------------------------------------------------------------------------------------------------ the report
-
-def _fmt_ci(r: dict) -> str:
-  return f"{r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}]"
-
-
-def summarise(cfg, work: Path, data, external, gen, results) -> dict:
-  """Per test set, per arm: AUC, CI, DeLong against real; TSTR/TRTR, mixed - real; the scaling curve."""
-  tests = {INTERNAL: {"dataset": data["dataset"], "split": cfg.data.test_split},
-           **{n: {"dataset": e["dataset"], "split": e["split"]} for n, e in external.items()}}
-  multiples = sorted(cfg.generate.multiples)
-  out = {}
-  for test, where in tests.items():
-    dl = compare(work, cfg, results, test)
-    per_arm = {}
-    for arm, r in results.items():
-      rep = r["tests"][test]
-      per_arm[arm] = {k: rep[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity", "specificity",
-                                          "ece", "n", "n_positive")}
-      per_arm[arm]["sens_at_spec_0.9"] = rep["at_specificity_0.9"]["sensitivity"]
-      if arm in dl:
-        per_arm[arm]["delong_vs_real"] = {k: dl[arm][k] for k in ("difference", "se", "p_value")
-                                          if k in dl[arm]} or dl[arm]
-    real, g, mixed = (per_arm[a]["auc"] for a in (REAL, GENERATED, MIXED))
-    scaling = [{"multiple": m, "n_generated": (results[scaling_arm(m)]["train"]["generated"][1]
-                                              if m != multiples[-1] else gen["images"]),
-                "auc": per_arm[scaling_arm(m) if m != multiples[-1] else GENERATED]["auc"],
-                "auc_ci95": per_arm[scaling_arm(m) if m != multiples[-1] else GENERATED]["auc_ci95"]}
-               for m in multiples]
-    out[test] = {**where, "arms": per_arm, "tstr_over_trtr": g / real if real else float("nan"),
-                 "mixed_minus_real": mixed - real, "scaling": scaling,
-                 "real_auc": real}
-  return out
-
-
-def scaling_plot(path: Path, tests: dict, n_real: int) -> Path:
-  plt = report._plt()
-  fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
-  for i, (name, t) in enumerate(tests.items()):
-    colour = f"C{i}"
-    x = [s["n_generated"] for s in t["scaling"]]
-    y = np.array([s["auc"] for s in t["scaling"]])
-    lo = np.array([s["auc_ci95"][0] for s in t["scaling"]])
-    hi = np.array([s["auc_ci95"][1] for s in t["scaling"]])
-    ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", ms=4, capsize=3, color=colour,
-                label=f"{name}: generated only")
-    ax.axhline(t["real_auc"], ls="--", lw=1, color=colour, label=f"{name}: real only ({n_real} images)")
-  ax.set(xscale="log", xlabel="generated training images", ylabel="test AUC",
-         title="Data scaling: classifiers on generated images")
-  ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
-
-
-def device_sheets(work: Path, data: dict, gen: dict, cfg, n: int = 8) -> list[tuple[str, Path, Path]]:
-  """(device, real sheet, generated sheet): n images per pathology of each device, real training vs generated."""
-  real, fake = reader.open_dataset(data["dataset"]), reader.open_dataset(gen["dataset"])
-  rl, gl = pipeline.scan_labels(real, cfg.data.train_split), pipeline.scan_labels(fake, "train")
-  out = []
-  for d in fake.vocab("device"):
-    if d == "unknown" or d not in real.vocab("device"):
-      continue
-    picks = []
-    for ds, labels in ((real, rl), (fake, gl)):
-      idx = []
-      for p in cfg.generate.pathology:
-        if p not in ds.vocab("pathology"):
-          continue
-        sel = np.flatnonzero((labels["device"] == ds.vocab("device").index(d))
-                             & (labels["pathology"] == ds.vocab("pathology").index(p)))
-        idx += sel[:n].tolist()
-      picks.append(idx)
-    if not picks[0] or not picks[1]:
-      continue
-    slug = "".join(ch if ch.isalnum() else "_" for ch in d).strip("_")
-    sheets = [inspect.contact_sheet(ds, work / "sheets" / f"{slug}_{kind}.png", split=split, indices=idx, tile=96)
-              for ds, split, idx, kind in ((real, cfg.data.train_split, picks[0], "real"),
-                                           (fake, "train", picks[1], "generated"))]
-    out.append((d, *sheets))
-  return out
-
-
-def write_report(work: Path, cfg, data, external, last, gen, results, quality, audit, times) -> dict:
-  tests = summarise(cfg, work, data, external, gen, results)
-  (work / "sheets").mkdir(exist_ok=True)
-  scaling = scaling_plot(work / "scaling.png", tests, gen["real_images"])
-  sheets = device_sheets(work, data, gen, cfg)
-  rocs = {}
-  for test in tests:
-    curves = {}
-    for arm in (REAL, GENERATED, MIXED):
-      curves[arm] = {**results[arm]["tests"][test]["roc_curve"], **tests[test]["arms"][arm]}
-    rocs[test] = report.roc_plot(work / f"roc_{test}.png", curves, f"{test} test set")
-  summary = {"preset": cfg.preset, "times_s": times, "data": data, "external": external,
-             "diffusion": {"final": last, "steps": cfg.diffusion.num_steps, "image_size": cfg.diffusion.data.image_size,
-                           "batch_size": cfg.diffusion.data.batch_size},
-             "generated": {k: gen[k] for k in ("dataset", "images", "real_images")}, "tests": tests,
-             "quality": quality, "audit": audit and {k: audit[k] for k in ("verdict", "n_flagged", "n_generated",
-                                                                          "membership_inference")}}
-  (work / "report.json").write_text(json.dumps(summary, indent=1, default=_json))
-  md = markdown(cfg, summary, scaling, sheets, rocs)
-  (work / "report.md").write_text(md)
-  (work / "report.html").write_text(report.html_page("busgen-jax experiment", report.markdown_to_html(md, work)))
-  if cfg.docs:
-    report.write_section(Path(cfg.docs), tables(cfg, summary), BEGIN, END,
-                         f"Generated by `busgen-jax experiment --config configs/experiment.py:{cfg.preset}`")
-  return summary
-
-
-def tables(cfg, s: dict) -> str:
-  """The per-test-set tables (Markdown): the report's core, also written into docs."""
-  lines = []
-  for test, t in s["tests"].items():
-    lines += [f"**{test}** (`{Path(t['dataset']).parent.name}/{t['split']}`, n = {t['arms'][REAL]['n']}, "
-              f"{t['arms'][REAL]['n_positive']} {cfg.classifier.task.positive}): TSTR/TRTR "
-              f"**{t['tstr_over_trtr']:.3f}**, real + generated − real **{t['mixed_minus_real']:+.3f}** AUC.", ""]
-    rows = [["trained on", "AUC [95% CI]", "Δ vs real (DeLong p)", "balanced acc.", "sens. / spec. @0.5",
-             "sens. @ spec. 0.9"]]
-    for arm, r in t["arms"].items():
-      d = r.get("delong_vs_real", {})
-      delta = f"{d['difference']:+.3f} (p {d['p_value']:.2g})" if "p_value" in d else "–"
-      rows.append([arm, _fmt_ci(r), delta, f"{r['balanced_accuracy']:.3f}",
-                   f"{r['sensitivity']:.3f} / {r['specificity']:.3f}", f"{r['sens_at_spec_0.9']:.3f}"])
-    lines += [report.markdown_table(rows), ""]
-  times = ", ".join(f"{k} {v / 60:.1f}" for k, v in s["times_s"].items())
-  lines += [f"Stage times (minutes): {times}; total {sum(s['times_s'].values()) / 60:.1f}.", ""]
-  return "\n".join(lines)
-
-
-def markdown(cfg, s: dict, scaling: Path, sheets, rocs) -> str:
-  d, g, q, a = s["data"], s["generated"], s["quality"], s["audit"]
-  dm = cfg.diffusion.model
-  md = ["# busgen-jax experiment", "",
-        f"Preset `{cfg.preset}`. Internal dataset `{d['dataset']}`: splits {d['splits']} (case-level; training on "
-        f"`{cfg.data.train_split}`, checkpoint selection on `{cfg.data.val_split}`, testing on "
-        f"`{cfg.data.test_split}`)." + (" External test sets: " + ", ".join(
-            f"**{n}** (`{e['source']}`, {e['n']} images)" for n, e in s["external"].items()) + "."
-            if s["external"] else " No external test set was given (`--config.external.NAME=PATH` adds one)."), "",
-        "## Diffusion model and repository", "",
-        (f"Data, diffusion model and box prior reused from the experiment in `{cfg.pretrained}`. "
-         if cfg.pretrained else "") +
-        f"BUSGen UNet (ch {dm.ch}, ch_mult {tuple(dm.ch_mult)}, {dm.num_res_blocks} res block(s), attention at "
-        f"levels {tuple(dm.attn_levels)}) at {cfg.diffusion.data.image_size} px, {cfg.diffusion.num_steps} steps "
-        f"of batch {cfg.diffusion.data.batch_size}, objective {cfg.diffusion.objective.prediction}; final loss "
-        f"{s['diffusion']['final'].get('loss', float('nan')):.4f}. {g['images']} images generated "
-        f"({g['images'] / g['real_images']:.2g}× the {g['real_images']} real training images) with DPM-Solver++ "
-        f"({cfg.generate.sampler.method}, order {cfg.generate.sampler.order}, {cfg.generate.sampler.steps} steps), "
-        f"guidance {cfg.generate.sampler.guidance_scale}, pathology × device in the training split's "
-        f"proportions ({cfg.generate.proportions}), lesion boxes from the training split's box prior.", ""]
-  if sheets:
-    md += ["Real training images (left) and generated images (right) per device; each sheet holds "
-           f"{' then '.join(cfg.generate.pathology)}.", ""]
-    for dev, real, fake in sheets:
-      md += [f"**{dev}**", "", f"![{dev} real]({real.relative_to(real.parents[1])}) "
-                              f"![{dev} generated]({fake.relative_to(fake.parents[1])})", ""]
-  md += ["## Classifiers per test set", "",
-         f"{cfg.classifier.model.name} at {cfg.classifier.data.image_size} px, {cfg.classifier.num_steps} steps; "
-         f"the checkpoint with the best validation AUC is tested. AUC 95% CIs are case-level bootstraps; DeLong's "
-         "test compares each arm with real-only training on the same images. TSTR/TRTR is the AUC of the "
-         "generated-only classifier over the real-only one.", "", tables(cfg, s)]
-  md += [" ".join(f"![ROC {t}]({p.name})" for t, p in rocs.items()), "", "## Data scaling", "",
-         "Classifiers on generated images only, on nested subsets of the repository; dashed: real only.", "",
-         f"![scaling]({scaling.name})", ""]
-  if q:
-    f = q["fidelity"]
-    ci = lambda r: f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]"
-    md += ["## Quality", "", f"On the real-only classifier's features: FD {f['fd']['value']:.3g} {ci(f['fd'])}, "
-           f"KID {f['kid']['value']:.3g} {ci(f['kid'])}, precision {f['precision']['value']:.3f}, recall "
-           f"{f['recall']['value']:.3f}; conditional accuracy {q['conditional_accuracy']['generated']['accuracy']:.3f} "
-           f"(real {q['conditional_accuracy']['real']['accuracy']:.3f}); box fidelity AUC "
-           f"{q['box_fidelity']['generated']['auc']:.3f} (real {q['box_fidelity']['real']['auc']:.3f}). "
-           "Per condition: `quality/quality.html`.", ""]
-  if a:
-    v, mia = a["verdict"], a["membership_inference"]
-    md += ["## Privacy audit", "", f"**{'Safe to share' if v['safe_to_share'] else 'NOT safe to share'}** by the "
-           f"default thresholds: {a['n_flagged']} of {a['n_generated']} images flagged as near-copies of training "
-           "cases" + (f"; membership-inference AUC {mia['auc']:.3f} [{mia['auc_ci95'][0]:.3f}, "
-                      f"{mia['auc_ci95'][1]:.3f}]" if mia else "") + ". Details: `audit/audit.html`.", ""]
-  return "\n".join(md)

@@ -14,6 +14,7 @@ import pytest
 
 from busgen_jax import cli, experiment
 from busgen_jax.data import convert, reader
+from busgen_jax.train import checkpoint
 from helpers import convert_config, gray, lesion_mask, make_busi, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_report_pages_and_figures(run):
   work = run["work"]
   md = (work / "report.md").read_text()
   for needle in ("## Classifiers per test set", "**busi**", "TSTR/TRTR", "DeLong", "![scaling](scaling.png)",
-                 "## Privacy audit", "## Quality", "Stage times"):
+                 "## Quality and privacy", "**Privacy audit:", "**Quality.**", "Stage times"):
     assert needle in md, needle
   html = (work / "report.html").read_text()
   assert html.count("<img") >= 4 + len(list((work / "sheets").glob("*.png")))
@@ -165,6 +166,21 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path):
   gen = reader.open_dataset(summary["generated"]["dataset"])
   assert json.loads(gen.source("train")[0]["gen_conditions"])["guidance_scale"] == 1.5
   assert "reused from the experiment" in (tmp_path / "variant" / "report.md").read_text()
+  # The real-only classifier was the same recipe: copied, not retrained, and it scores as it did.
+  real = summary["tests"]["internal"]["arms"]["real"]
+  assert real["auc"] == base["tests"]["internal"]["arms"]["real"]["auc"]
+  assert summary["generated"]["dataset"] != base["generated"]["dataset"]
+  # A classifier recipe for generated data alone: the repository is reused, the real arm untouched.
+  cfg2 = _with(cfg, generated_overrides=("num_steps=3", "data.ultrasound_augment=('gain',)"))
+  cfg2.generate = module.get_config("ci").generate
+  s2 = experiment.run(cfg2, str(tmp_path / "variant2"))
+  assert s2["generated"]["dataset"] == base["generated"]["dataset"]
+  assert s2["tests"]["internal"]["arms"]["real"]["auc"] == real["auc"]
+  _, meta = checkpoint.load_meta(tmp_path / "variant2" / "classify" / "generated" / "best")
+  k = json.loads(meta["config"])
+  assert k["num_steps"] == 3 and k["data"]["ultrasound_augment"] == ["gain"]
+  _, meta = checkpoint.load_meta(tmp_path / "variant2" / "classify" / "real" / "best")
+  assert json.loads(meta["config"])["num_steps"] == cfg.classifier.num_steps
   with pytest.raises(ValueError, match="not a finished experiment"):
     experiment.adopt_pretrained(_with(cfg, pretrained=str(tmp_path)), tmp_path / "other")
 

@@ -1,0 +1,144 @@
+"""The `cpu` preset's recipe study (docs/EXPERIMENTS.md): generation and classifier settings on one trained model.
+
+  busgen-jax experiment --config configs/experiment.py:cpu --workdir /tmp/exp_cpu        # the base run, once
+  python docs/experiments/recipe_study.py --base /tmp/exp_cpu --workdir /tmp/study --docs docs/EXPERIMENTS.md
+
+Each variant is the base run's config with `--config.pretrained=BASE` (the base run's data, diffusion model and
+box prior; its repository and real-only classifier too where they would come out the same) and the variant's
+overrides. A family varies one thing and names the arm it aims at; its variants are compared on that arm's
+**validation** AUC (the selected checkpoint's, on the real validation fold). The test fold is shown once per
+family, for the variant the validation fold selected; the other variants' test figures are not reported.
+Families:
+  guidance    guidance scale of the sampler (1x repositories; the base's own at 1x is its nested subset)
+  steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
+  classifier  the classifier recipe on generated images (the base's 2x repository)
+  mixing      the generated share of the real + generated stream (the base's 2x repository)
+`--families` runs some of them; finished variants are reused.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from absl import flags
+
+flags.FLAGS.mark_as_parsed()
+
+from busgen_jax import experiment  # noqa: E402
+from busgen_jax.evaluate import report  # noqa: E402
+
+BEGIN, END = "<!-- recipe-study:begin -->", "<!-- recipe-study:end -->"
+
+# family -> (arm whose validation AUC selects, the base's arm at the same repository size, variants)
+# variant: (name, {config key: value}); "base" rows are the base run itself.
+SIZES = {"guidance": "1x repositories; the base row is its nested 1x subset",
+         "steps": "1x repositories; the base row is its nested 1x subset",
+         "classifier": "the base's 2x repository", "mixing": "the base's 2x repository, real + generated"}
+FAMILIES = {
+    "guidance": ("generated", "generated x1", [
+        ("guidance 1.5", {"generate.sampler.guidance_scale": 1.5, "generate.multiples": (1.0,)}),
+        ("guidance 2.8 (base)", None),
+        ("guidance 4.0", {"generate.sampler.guidance_scale": 4.0, "generate.multiples": (1.0,)}),
+    ]),
+    "steps": ("generated", "generated x1", [
+        ("DPM-Solver++ 2M, 6 steps", {"generate.sampler.steps": 6, "generate.multiples": (1.0,)}),
+        ("DPM-Solver++ 2M, 10 steps (base)", None),
+    ]),
+    "classifier": ("generated", "generated", [
+        ("base recipe (1500 steps, gain/speckle/depth augmentations)", None),
+        ("no ultrasound augmentations", {"generated_overrides": ("data.ultrasound_augment=()",)}),
+        ("750 steps", {"generated_overrides": ("num_steps=750",)}),
+        ("3000 steps", {"generated_overrides": ("num_steps=3000",)}),
+        ("label smoothing 0.1", {"generated_overrides": ("label_smoothing=0.1",)}),
+    ]),
+    "mixing": ("mixed", "mixed", [
+        ("generated share 0.2", {"mixed_weight_generated": 0.2}),
+        ("generated share 0.35", {"mixed_weight_generated": 0.35}),
+        ("generated share 0.5 (base)", None),
+    ]),
+}
+
+
+def base_config(base: Path):
+  """The base run's own settings (its config.json), on today's defaults: variants differ from the base run by
+  their overrides alone, whatever the `cpu` preset has become since."""
+  cfg = experiment.default_config("cpu")
+
+  def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  saved = json.loads((base / "config.json").read_text())
+  saved.pop("external", None)
+  cfg.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v for k, v in flatten(saved).items()})
+  return cfg
+
+
+def variant_dir(work: Path, family: str, name: str) -> Path:
+  return work / family / "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict) -> dict:
+  cfg = base_config(base)
+  cfg.update(pretrained=str(base), skip=("quality", "audit"), docs="")
+  cfg.generate.multiples = (2.0,)           # no scaling arms: the family's arm and real + mixed
+  cfg.update_from_flattened_dict(overrides)
+  return experiment.run(cfg, str(variant_dir(work, family, name)))
+
+
+def row(summary: dict, arm: str) -> dict:
+  t = summary["tests"][experiment.INTERNAL]
+  a = t["arms"][arm]
+  return {"val_auc": a["val_auc"], "test_auc": a["auc"], "test_ci": a["auc_ci95"],
+          "tstr_over_trtr": t["tstr_over_trtr"], "mixed_minus_real": t["mixed_minus_real"],
+          "real_test_auc": t["arms"]["real"]["auc"]}
+
+
+def markdown(results: dict) -> str:
+  lines = []
+  for family, (arm, _, variants) in FAMILIES.items():
+    if family not in results:
+      continue
+    rows = results[family]
+    best = max(rows, key=lambda r: r["val_auc"])
+    lines += [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC)", "",
+              "| variant | validation AUC | test AUC [95% CI] |", "|---|---|---|"]
+    for r in rows:
+      test = (f"{r['test_auc']:.3f} [{r['test_ci'][0]:.3f}, {r['test_ci'][1]:.3f}]" if r is best else "–")
+      lines.append(f"| {'**' + r['variant'] + '**' if r is best else r['variant']} | {r['val_auc']:.3f} | {test} |")
+    lines += ["", f"Selected: {best['variant']}; on the test fold TSTR/TRTR {best['tstr_over_trtr']:.3f}, real + "
+              f"generated − real {best['mixed_minus_real']:+.3f} (real only {best['real_test_auc']:.3f}).", ""]
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--base", required=True, help="a finished `busgen-jax experiment --config ...:cpu` workdir")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--families", default=",".join(FAMILIES))
+  p.add_argument("--docs", default="", help="a Markdown file whose recipe-study section to rewrite")
+  a = p.parse_args()
+  base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
+  base_summary = json.loads((base / "report.json").read_text())
+  results_file = work / "study.json"
+  results = json.loads(results_file.read_text()) if results_file.exists() else {}
+  for family in a.families.split(","):
+    arm, base_arm, variants = FAMILIES[family]
+    rows = []
+    for name, overrides in variants:
+      summary = base_summary if overrides is None else run_variant(base, work, family, name, overrides)
+      rows.append({"variant": name, **row(summary, base_arm if overrides is None else arm)})
+      print(f"RESULT {family} | {name} | validation AUC {rows[-1]['val_auc']:.4f}", flush=True)
+    results[family] = rows
+    work.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=1))
+  md = markdown(results)
+  (work / "study.md").write_text(md)
+  print(md)
+  if a.docs:
+    report.write_section(Path(a.docs), md, BEGIN, END, "Recipe study (`docs/experiments/recipe_study.py`)")
+
+
+if __name__ == "__main__":
+  main()
