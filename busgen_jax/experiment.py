@@ -23,6 +23,7 @@ layout, or a manifest (.json: the official BUSGen dataset JSON or ours; .csv: ou
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -38,8 +39,6 @@ from busgen_jax.diffusion import box_prior
 from busgen_jax.evaluate import experiment_report, fidelity, privacy
 from busgen_jax.evaluate.experiment_report import GENERATED, INTERNAL, MIXED, REAL, arm_dir, scaling_arm
 from busgen_jax.train import checkpoint, classifier, diffusion
-
-STAGES = ("data", "external", "pretrain", "box_prior", "generate", "classify", "quality", "audit")
 
 
 def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -238,7 +237,6 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
   real = work / "classify" / REAL
   if same(cfg.classifier.to_dict(), old["classifier"]) and cfg.seed == old["seed"] and not real.exists() \
       and (src / "classify" / REAL / "best").is_dir():
-    import shutil
     shutil.copytree(src / "classify" / REAL, real, ignore=shutil.ignore_patterns("eval", "events.*"))
   return cfg
 
