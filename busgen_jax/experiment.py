@@ -92,6 +92,7 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
 class Interrupted(Exception):
   """A stage stopped early (a preemption notice: it saved and returned); the rerun continues it."""
 
+
 class Record:
   """DIR/stages/<stage>.json: a finished stage's result and time; a stage found there is not run again."""
 
@@ -112,7 +113,8 @@ class Record:
     result = fn(*args)
     self.times[name] = time.time() - t
     if jax.process_index() == 0:         # every host runs every stage (sharded inside); one writes the record
-      f.write_text(json.dumps({"seconds": self.times[name], "result": result}, indent=1, default=experiment_report.to_json))
+      f.write_text(json.dumps({"seconds": self.times[name], "result": result}, indent=1,
+                              default=experiment_report.to_json))
     print(f"experiment: {name} done in {self.times[name]:.0f} s", flush=True)
     return result
 

@@ -78,15 +78,16 @@ def summarise(cfg, work: Path, data, external, gen, results) -> dict:
                                           "ece", "n", "n_positive")}
       per_arm[arm]["sens_at_spec_0.9"] = rep["at_specificity_0.9"]["sensitivity"]
       per_arm[arm]["val_auc"] = (rep.get("best") or {}).get("value")   # what selected the checkpoint
-      if arm in dl:
-        per_arm[arm]["delong_vs_real"] = {k: dl[arm][k] for k in ("difference", "se", "p_value")
-                                          if k in dl[arm]} or dl[arm]
+      if arm in dl:       # the test, or why it could not be made
+        per_arm[arm]["delong_vs_real"] = {k: v for k, v in dl[arm].items()
+                                          if k in ("difference", "se", "p_value", "error")}
     real, g, mixed = (per_arm[a]["auc"] for a in (REAL, GENERATED, MIXED))
-    scaling = [{"multiple": m, "n_generated": (results[scaling_arm(m)]["train"]["generated"][1]
-                                              if m != multiples[-1] else gen["images"]),
-                "auc": per_arm[scaling_arm(m) if m != multiples[-1] else GENERATED]["auc"],
-                "auc_ci95": per_arm[scaling_arm(m) if m != multiples[-1] else GENERATED]["auc_ci95"]}
-               for m in multiples]
+    scaling = []
+    for m in multiples:   # the largest multiple is the whole repository: the "generated" arm
+      whole = m == multiples[-1]
+      a = per_arm[GENERATED if whole else scaling_arm(m)]
+      scaling.append({"multiple": m, "auc": a["auc"], "auc_ci95": a["auc_ci95"], "n_generated":
+                      gen["images"] if whole else results[scaling_arm(m)]["train"]["generated"][1]})
     out[test] = {**where, "arms": per_arm, "tstr_over_trtr": g / real if real else float("nan"),
                  "mixed_minus_real": mixed - real, "scaling": scaling,
                  "real_auc": real}
