@@ -29,10 +29,9 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from busgen_jax import generate, paths
+from busgen_jax import fewshot, generate, paths
 from busgen_jax.data import convert, pipeline, reader
 from busgen_jax.data.sources import busi as busi_source
 from busgen_jax.diffusion import box_prior
@@ -82,7 +81,11 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # Another experiment's run directory: its data, diffusion model and box prior are reused (and its data,
   # diffusion and box_prior settings replace these), so generation and classifier recipes can be varied alone.
   c.pretrained = ""
-  c.skip = ()                             # stages to leave out: "quality", "audit"
+  # The few-shot arm (busgen_jax/fewshot.py): adaptation to a site pretraining never saw; off while device is "".
+  c.fewshot = fewshot.default_config()
+  # Stages to leave out: "quality", "audit", or "generate" (the repository protocol: generate, classify, quality
+  # and audit; e.g. for a few-shot run alone).
+  c.skip = ()
   c.docs = ""                             # a Markdown file whose generated section gets this run's tables
   return c
 
@@ -246,12 +249,16 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
 def stage_pretrain(cfg, work: Path, data: dict) -> dict:
   d = ml_collections.ConfigDict(cfg.diffusion.to_dict())
   d.data.sources.real.update(path=data["dataset"], split=cfg.data.train_split)
+  held_out = fewshot.held_out_devices(cfg, data["dataset"])
+  if held_out:   # the few-shot site's device: every other device of the dataset
+    d.data.sources.real.filters.device = [v for v in reader.open_dataset(data["dataset"]).vocab("device")
+                                          if v not in held_out]
   d.seed = cfg.seed
   last = diffusion.train(d, work / "diffusion")
   step, _ = checkpoint.load_meta(work / "diffusion" / "checkpoints")
   if step < d.num_steps:
     raise Interrupted(f"pretraining stopped at step {step} of {d.num_steps}")
-  return last
+  return {**last, "held_out_devices": held_out}
 
 
 def stage_box_prior(cfg, work: Path, data: dict) -> dict:
@@ -259,28 +266,12 @@ def stage_box_prior(cfg, work: Path, data: dict) -> dict:
   return {"path": str(prior.save(work / "box_prior.json"))}
 
 
-def generation_conditions(counts: dict, pathologies, total: int, proportions: str) -> list[dict]:
-  """{pathology, device, num} summing to `total`: in the training counts' proportions (largest-remainder
-  rounding) or evenly over every pathology x device seen in training."""
-  cells = [(p, d, n) for p in pathologies for d, n in sorted(counts.get(p, {}).items()) if d != "unknown" and n]
-  if not cells:
-    raise ValueError(f"no training images of pathologies {list(pathologies)} with a device")
-  if proportions == "train":
-    weights = np.array([n for _, _, n in cells], np.float64)
-  elif proportions == "grid":
-    weights = np.ones(len(cells))
-  else:
-    raise ValueError(f"generate.proportions must be train or grid, got {proportions!r}")
-  exact = total * weights / weights.sum()
-  num = np.floor(exact).astype(int)
-  num[np.argsort(num - exact)[:total - num.sum()]] += 1
-  return [{"pathology": p, "device": d, "num": int(k)} for (p, d, _), k in zip(cells, num) if k]
-
-
 def stage_generate(cfg, work: Path, data: dict, prior: dict) -> dict:
-  n_real = sum(n for p in cfg.generate.pathology for n in data["counts"].get(p, {}).values())
+  held_out = set(fewshot.held_out_devices(cfg, data["dataset"]))   # devices the model never saw
+  counts = {p: {d: n for d, n in per.items() if d not in held_out} for p, per in data["counts"].items()}
+  n_real = sum(n for p in cfg.generate.pathology for n in counts.get(p, {}).values())
   total = int(round(max(cfg.generate.multiples) * n_real))
-  conds = generation_conditions(data["counts"], cfg.generate.pathology, total, cfg.generate.proportions)
+  conds = generate.proportional_conditions(counts, cfg.generate.pathology, total, cfg.generate.proportions)
   cond_file = work / "generation_conditions.json"
   cond_file.write_text(json.dumps(conds, indent=1))
   g = generate.default_config()
@@ -306,28 +297,10 @@ def arms(cfg, n_real: int, n_generated: int) -> dict[str, dict]:
   return out
 
 
-def parse_overrides(overrides) -> dict:
-  """("key=value", ...) -> {key: value}, values read as Python literals where they parse as one."""
-  import ast
-  out = {}
-  for o in overrides:
-    key, sep, value = o.partition("=")
-    if not sep or not key:
-      raise ValueError(f"generated_overrides: expected key=value, got {o!r}")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
-
-
 def classifier_config(cfg, arm: dict, data: dict, generated: dict, external: dict) -> ml_collections.ConfigDict:
   k = ml_collections.ConfigDict(cfg.classifier.to_dict())
-  if arm["generated"] is not None and cfg.generated_overrides:
-    try:
-      k.update_from_flattened_dict(parse_overrides(cfg.generated_overrides))
-    except (KeyError, AttributeError, TypeError) as e:
-      raise ValueError(f"generated_overrides {tuple(cfg.generated_overrides)}: {e}") from None
+  if arm["generated"] is not None:
+    k = classifier.with_overrides(k, cfg.generated_overrides, "generated_overrides")
   template = dict(k.data.sources[sorted(k.data.sources.keys())[0]].to_dict())
   sources = {}
   if arm["real"] is not None:
@@ -396,9 +369,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_same_config(cfg, work / "config.json")
   (work / "config.json").write_text(cfg.to_json(indent=1))
   rec = Record(work)
-  unknown = set(cfg.skip) - {"quality", "audit"}
+  unknown = set(cfg.skip) - {"quality", "audit", "generate"}
   if unknown:
-    raise ValueError(f"skip takes quality and/or audit, got {sorted(unknown)}")
+    raise ValueError(f"skip takes quality, audit and/or generate, got {sorted(unknown)}")
   try:
     return _run(cfg, work, rec)
   except Interrupted as e:
@@ -406,7 +379,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     return {}
 
 
-RERUN_KEYS = ("external", "external_split", "skip", "docs")   # may change between runs of one workdir
+# May change between runs of one workdir (a key or a whole group): finished stages stay valid.
+RERUN_KEYS = ("external", "external_split", "skip", "docs", "fewshot.k", "fewshot.draws")
 
 
 def _check_same_config(cfg, path: Path) -> None:
@@ -422,11 +396,31 @@ def _check_same_config(cfg, path: Path) -> None:
 
   a, b = flatten(json.loads(path.read_text())), flatten(json.loads(cfg.to_json()))
   # Keys the saved config lacks are settings added since (an older busgen-jax wrote it): not a change.
-  changed = sorted(k for k in a if a[k] != b.get(k) and k.split(".")[0] not in RERUN_KEYS)
+  free = lambda k: any(k == r or k.startswith(r + ".") for r in RERUN_KEYS)
+  changed = sorted(k for k in a if a[k] != b.get(k) and not free(k))
   if changed:
     raise ValueError(f"{path.parent} holds an experiment run with another config ({', '.join(changed[:8])}"
                      f"{' ...' if len(changed) > 8 else ''} differ); use a new --workdir, or the same settings "
                      "to continue it")
+
+
+def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict) -> tuple[dict, str]:
+  """The few-shot arm: the site stage, then one stage per (k, draw); its summary and report section."""
+  site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
+  wanted = {f"k{k}_d{d}" for k in cfg.fewshot.k for d in range(cfg.fewshot.draws)}
+  if not wanted <= set(site["draws"]) | {f"k{k}_d{d}" for k in site["skipped"] for d in range(cfg.fewshot.draws)}:
+    (rec.dir / "fewshot_site.json").unlink()   # k or draws added since: the same seeds give the same draws
+    site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
+
+  def one(key):
+    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external)
+    if out is None:
+      raise Interrupted(f"few-shot {key} stopped early")
+    return out
+
+  draws = {key: rec.run(f"fewshot_{key}", one, key) for key in sorted(site["draws"]) if key in wanted}
+  summary = {**fewshot.summarise(site, draws), "held_out": bool(fewshot.held_out_devices(cfg, data["dataset"]))}
+  return summary, fewshot.markdown(cfg, summary, work)
 
 
 def _run(cfg, work: Path, rec: Record) -> dict:
@@ -437,13 +431,20 @@ def _run(cfg, work: Path, rec: Record) -> dict:
     (rec.dir / "classify.json").unlink(missing_ok=True)
     external = rec.run("external", stage_external, cfg, work)
   last = rec.run("pretrain", stage_pretrain, cfg, work, data)
+  missing = set(fewshot.held_out_devices(cfg, data["dataset"])) - set(last.get("held_out_devices", ()))
+  if missing:
+    raise ValueError(f"the diffusion model (in {_model_dir(cfg, work)}) was pretrained on the few-shot site's device "
+                     f"{sorted(missing)}: pretrain with fewshot.device set, or give another --config.pretrained")
   prior = rec.run("box_prior", stage_box_prior, cfg, work, data)
-  gen = rec.run("generate", stage_generate, cfg, work, data, prior)
-  results = rec.run("classify", stage_classify, cfg, work, data, gen, external)
-  quality = None if "quality" in cfg.skip else rec.run("quality", stage_quality, cfg, work, data, gen)
-  audit = None if "audit" in cfg.skip else rec.run("audit", stage_audit, cfg, work, data, gen)
+  gen = results = quality = audit = None
+  if "generate" not in cfg.skip:
+    gen = rec.run("generate", stage_generate, cfg, work, data, prior)
+    results = rec.run("classify", stage_classify, cfg, work, data, gen, external)
+    quality = None if "quality" in cfg.skip else rec.run("quality", stage_quality, cfg, work, data, gen)
+    audit = None if "audit" in cfg.skip else rec.run("audit", stage_audit, cfg, work, data, gen)
+  few = run_fewshot(cfg, work, rec, data, external) if fewshot.enabled(cfg) else None
   t = time.time()
-  summary = experiment_report.write(work, cfg, data, external, last, gen, results, quality, audit, rec.times)
+  summary = experiment_report.write(work, cfg, data, external, last, gen, results, quality, audit, rec.times, few)
   rec.times["report"] = time.time() - t
   print(f"experiment done ({sum(rec.times.values()) / 60:.1f} min of stages): {work / 'report.html'}")
   return summary

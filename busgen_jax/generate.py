@@ -203,6 +203,24 @@ def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = 
   return out
 
 
+def proportional_conditions(counts: dict, pathologies, total: int, proportions: str) -> list[dict]:
+  """{pathology, device, num} summing to `total`: in the training counts' proportions (largest-remainder
+  rounding) or evenly over every pathology x device seen in training."""
+  cells = [(p, d, n) for p in pathologies for d, n in sorted(counts.get(p, {}).items()) if d != "unknown" and n]
+  if not cells:
+    raise ValueError(f"no training images of pathologies {list(pathologies)} with a device")
+  if proportions == "train":
+    weights = np.array([n for _, _, n in cells], np.float64)
+  elif proportions == "grid":
+    weights = np.ones(len(cells))
+  else:
+    raise ValueError(f"generate.proportions must be train or grid, got {proportions!r}")
+  exact = total * weights / weights.sum()
+  num = np.floor(exact).astype(int)
+  num[np.argsort(num - exact)[:total - num.sum()]] += 1
+  return [{"pathology": p, "device": d, "num": int(k)} for (p, d, _), k in zip(cells, num) if k]
+
+
 def _masks(cfg, image_size: int) -> dict[str, list[np.ndarray]] | None:
   """Real lesion masks by pathology ("*" = any) from a dataset or a folder of PNGs, at the model size."""
   src = cfg.mask.source

@@ -11,6 +11,11 @@ data-scaling curve -> internal and external test sets -> quality and privacy aud
   busgen-jax experiment --config configs/experiment.py:full --workdir /mnt/exp --config.data.input=/data/busbra
   # the test suite's tiny run (phantom data unless --config.data.input/dataset is given)
   busgen-jax experiment --config configs/experiment.py:ci --workdir /tmp/exp_ci
+  # few-shot adaptation to a scanner pretraining never saw (BUS-BRA's Toshiba; k = 32 per class, three draws),
+  # or to any converted dataset (--config.fewshot.dataset=PATH --config.fewshot.device=NAME|all)
+  busgen-jax experiment --config configs/experiment.py:fewshot --workdir /tmp/fs [--config.pretrained=DIR]
+  busgen-jax experiment --config configs/experiment.py:fewshot_curve --workdir /tmp/fs_curve --config.pretrained=/tmp/fs
+  busgen-jax experiment --config configs/experiment.py:fewshot_ci --workdir /tmp/fs_ci
 
 `--config.data.dataset=DIR` takes an already converted dataset instead of raw data. docs/EXPERIMENTS.md holds the
 `cpu` preset's measured results and the recipe study (`--config.docs=docs/EXPERIMENTS.md` rewrites its tables).
@@ -95,4 +100,38 @@ def _full(c):
   k.model.name = "resnet18"
 
 
-PRESETS = {"cpu": _cpu, "ci": _ci, "full": _full}
+TOSHIBA = "Toshiba Aplio 300 @12-14 MHz"   # BUS-BRA's other vendor (139 images, 72 cases): the natural new site
+
+
+def _fewshot(c):
+  """The few-shot arm alone, on 2 CPU cores: the `cpu` preset's model pretrained without the Toshiba scanner
+  (about 24 minutes; or `--config.pretrained=DIR` of a run with the same fewshot.device), then k = 32 shots per
+  class of Toshiba in three seeded draws: LoRA adaptation, two site repositories, four classifiers each."""
+  _cpu(c)
+  c.skip = ("generate",)
+  f = c.fewshot
+  f.device, f.k, f.draws = TOSHIBA, (32,), 3
+  f.classifier_overrides = ("num_steps=600", "eval_every=50", "checkpoint_every=300")
+
+
+def _fewshot_curve(c):
+  """The whole k-curve: k = 8, 16, 32, 64 shots per class, three draws each (hours on 2 cores). On BUS-BRA's
+  Toshiba images k = 64 leaves too few test images and is reported as skipped."""
+  _fewshot(c)
+  c.fewshot.k = (8, 16, 32, 64)
+
+
+def _fewshot_ci(c):
+  """The test suite's few-shot run: the `ci` preset with one phantom device held out, k = 4, two draws."""
+  _ci(c)
+  c.skip = ("generate",)
+  f = c.fewshot
+  f.update(device="Phantom-L9", k=(4,), draws=2, val_fraction=0.25, min_test_per_class=2,
+           generated_per_class=8)
+  f.adapt.update(num_steps=4, eval_every=2, checkpoint_every=4, log_every=2)
+  f.adapt.data.batch_size = 8
+  f.adapt.lora.rank = 2
+
+
+PRESETS = {"cpu": _cpu, "ci": _ci, "full": _full, "fewshot": _fewshot, "fewshot_curve": _fewshot_curve,
+           "fewshot_ci": _fewshot_ci}

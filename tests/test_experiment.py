@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busgen_jax import cli, experiment
+from busgen_jax import cli, experiment, fewshot, generate
 from busgen_jax.data import convert, reader
 from busgen_jax.train import checkpoint
 from helpers import convert_config, gray, lesion_mask, make_busi, save
@@ -215,15 +215,15 @@ def test_missing_paths_are_errors_naming_them(tmp_path):
 
 def test_generation_conditions_keep_the_training_proportions():
   counts = {"benign": {"A": 60, "B": 30, "unknown": 5}, "malignant": {"A": 10, "B": 20}, "normal": {"A": 9}}
-  conds = experiment.generation_conditions(counts, ("benign", "malignant"), 240, "train")
+  conds = generate.proportional_conditions(counts, ("benign", "malignant"), 240, "train")
   got = {(c["pathology"], c["device"]): c["num"] for c in conds}
   assert got == {("benign", "A"): 120, ("benign", "B"): 60, ("malignant", "A"): 20, ("malignant", "B"): 40}
-  odd = experiment.generation_conditions(counts, ("benign", "malignant"), 7, "train")
+  odd = generate.proportional_conditions(counts, ("benign", "malignant"), 7, "train")
   assert sum(c["num"] for c in odd) == 7
-  grid = experiment.generation_conditions(counts, ("benign", "malignant"), 8, "grid")
+  grid = generate.proportional_conditions(counts, ("benign", "malignant"), 8, "grid")
   assert [c["num"] for c in grid] == [2, 2, 2, 2]
   with pytest.raises(ValueError, match="proportions"):
-    experiment.generation_conditions(counts, ("benign",), 8, "uniform")
+    generate.proportional_conditions(counts, ("benign",), 8, "uniform")
 
 
 def test_scaling_arms_are_nested_subsets_of_one_repository():
@@ -255,3 +255,110 @@ def test_open_config_keys_take_any_name():
   assert added == {"external": {"siteA": "/a", "b": "gs://x/y"}}
   with pytest.raises(SystemExit):
     cli._open_key_overrides(["x", "--config.external.noval"], ("external",))
+
+
+# ------------------------------------------------------------------------------------------------ few-shot arm
+
+def _config(preset: str):
+  sys.path.insert(0, str(ROOT / "configs"))
+  try:
+    import experiment as presets   # configs/experiment.py
+    return presets.get_config(preset)
+  finally:
+    sys.path.pop(0)
+    sys.modules.pop("experiment", None)
+
+
+@pytest.fixture(scope="module")
+def fewshot_run(tmp_path_factory):
+  """The `fewshot_ci` preset: phantom data, one of its two devices held out of pretraining and adapted to from
+  k = 4 shots per class in two draws; one external set (a converted dataset)."""
+  tmp = tmp_path_factory.mktemp("fewshot")
+  converted = convert.convert(convert_config("phantom", "", tmp / "converted", **{
+      "phantom.num_examples": 24, "phantom.size": 32, "phantom.seed": 3, "image.size": 32}))
+  cfg = _config("fewshot_ci")
+  cfg.external = {"phantom_b": str(converted)}
+  cfg.external_split = "train"
+  work = tmp / "work"
+  summary = experiment.run(cfg, str(work))
+  return {"work": work, "cfg": cfg, "summary": summary}
+
+
+def test_fewshot_report_has_every_k_arm_and_test_set(fewshot_run):
+  work, cfg = fewshot_run["work"], fewshot_run["cfg"]
+  s = json.loads((work / "report.json").read_text())
+  assert s["fewshot"] == json.loads(json.dumps(fewshot_run["summary"]["fewshot"], default=float))
+  f = s["fewshot"]
+  assert "tests" not in s and not (work / "generated").exists()        # skip=("generate",): no repository arm
+  assert set(f["tests"]) == {fewshot.SITE, "phantom_b"}
+  for per_k in f["tests"].values():
+    entry = per_k["4"]
+    assert set(entry["arms"]) == set(fewshot.ARMS)
+    for cell in entry["arms"].values():
+      assert cell["n_draws"] == 2 and len(cell["draws"]) == 2
+      assert 0 <= cell["auc_mean"] <= 1 and cell["auc_min"] <= cell["auc_mean"] <= cell["auc_max"]
+      assert all(d["auc_ci95"][0] <= d["auc"] <= d["auc_ci95"][1] for d in cell["draws"])
+    d = entry["differences"][f"{fewshot.SHOTS_ADAPTED} − {fewshot.SHOTS}"]
+    assert d["mean"] == pytest.approx(entry["arms"][fewshot.SHOTS_ADAPTED]["auc_mean"] -
+                                      entry["arms"][fewshot.SHOTS]["auc_mean"])
+  md = (work / "report.md").read_text()
+  assert "Few-shot adaptation to a new site" in md and (work / f"fewshot_{fewshot.SITE}.png").stat().st_size > 0
+  assert f["held_out"] and f["site"]["device"] == cfg.fewshot.device
+
+
+def test_fewshot_site_is_held_out_and_draws_never_leak_a_case(fewshot_run):
+  work, cfg = fewshot_run["work"], fewshot_run["cfg"]
+  stages = work / "stages"
+  assert json.loads((stages / "pretrain.json").read_text())["result"]["held_out_devices"] == [cfg.fewshot.device]
+  _, meta = checkpoint.load_meta(work / "diffusion" / "checkpoints")   # pretraining read every device but the site's
+  allowed = json.loads(meta["config"])["data"]["sources"]["real"]["filters"]["device"]
+  assert cfg.fewshot.device not in allowed and allowed
+  site = json.loads((stages / "fewshot_site.json").read_text())["result"]
+  ds = reader.open_dataset(site["dataset"])
+  from busgen_jax.data import pipeline
+  labels = pipeline.scan_labels(ds, fewshot.SITE)
+  assert {ds.vocab("device")[i] for i in labels["device"]} == {cfg.fewshot.device}
+  assert len(labels["device"]) == site["n"]
+  cases = ds.case_ids(fewshot.SITE)
+  val_cases = set(cases[site["val"]])
+  assert set(site["draws"]) == {"k4_d0", "k4_d1"}
+  assert site["draws"]["k4_d0"]["shots"] != site["draws"]["k4_d1"]["shots"]
+  for draw in site["draws"].values():
+    shots, test = np.array(draw["shots"]), np.array(draw["test"])
+    assert np.bincount(labels["pathology"][shots]).max() == 4 and len(shots) == 8
+    assert not (set(cases[shots]) | val_cases) & set(cases[test])
+    assert not set(cases[shots]) & val_cases
+    assert len(set(draw["test"]) | set(draw["shots"]) | set(site["val"])) <= site["n"]
+  # every classifier was tested on exactly its draw's test images
+  for key, draw in site["draws"].items():
+    for arm_dir in (work / "fewshot" / key / "classify").iterdir():
+      with np.load(arm_dir / "eval" / f"{fewshot.SITE}.predictions.npz") as z:
+        assert len(z["labels"]) == len(draw["test"])
+
+
+def test_fewshot_guards(fewshot_run, tmp_path):
+  cfg = fewshot_run["cfg"]
+  data = json.loads((fewshot_run["work"] / "stages" / "data.json").read_text())["result"]
+  with pytest.raises(ValueError, match="nothing to pretrain on"):
+    fewshot.held_out_devices(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": "all"}), data["dataset"])
+  with pytest.raises(ValueError, match="not a device of"):
+    fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": "Nope-1"}), tmp_path, data)
+  with pytest.raises(ValueError, match="too small for any k"):
+    fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "k": (500,)}), tmp_path, data)
+  # a model pretrained on the site's device cannot stand in for the held-out pretraining
+  plain = _with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": ""})
+  experiment.run(plain, str(tmp_path / "plain"))
+  with pytest.raises(ValueError, match="pretrained on the few-shot site's device"):
+    experiment.run(_with(cfg, pretrained=str(tmp_path / "plain")), str(tmp_path / "reuse"))
+
+
+def test_validation_cases_are_whole_cases_near_the_fraction():
+  label = np.array(["benign"] * 30 + ["malignant"] * 20)
+  cases = np.array([f"c{i // 2}" for i in range(50)])          # two views per case
+  val = fewshot.validation_cases(label, cases, ["benign", "malignant"], 0.2, seed=0)
+  chosen = set(cases[val])
+  assert np.array_equal(val, np.flatnonzero(np.isin(cases, list(chosen))))   # whole cases
+  assert 6 <= (label[val] == "benign").sum() <= 8 and 4 <= (label[val] == "malignant").sum() <= 6
+  assert np.array_equal(val, fewshot.validation_cases(label, cases, ["benign", "malignant"], 0.2, seed=0))
+  with pytest.raises(ValueError, match="val_fraction"):
+    fewshot.validation_cases(label, cases, ["benign"], 1.5, seed=0)

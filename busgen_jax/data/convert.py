@@ -334,6 +334,61 @@ def merge(ds: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Subsets of a converted dataset, records copied byte for byte (the audit's filter, a few-shot site's images).
+
+def copy_records(src, picks: dict[str, list[tuple[str, int]]], output: str | Path, *, fmt: str,
+                 rejections: list[dict] | None = None, note: dict | None = None,
+                 examples_per_shard: int = 1024) -> Path:
+  """A new dataset at output/<name>/<version> whose split `s` holds the records `picks[s]` ((split, index) of
+  `src`, in that order). `rejections` (records of `src` left out, with a code and reason) go into the
+  conversion report, so every record of `src` named there is accounted for. Returns the dataset directory."""
+  from array_record.python import array_record_module
+  from busgen_jax.data import reader
+  ds = src if isinstance(src, reader.Dataset) else reader.open_dataset(src)
+  out = Path(output).expanduser() / ds.name / ds.dir.name
+  if out.resolve() == ds.dir.resolve():
+    raise ValueError(f"{out}: a copy must not overwrite the dataset it copies")
+  for split, items in picks.items():
+    for s, i in items:
+      if s not in ds.splits or not 0 <= int(i) < ds.splits[s]:
+        raise ValueError(f"{ds.dir}: no record {i} in split {s!r} (splits {ds.splits}), picked for {split!r}")
+  (out / "shard_reports").mkdir(parents=True, exist_ok=True)
+  tasks = [(split, k, items[k * examples_per_shard:(k + 1) * examples_per_shard],
+            max(1, math.ceil(len(items) / examples_per_shard)))
+           for split, items in picks.items() for k in range(max(1, math.ceil(len(items) / examples_per_shard)))]
+  rejections = list(rejections or [])
+  fingerprint = hashlib.sha256(json.dumps([str(ds.dir), picks, len(rejections)], default=str).encode()).hexdigest()
+  write_json(out / "shard_reports" / "plan.json", {
+      "fingerprint": fingerprint, "num_tasks": len(tasks),
+      "num_inputs": sum(len(v) for v in picks.values()) + len(rejections),
+      "vocab": {"device": ds.vocab("device"), "histology": ds.vocab("histology")},
+      "rejected": rejections, "duplicates": [], "ignored_files": [], "warnings": [],
+      "config": {"name": ds.name, "format": fmt, "input": str(ds.dir), **(note or {})}})
+  records = {s: ds.records(s) for s in {s for items in picks.values() for s, _ in items}}
+  for task, (split, k, items, n) in enumerate(tasks):
+    path = out / shard_filename(ds.name, split, k, n)
+    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+    converted, counts = [], {"pathology": {}, "device": {}, "boxes": {}}
+    try:
+      for s, i in items:
+        rec = records[s][int(i)]
+        ex = ds.decode(rec, skip=("image", "mask"))
+        writer.write(rec)
+        converted.append([ex["id"], ex["sha256"]])
+        for f, v in (("pathology", ds.vocab("pathology")[ex["pathology"]]),
+                     ("device", ds.vocab("device")[ex["device"]]), ("boxes", str(len(ex["boxes"])))):
+          counts[f][v] = counts[f].get(v, 0) + 1
+    finally:
+      writer.close()
+    write_json(out / "shard_reports" / f"shard-{task:05d}.json", {
+        "fingerprint": fingerprint, "index": task, "split": split, "shard": k, "file": path.name,
+        "num_examples": len(converted), "num_bytes": path.stat().st_size, "num_inputs": len(converted),
+        "rejections": [], "warnings": [], "converted": converted, "counts": counts})
+  merge(out)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def default_config() -> ml_collections.ConfigDict:
   """Conversion settings; `configs/convert.py` exposes these with the command that runs them."""

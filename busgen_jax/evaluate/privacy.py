@@ -473,8 +473,6 @@ def filter_dataset(src: str | Path, split: str, remove: Mapping[int, str], outpu
   """A copy of dataset `src` without the records `remove` ({record index of `split`: reason}); other splits are
   copied whole. Records are copied byte for byte; the conversion report accounts for every record (removed ones
   as rejections with code "privacy_flagged" and the reason). Returns the new dataset directory."""
-  from array_record.python import array_record_module
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
   from busgen_jax.data import convert
   ds = reader.open_dataset(src)
   if split not in ds.splits:
@@ -482,46 +480,16 @@ def filter_dataset(src: str | Path, split: str, remove: Mapping[int, str], outpu
   bad = [i for i in remove if not 0 <= int(i) < ds.splits[split]]
   if bad:
     raise ValueError(f"{ds.dir} split {split!r}: record indices {bad[:5]} out of range ({ds.splits[split]} records)")
-  out = Path(output).expanduser() / ds.name / ds.dir.name
-  if out.resolve() == ds.dir.resolve():
-    raise ValueError(f"{out}: the filtered copy must not overwrite the dataset it filters")
-  (out / "shard_reports").mkdir(parents=True, exist_ok=True)
-  vocab = {"device": ds.vocab("device"), "histology": ds.vocab("histology")}
-  tasks = [(s, k, len(ds.shard_lengths(s))) for s in ds.splits for k in range(len(ds.shard_lengths(s)))]
-  fingerprint = f"filter:{ds.dir}:{len(remove)}"
-  convert.write_json(out / "shard_reports" / "plan.json", {
-      "fingerprint": fingerprint, "num_tasks": len(tasks), "num_inputs": sum(ds.splits.values()), "vocab": vocab,
-      "rejected": [], "duplicates": [], "ignored_files": [], "warnings": [],
-      "config": {"name": ds.name, "format": "filtered", "input": str(ds.dir),
-                 "filter": {"split": split, "removed": len(remove)}}})
-  for task, (s, k, n) in enumerate(tasks):
-    shard_file = ds.files(s)[k]
-    offset = sum(ds.shard_lengths(s)[:k])
-    src_records = ArrayRecordDataSource([shard_file]) if ds.shard_lengths(s)[k] else []
-    path = out / convert.shard_filename(ds.name, s, k, n)
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    converted, rejections, counts = [], [], {"pathology": {}, "device": {}, "boxes": {}}
-    try:
-      for j in range(len(src_records)):
-        rec = src_records[j]
-        ex = ds.decode(rec, skip=("image", "mask"))
-        if s == split and offset + j in remove:
-          rejections.append({"code": FLAGGED, "key": ex["id"], "index": offset + j, "file": ex["source_file"],
-                             "reason": remove[offset + j]})
-          continue
-        writer.write(rec)
-        converted.append([ex["id"], ex["sha256"]])
-        for f, v in (("pathology", ds.vocab("pathology")[ex["pathology"]]),
-                     ("device", ds.vocab("device")[ex["device"]]), ("boxes", str(len(ex["boxes"])))):
-          counts[f][v] = counts[f].get(v, 0) + 1
-    finally:
-      writer.close()
-    convert.write_json(out / "shard_reports" / f"shard-{task:05d}.json", {
-        "fingerprint": fingerprint, "index": task, "split": s, "shard": k, "file": path.name,
-        "num_examples": len(converted), "num_bytes": path.stat().st_size, "num_inputs": len(converted) +
-        len(rejections), "rejections": rejections, "warnings": [], "converted": converted, "counts": counts})
-  report = convert.merge(out)
-  logging.info("%s: %d records kept, %d removed (%s)", out, report["converted"], report["rejected"], FLAGGED)
+  picks = {s: [(s, i) for i in range(n) if not (s == split and i in remove)] for s, n in ds.splits.items()}
+  records = ds.records(split)
+  rejections = []
+  for i in sorted(remove):
+    ex = ds.decode(records[int(i)], skip=("image", "mask"))
+    rejections.append({"code": FLAGGED, "key": ex["id"], "index": int(i), "file": ex["source_file"],
+                       "reason": remove[i]})
+  out = convert.copy_records(ds, picks, output, fmt="filtered", rejections=rejections,
+                             note={"filter": {"split": split, "removed": len(remove)}}, examples_per_shard=4096)
+  logging.info("%s: %d records kept, %d removed (%s)", out, sum(map(len, picks.values())), len(remove), FLAGGED)
   return out
 
 

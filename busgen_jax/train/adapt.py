@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({
       "path": "", "split": "train", "shots": 16, "shot_seed": 0,     # k images per class
       "val_split": "val", "val_per_class": 32,                        # held out, other cases
+      # Or the images chosen by the caller (record indices of `split` / `val_split`), e.g. the few-shot
+      # protocol's draws; shots / val_per_class are then not used.
+      "shot_indices": (), "val_indices": (),
       "image_size": 0,         # 0: the base's training size
       "batch_size": 8, "crop": "random", "flip": True, "worker_count": 0})
   c.lora = lora.default_config()
@@ -108,6 +111,24 @@ def select(ds: reader.Dataset, split: str, field: str, classes: list[str], per_c
       raise ValueError(f"{ds.dir} split {split!r}: {len(order)} usable images with {field}={name!r}, "
                        f"{per_class} wanted (vocabulary {names})")
     out[name] = np.sort(np.asarray(order[:per_class], np.int64))
+  return out
+
+
+def by_class(ds: reader.Dataset, split: str, field: str, classes: list[str], indices, what: str
+             ) -> dict[str, np.ndarray]:
+  """Given record indices of a split, grouped by their class; every class needs one, other labels are an error."""
+  idx = np.asarray(indices, np.int64)
+  if idx.min() < 0 or idx.max() >= ds.splits[split]:
+    raise ValueError(f"data.{what}: record indices outside {ds.dir} split {split!r} ({ds.splits[split]} records)")
+  names = ds.vocab(field)
+  labels = np.asarray([names[i] for i in pipeline.scan_labels(ds, split)[field][idx]])
+  stray = sorted(set(labels) - set(classes))
+  if stray:
+    raise ValueError(f"data.{what}: records of {field} {stray}, not a task class {classes}")
+  out = {c: np.sort(idx[labels == c]) for c in classes}
+  empty = [c for c, v in out.items() if not len(v)]
+  if empty:
+    raise ValueError(f"data.{what}: no image of class {empty}")
   return out
 
 
@@ -223,13 +244,21 @@ class Setup:
     ds = reader.open_dataset(cfg.data.path)
     self.dataset = ds
     cases = ds.case_ids(cfg.data.split)
-    self.shots = select(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shots, cfg.data.shot_seed,
-                        cases=cases)
+    if len(cfg.data.shot_indices):
+      self.shots = by_class(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shot_indices, "shot_indices")
+    else:
+      self.shots = select(ds, cfg.data.split, cfg.task.field, self.classes, cfg.data.shots, cfg.data.shot_seed,
+                          cases=cases)
     shot_idx = np.concatenate(list(self.shots.values()))
     same = cfg.data.val_split == cfg.data.split
-    self.val = select(ds, cfg.data.val_split, cfg.task.field, self.classes, cfg.data.val_per_class,
-                      cfg.data.shot_seed + 1, exclude_cases=set(cases[shot_idx]) if same else (), exact=False,
-                      cases=cases if same else None)
+    if len(cfg.data.val_indices):
+      self.val = by_class(ds, cfg.data.val_split, cfg.task.field, self.classes, cfg.data.val_indices, "val_indices")
+      if same and set(cases[np.concatenate(list(self.val.values()))]) & set(cases[shot_idx]):
+        raise ValueError("data.val_indices share cases with the shots: validation must come from other cases")
+    else:
+      self.val = select(ds, cfg.data.val_split, cfg.task.field, self.classes, cfg.data.val_per_class,
+                        cfg.data.shot_seed + 1, exclude_cases=set(cases[shot_idx]) if same else (), exact=False,
+                        cases=cases if same else None)
     labels = pipeline.scan_labels(ds, cfg.data.split)
     shot_devices = [ds.vocab("device")[i] for i in labels["device"][shot_idx]]
     self.rows, self.vocab, self.new_rows = label_rows(cfg.task, self.classes, base.cfg, base.vocab, shot_devices,
@@ -347,7 +376,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   setup = Setup(cfg)
   logging.info("adapting %s to %s %s: %d shots per class, %d validation images; %d adapter parameters "
                "(%.2f%% of the frozen %d); new rows %s", setup.base.name, cfg.task.field, setup.classes,
-               cfg.data.shots, sum(map(len, setup.val.values())), setup.num_adapter_params,
+               min(map(len, setup.shots.values())), sum(map(len, setup.val.values())), setup.num_adapter_params,
                100 * setup.num_adapter_params / setup.num_frozen_params, setup.num_frozen_params, setup.new_rows)
   pc = pipeline.default_config()
   pc.sources = {"shots": {"path": cfg.data.path, "split": cfg.data.split, "weight": 1.0,
@@ -460,7 +489,7 @@ def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: f
   start = next((h for h in history if h["step"] == 0), None)
   best = min((h for h in history if h.get("saved")), key=lambda h: h["val_loss"], default=None)
   summary = {"base": setup.base.name, "task": {"field": cfg.task.field, "classes": setup.classes},
-             "shots_per_class": cfg.data.shots, "val_images": int(sum(map(len, setup.val.values()))),
+             "shots_per_class": min(map(len, setup.shots.values())), "val_images": int(sum(map(len, setup.val.values()))),
              "adapter_params": setup.num_adapter_params, "frozen_params": setup.num_frozen_params,
              "new_rows": setup.new_rows, "val_loss_start": start and start["val_loss"],
              "val_loss_best": best and best["val_loss"], "best_step": best and best["step"], "last": last,

@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.image_size = 128
   c.data.batch_size = 64
   c.data.ultrasound_augment = ("gain", "speckle", "depth_attenuation")
-  # Validation (checkpoint selection) and test sets: real data. path "" = the first train source's path.
+  # Validation (checkpoint selection) and test sets: real data. path "" = the first train source's path. An
+  # entry may name record `indices` of its split (a subset, e.g. a new site's images outside its few shots).
   c.val = ml_collections.ConfigDict({"path": "", "split": "val"})
   c.test = ml_collections.ConfigDict({"real_test": {"path": "", "split": "test"}})
   c.select_metric = "auc"        # auc (binary) | macro_auc | balanced_accuracy
@@ -138,15 +139,15 @@ class Setup:
 
   # -------------------------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, params, stats, path: str, split: str, *, n_bootstrap: int | None = None,
+  def evaluate(self, params, stats, path: str, split: str, *, indices=(), n_bootstrap: int | None = None,
                case_ids: bool = True) -> dict:
-    """Probabilities for every example of the task's classes in a split, and its report. Case ids (read
-    from the records, for case-level bootstraps and the saved predictions) are skipped with case_ids=False,
-    as validation during training does."""
+    """Probabilities for every example of the task's classes in a split (or in its records `indices`), and its
+    report. Case ids (read from the records, for case-level bootstraps and the saved predictions) are skipped
+    with case_ids=False, as validation during training does."""
     cfg = self.cfg
     filters = {cfg.task.field: self.classes}
     pipe = pipeline.build_eval(path, split, image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
-                               filters=filters, device_vocab=tuple(cfg.data.device_vocab))
+                               filters=filters, indices=tuple(indices), device_vocab=tuple(cfg.data.device_vocab))
     lut = _lut(pipe.vocab[cfg.task.field], self.classes)   # the evaluated dataset's own vocabulary
     probs, labels, index = [], [], []
     it = iter(pipe)
@@ -195,6 +196,27 @@ def gather_rows(rows: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+
+def with_overrides(cfg: ml_collections.ConfigDict, overrides, what: str) -> ml_collections.ConfigDict:
+  """A copy of `cfg` with ("key=value", ...) applied; values read as Python literals where they parse as one
+  (a recipe for some of an experiment's classifiers, e.g. "num_steps=750", "data.ultrasound_augment=()")."""
+  import ast
+  out = {}
+  for o in overrides:
+    key, sep, value = o.partition("=")
+    if not sep or not key:
+      raise ValueError(f"{what}: expected key=value, got {o!r}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  try:
+    cfg.update_from_flattened_dict(out)
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ValueError(f"{what} {tuple(overrides)}: {e}") from None
+  return cfg
+
 
 def _with_task_filters(cfg):
   """Every train source keeps only the task's classes (unless the config filters that field itself)."""
@@ -269,8 +291,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                       "images_per_sec": cfg.data.batch_size * (step - start) / dt})
           t0, start = time.perf_counter(), step
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
-          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split, n_bootstrap=0,
-                               case_ids=False)
+          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split,
+                               indices=cfg.val.get("indices", ()), n_bootstrap=0, case_ids=False)
           value = float(rep["report"][cfg.select_metric])
           writer.write_scalars(step, {f"val/{cfg.select_metric}": value})
           logging.info("step %d: validation %s = %.4f (best %.4f at %d)", step, cfg.select_metric, value,
@@ -300,7 +322,8 @@ def load_classifier(directory: str | Path) -> tuple[dict, dict]:
 
 
 def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: Setup | None = None) -> dict:
-  """Evaluates a saved classifier on each `tests` entry ({name: {path, split}}); writes reports. Without
+  """Evaluates a saved classifier on each `tests` entry ({name: {path, split, optional record indices}});
+  writes reports. Without
   `setup`, the classifier is rebuilt from the config saved with it."""
   weights, meta = load_classifier(directory)
   if setup is None:
@@ -313,7 +336,7 @@ def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: Setup |
   for name in tests.keys():
     t = tests[name]
     path = t.path or _default_real(setup.cfg)
-    res = setup.evaluate(params, stats, path, t.split)
+    res = setup.evaluate(params, stats, path, t.split, indices=t.get("indices", ()))
     rep = {**res["report"], "checkpoint": str(directory), "best": meta.get("best")}
     report_lib.write_classifier_report(out_dir / name, rep, title=f"{name}: {Path(path).name}/{t.split}")
     np.savez(out_dir / f"{name}.predictions.npz", probs=res["probs"], labels=res["labels"],

@@ -13,11 +13,15 @@ Families:
   steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
   classifier  the classifier recipe on generated images (the base's 2x repository)
   mixing      the generated share of the real + generated stream (the base's 2x repository)
+  pretraining the diffusion model itself: objective (v prediction with min-SNR weighting), steps vs batch; each
+              variant trains its own model on the base run's converted data (about 24 minutes here) and
+              generates a 1x repository
 `--families` runs some of them; finished variants are reused.
 """
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from absl import flags
@@ -33,7 +37,8 @@ BEGIN, END = "<!-- recipe-study:begin -->", "<!-- recipe-study:end -->"
 # variant: (name, {config key: value}); "base" rows are the base run itself.
 SIZES = {"guidance": "1x repositories; the base row is its nested 1x subset",
          "steps": "1x repositories; the base row is its nested 1x subset",
-         "classifier": "the base's 2x repository", "mixing": "the base's 2x repository, real + generated"}
+         "classifier": "the base's 2x repository", "mixing": "the base's 2x repository, real + generated",
+         "pretraining": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset"}
 FAMILIES = {
     "guidance": ("generated", "generated x1", [
         ("guidance 1.5", {"generate.sampler.guidance_scale": 1.5, "generate.multiples": (1.0,)}),
@@ -55,6 +60,14 @@ FAMILIES = {
         ("generated share 0.2", {"mixed_weight_generated": 0.2}),
         ("generated share 0.35", {"mixed_weight_generated": 0.35}),
         ("generated share 0.5 (base)", None),
+    ]),
+    "pretraining": ("generated", "generated x1", [
+        ("eps prediction, 1400 steps x batch 16 (base)", None),
+        ("v prediction, min-SNR weighting (gamma 5)", {"diffusion.objective.prediction": "v",
+                                                       "diffusion.objective.weighting": "min_snr",
+                                                       "generate.multiples": (1.0,)}),
+        ("700 steps x batch 32", {"diffusion.num_steps": 700, "diffusion.data.batch_size": 32,
+                                  "diffusion.optim.warmup_steps": 50, "generate.multiples": (1.0,)}),
     ]),
 }
 
@@ -81,10 +94,20 @@ def variant_dir(work: Path, family: str, name: str) -> Path:
 
 def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict) -> dict:
   cfg = base_config(base)
-  cfg.update(pretrained=str(base), skip=("quality", "audit"), docs="")
+  cfg.update(skip=("quality", "audit"), docs="")
   cfg.generate.multiples = (2.0,)           # no scaling arms: the family's arm and real + mixed
   cfg.update_from_flattened_dict(overrides)
-  return experiment.run(cfg, str(variant_dir(work, family, name)))
+  out = variant_dir(work, family, name)
+  if any(k.startswith("diffusion.") for k in overrides):
+    # A model of its own on the base run's converted data; the real-only classifier is the base's (same data,
+    # same recipe), restored and only evaluated.
+    cfg.data.dataset = json.loads((base / "stages" / "data.json").read_text())["result"]["dataset"]
+    if not (out / "classify" / "real").exists():
+      shutil.copytree(base / "classify" / "real", out / "classify" / "real",
+                      ignore=shutil.ignore_patterns("eval", "events.*"))
+  else:
+    cfg.pretrained = str(base)
+  return experiment.run(cfg, str(out))
 
 
 def row(summary: dict, arm: str) -> dict:
