@@ -5,8 +5,8 @@
 
   the site's images (one device of a converted dataset, or all of it; every split) -> DIR/fewshot/site, one split
   -> a validation set of the site's cases, fixed for every k and draw (it selects adapters and classifiers) -> per
-  k and draw: k shots per class from the other cases (seeded, one view per case before a second) and the test
-  images: the site's images outside the validation set and the shots' cases -> LoRA adaptation of the
+  k and draw: k shots per class from the other cases (seeded; every view of a case, so few cases are used up) and
+  the test images: the site's images outside the validation set and the shots' cases -> LoRA adaptation of the
   pretrained model on the shots (the site's unseen devices get new rows) -> a repository for the site from the
   adapted model, and one from the un-adapted model (the device's null row), both with the shots' box prior ->
   classifiers on the shots | shots + un-adapted | shots + adapted | adapted alone -> AUC on the site's test
@@ -108,7 +108,7 @@ def stage_site(cfg, work: Path, data: dict) -> dict:
     for d in range(fs.draws):
       try:
         shots = adapt.select(site, SITE, "pathology", classes, int(k), seed=cfg.seed * 1000 + 100 * d + int(k),
-                             exclude_cases=val_cases, cases=cases)
+                             exclude_cases=val_cases, cases=cases, whole_cases=True)
       except ValueError as e:
         skipped[str(k)] = f"too few images for {k} shots per class outside the validation cases ({e})"
         break
@@ -296,8 +296,7 @@ def kcurve_plot(path: Path, per_k: dict, title: str) -> Path:
 
 def markdown(cfg, s: dict, work: Path) -> str:
   site, a = s["site"], cfg.fewshot.adapt
-  md = ["## Few-shot adaptation to a new site", "",
-        f"Site: device **{site['device']}** of `{site['source']}` ({site['n']} images, {site['cases']} cases: "
+  md = [f"Site: device **{site['device']}** of `{site['source']}` ({site['n']} images, {site['cases']} cases: "
         f"{site['counts']}); {'left out of pretraining' if s.get('held_out') else 'a dataset pretraining never saw'}"
         f". Validation (selection of adapters and classifiers): {site['val_counts']} images of whole cases, the "
         "same for every draw; test: the site's other images outside the shots' cases. Adaptation: LoRA rank "

@@ -92,10 +92,12 @@ def task_classes(task) -> list[str]:
 
 
 def select(ds: reader.Dataset, split: str, field: str, classes: list[str], per_class: int, seed: int, *,
-           exclude_cases=(), exact: bool = True, cases: np.ndarray | None = None) -> dict[str, np.ndarray]:
+           exclude_cases=(), exact: bool = True, cases: np.ndarray | None = None,
+           whole_cases: bool = False) -> dict[str, np.ndarray]:
   """Up to `per_class` record indices per class (exactly, when `exact`): cases in a seeded order, one view per
-  case before any case's second view; cases in `exclude_cases` are skipped. `cases`: the split's case ids,
-  when the caller has them already."""
+  case before any case's second view (or, with `whole_cases`, every view of a case before the next case: fewer
+  cases used up, when the others must stay free for testing); cases in `exclude_cases` are skipped. `cases`:
+  the split's case ids, when the caller has them already."""
   labels = pipeline.scan_labels(ds, split)[field]
   names = ds.vocab(field)
   cases = ds.case_ids(split) if cases is None else cases
@@ -106,7 +108,8 @@ def select(ds: reader.Dataset, split: str, field: str, classes: list[str], per_c
     by_case: dict[str, list[int]] = {}
     for r in np.random.default_rng([seed, j]).permutation(recs):
       by_case.setdefault(cases[r], []).append(int(r))
-    order = [v[i] for i in range(max(map(len, by_case.values()), default=0)) for v in by_case.values() if i < len(v)]
+    order = ([r for v in by_case.values() for r in v] if whole_cases else
+             [v[i] for i in range(max(map(len, by_case.values()), default=0)) for v in by_case.values() if i < len(v)])
     if (exact and len(order) < per_class) or not order:
       raise ValueError(f"{ds.dir} split {split!r}: {len(order)} usable images with {field}={name!r}, "
                        f"{per_class} wanted (vocabulary {names})")
