@@ -61,7 +61,10 @@ def enabled(cfg) -> bool:
 
 def _site_source(cfg, internal: str) -> tuple[reader.Dataset, bool]:
   """The site's dataset, and whether it is the experiment's own (pretraining) dataset."""
-  ds = reader.open_dataset(cfg.fewshot.dataset or internal)
+  try:
+    ds = reader.open_dataset(cfg.fewshot.dataset or internal)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"--config.fewshot.dataset: {e} (a converted dataset: `busgen-jax convert` writes one)") from None
   return ds, ds.dir.resolve() == reader.find_dataset_dir(internal).resolve()
 
 

@@ -343,6 +343,8 @@ def test_fewshot_guards(fewshot_run, tmp_path):
     fewshot.held_out_devices(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": "all"}), data["dataset"])
   with pytest.raises(ValueError, match="not a device of"):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": "Nope-1"}), tmp_path, data)
+  with pytest.raises(ValueError, match="--config.fewshot.dataset: .*no dataset here"):
+    fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "dataset": str(tmp_path)}), tmp_path, data)
   with pytest.raises(ValueError, match="too small for any k"):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "k": (500,)}), tmp_path, data)
   # a model pretrained on the site's device cannot stand in for the held-out pretraining

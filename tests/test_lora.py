@@ -214,6 +214,13 @@ def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):
   assert not shot_cases & val_cases
   again = adapt.select(ds, "train", "histology", ["cyst", "fibroadenoma"], 8, 0)
   assert {k: v.tolist() for k, v in again.items()} == shots
+  # whole_cases: every view of a case before the next case, so the shots use up as few cases as they can
+  whole = adapt.select(ds, "train", "histology", ["cyst", "fibroadenoma"], 8, 0, whole_cases=True)
+  for c, v in whole.items():
+    used = {train_cases[i] for i in v}
+    views = {case: int((train_cases == case).sum()) for case in used}
+    assert len(used) <= len({train_cases[i] for i in shots[c]})
+    assert sum(views.values()) - len(v) < max(views.values())   # only the last case may be cut short
   histology = ds.vocab("histology")
   labels = adapt.pipeline.scan_labels(ds, "train")["histology"]
   assert all(histology[labels[i]] == k for k, v in shots.items() for i in v)

@@ -13,7 +13,7 @@ Families:
   steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
   classifier  the classifier recipe on generated images (the base's 2x repository)
   mixing      the generated share of the real + generated stream (the base's 2x repository)
-  pretraining the diffusion model itself: objective (v prediction with min-SNR weighting), steps vs batch; each
+  pretraining the diffusion model itself: the objective (v prediction with min-SNR weighting); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
 `--families` runs some of them; finished variants are reused.
@@ -66,8 +66,6 @@ FAMILIES = {
         ("v prediction, min-SNR weighting (gamma 5)", {"diffusion.objective.prediction": "v",
                                                        "diffusion.objective.weighting": "min_snr",
                                                        "generate.multiples": (1.0,)}),
-        ("700 steps x batch 32", {"diffusion.num_steps": 700, "diffusion.data.batch_size": 32,
-                                  "diffusion.optim.warmup_steps": 50, "generate.multiples": (1.0,)}),
     ]),
 }
 
