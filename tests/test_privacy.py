@@ -118,7 +118,15 @@ def test_membership_inference_is_at_chance_between_two_held_out_sets(repo):
   lb = privacy.denoising_losses(model, other, "test", b_idx, **kw)
   assert la.shape == (len(a_idx),) and np.isfinite(la).all() and (la > 0).all()
   np.testing.assert_array_equal(la, privacy.denoising_losses(model, other, "train", a_idx, **kw))   # fixed noise
+  # rows= scores every image under one label row: the same losses where that is the image's own row
+  from busgen_jax.data import pipeline
   ds = reader.open_dataset(other)
+  is_benign = pipeline.scan_labels(ds, "train")["pathology"][a_idx] == ds.vocab("pathology").index("benign")
+  lr = privacy.denoising_losses(model, other, "train", a_idx, rows={"pathology": model.vocab["pathology"].index(
+      "benign")}, **kw)
+  assert is_benign.any() and (~is_benign).any()
+  np.testing.assert_allclose(lr[is_benign], la[is_benign], rtol=1e-6)
+  assert not np.allclose(lr[~is_benign], la[~is_benign])
   res = privacy.membership_auc(la, lb, member_cases=ds.case_ids("train"), nonmember_cases=ds.case_ids("test"),
                                n_bootstrap=300)
   assert res["auc_ci95"][0] < 0.5 < res["auc_ci95"][1] and abs(res["auc"] - 0.5) < 0.15, res

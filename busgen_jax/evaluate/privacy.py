@@ -381,10 +381,13 @@ def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray, *, m
 # ------------------------------------------------------------------------------------------------ the attack
 
 def denoising_losses(model, path: str | Path, split: str, indices: Sequence[int], *, timesteps: Sequence[int],
-                     repeats: int, batch_size: int, seed: int = 0) -> np.ndarray:
+                     repeats: int, batch_size: int, seed: int = 0, rows: Mapping[str, int] | None = None
+                     ) -> np.ndarray:
   """Per-image eps-prediction MSE of a diffusion model (generate.Model) averaged over fixed timesteps and noise
   draws (noise seeded by record index, so a re-run gives the same losses). Conditions: the image's own labels
-  and lesion box, mapped to the model's vocabularies by name (unknown names -> the null row)."""
+  and lesion box, mapped to the model's vocabularies by name (unknown names -> the null row); `rows` fixes the
+  model row of some fields for every image instead (e.g. {"pathology": r}: scoring each image under each class
+  makes the model a classifier, which says whether its label rows carry the classes apart)."""
   from flax import nnx
   from busgen_jax import parallel
   from busgen_jax.data import pipeline
@@ -399,6 +402,7 @@ def denoising_losses(model, path: str | Path, split: str, indices: Sequence[int]
     raise ValueError(f"mia.timesteps {bad} outside [0, {sched.T})")
   mesh = parallel.make_mesh({"data": -1}, jax.local_devices())
   batch_size = -(-batch_size // mesh.size) * mesh.size
+  fixed = dict(rows or {})
   rows = parallel.rows(mesh)
   repl = parallel.replicated(mesh)
   graphdef = nnx.graphdef(unet.abstract(model.cfg))
@@ -431,7 +435,8 @@ def denoising_losses(model, path: str | Path, split: str, indices: Sequence[int]
   it = iter(pipe)
   try:
     for b in it:
-      cond = {k: lut[k][b[k]] if k in lut else b[k] for k in conds}
+      cond = {k: np.full(len(b[k]), fixed[k], np.int32) if k in fixed else lut[k][b[k]] if k in lut else b[k]
+              for k in conds}
       put = lambda a: jax.device_put(np.asarray(a), rows)
       loss = losses(params, put(b["image"]), put(b["index"]), jax.tree.map(put, cond))
       keep = np.asarray(b["valid"])

@@ -1,0 +1,108 @@
+"""Does an adapted model carry its classes apart? The diagnosis behind docs/EXPERIMENTS.md's few-shot section.
+
+  python docs/experiments/adapt_diagnosis.py --adapt DIR/adapt [--generated DIR/adapted_generated] [--json OUT]
+  # the demo:  --adapt /tmp/demo/adapt --generated /tmp/demo/adapted_generated
+  # a few-shot draw of the experiment:  --adapt /tmp/fs/fewshot/k32_d0/adapt --generated /tmp/fs/fewshot/k32_d0/generated_adapted
+
+Two measurements on the adaptation's own validation images (other cases than the shots):
+  1. The model as a classifier: each image's denoising loss under each class's label row (fixed timesteps and
+     noise); the class with the lowest loss is the model's guess. Chance accuracy means the label rows do not
+     tell the classes apart, whatever the sampler does; the base model is scored too when it has the rows.
+  2. Lesion appearance: the mean grey level inside the lesion boxes, per class, of the real validation images and
+     of the generated repository. A class difference the real images have and the generated ones lack (or
+     reverse) is what a classifier trained on the generated images cannot learn.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+flags.FLAGS.mark_as_parsed()
+
+from busgen_jax import generate  # noqa: E402
+from busgen_jax.data import reader  # noqa: E402
+from busgen_jax.evaluate import privacy  # noqa: E402
+from busgen_jax.train import adapt, checkpoint  # noqa: E402
+
+TIMESTEPS = (0.05, 0.15, 0.3, 0.5, 0.7)   # fractions of the schedule's T: where class information shows
+
+
+def scores(model, path: str, split: str, idx: np.ndarray, rows: dict[str, int], repeats: int) -> np.ndarray:
+  """(images, classes) denoising losses, each image under each class's row."""
+  ts = [int(f * model.cfg.T) for f in TIMESTEPS]
+  return np.stack([privacy.denoising_losses(model, path, split, idx, timesteps=ts, repeats=repeats,
+                                            batch_size=32, rows={"pathology": r}) for r in rows.values()], 1)
+
+
+def as_classifier(loss: np.ndarray, truth: np.ndarray) -> dict:
+  guess = loss.argmin(1)
+  margin = loss[np.arange(len(truth)), 1 - truth] - loss[np.arange(len(truth)), truth] if loss.shape[1] == 2 else None
+  return {"accuracy": float((guess == truth).mean()), "n": int(len(truth)),
+          "mean_loss_by_true_class": {int(c): loss[truth == c].mean(0).round(5).tolist() for c in np.unique(truth)},
+          "mean_margin": None if margin is None else float(margin.mean())}
+
+
+def lesion_grey(path: str, split: str, field: str, classes: list[str], indices=None) -> dict:
+  """Per class: mean grey level (0-255) inside the lesion boxes, and outside them."""
+  ds = reader.open_dataset(path)
+  src, names = ds.source(split), ds.vocab(field)
+  out = {c: {"inside": [], "outside": []} for c in classes}
+  for i in (range(len(src)) if indices is None else indices):
+    ex = src[int(i)]
+    c = names[int(ex[field])]
+    if c not in out or not len(ex["boxes"]):
+      continue
+    img = np.asarray(ex["image"], np.float64)[..., 0]
+    h, w = img.shape
+    inside = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in np.asarray(ex["boxes"]).reshape(-1, 4):
+      inside[int(y1 * h):max(int(y2 * h), int(y1 * h) + 1), int(x1 * w):max(int(x2 * w), int(x1 * w) + 1)] = True
+    out[c]["inside"].append(img[inside].mean())
+    out[c]["outside"].append(img[~inside].mean() if (~inside).any() else np.nan)
+  return {c: {k: float(np.nanmean(v)) if v else None for k, v in d.items()} | {"n": len(d["inside"])}
+          for c, d in out.items()}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--adapt", required=True, help="a `busgen-jax adapt` workdir (or a demo's / few-shot draw's adapt/)")
+  p.add_argument("--generated", default="", help="the repository generated from it")
+  p.add_argument("--repeats", type=int, default=4)
+  p.add_argument("--json", default="")
+  a = p.parse_args()
+  work = Path(a.adapt)
+  _, meta = checkpoint.load_meta(work / adapt.ADAPTERS)
+  task, data = meta["task"], meta["data"]
+  classes = list(task["classes"])
+  val = {c: np.asarray(data["val"][c], np.int64) for c in classes}
+  idx = np.sort(np.concatenate(list(val.values())))
+  truth = np.array([next(j for j, c in enumerate(classes) if i in set(val[c].tolist())) for i in idx])
+  model = adapt.load_adapted(work / adapt.ADAPTERS)
+  rows = {c: int(task["rows"][c]) for c in classes}
+  out = {"adapt": str(work), "classes": classes, "rows": rows,
+         "adapted_as_classifier": as_classifier(scores(model, data["path"], data["val_split"], idx, rows, a.repeats),
+                                                truth)}
+  b = generate.default_config()
+  b.update(checkpoint=meta["base"]["checkpoint"], which=meta["base"]["which"], step=meta["base"]["step"],
+           device_names=tuple(meta["base"]["device_names"]), image_size=meta["image_size"])
+  base = generate.load_model(b)
+  if max(rows.values()) < base.cfg.num_pathology:     # the base has these rows (task.rows=existing)
+    out["base_as_classifier"] = as_classifier(scores(base, data["path"], data["val_split"], idx, rows, a.repeats),
+                                              truth)
+  out["real_val_grey"] = lesion_grey(data["path"], data["val_split"], task["field"], classes, idx)
+  if a.generated:
+    found = sorted(Path(a.generated).rglob("dataset_info.json"))   # a `sample` workdir holds data/<name>/<version>
+    if len(found) != 1:
+      raise SystemExit(f"--generated {a.generated}: expected one dataset below it, found {len(found)}")
+    out["generated_grey"] = lesion_grey(str(found[0].parent), "train", task["field"], classes)
+  text = json.dumps(out, indent=1)
+  print(text)
+  if a.json:
+    Path(a.json).write_text(text)
+
+
+if __name__ == "__main__":
+  main()
