@@ -308,7 +308,7 @@ def markdown(cfg, s: dict, work: Path) -> str:
         f"prior; shots weigh {cfg.fewshot.shots_weight} of a shots + generated stream.", ""]
   for k, reason in site["skipped"].items():
     md += [f"k = {k} skipped: {reason}.", ""]
-  for test, per_k in s["tests"].items():
+  for test, per_k in sorted(s["tests"].items(), key=lambda kv: kv[0] != SITE):   # the site first
     rows = [["k", *ARMS, "shots + adapted − shots", "shots + adapted − shots + un-adapted"]]
     for k in sorted(per_k, key=int):
       c, d = per_k[k]["arms"], per_k[k]["differences"]

@@ -23,7 +23,6 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 
 from busgen_jax import generate  # noqa: E402
-from busgen_jax.data import reader  # noqa: E402
 from busgen_jax.evaluate import privacy  # noqa: E402
 from busgen_jax.train import adapt, checkpoint  # noqa: E402
 
@@ -45,24 +44,25 @@ def as_classifier(loss: np.ndarray, truth: np.ndarray) -> dict:
           "mean_margin": None if margin is None else float(margin.mean())}
 
 
-def lesion_grey(path: str, split: str, field: str, classes: list[str], indices=None) -> dict:
-  """Per class: mean grey level (0-255) inside the lesion boxes, and outside them."""
-  ds = reader.open_dataset(path)
-  src, names = ds.source(split), ds.vocab(field)
+def lesion_grey(path: str, split: str, field: str, classes: list[str], size: int, indices=()) -> dict:
+  """Per class: mean grey level (0-255) inside the lesion boxes and outside them, of the images as the model sees
+  them (the evaluation pipeline's centre crop at `size`), so real and generated images compare."""
+  from busgen_jax.data import pipeline
+  pipe = pipeline.build_eval(path, split, image_size=size, batch_size=32, filters={field: classes},
+                             indices=tuple(indices), process_index=0, process_count=1)
+  names = pipe.vocab[field]
   out = {c: {"inside": [], "outside": []} for c in classes}
-  for i in (range(len(src)) if indices is None else indices):
-    ex = src[int(i)]
-    c = names[int(ex[field])]
-    if c not in out or not len(ex["boxes"]):
-      continue
-    img = np.asarray(ex["image"], np.float64)[..., 0]
-    h, w = img.shape
-    inside = np.zeros((h, w), bool)
-    for x1, y1, x2, y2 in np.asarray(ex["boxes"]).reshape(-1, 4):
-      inside[int(y1 * h):max(int(y2 * h), int(y1 * h) + 1), int(x1 * w):max(int(x2 * w), int(x1 * w) + 1)] = True
-    out[c]["inside"].append(img[inside].mean())
-    out[c]["outside"].append(img[~inside].mean() if (~inside).any() else np.nan)
-  return {c: {k: float(np.nanmean(v)) if v else None for k, v in d.items()} | {"n": len(d["inside"])}
+  it = iter(pipe)
+  try:
+    for b in it:
+      grey, box = (np.asarray(b["image"])[..., 0] + 1) * 127.5, np.asarray(b["box"])[..., 0] > 0.5
+      for j in np.flatnonzero(b["valid"]):
+        if box[j].any() and (~box[j]).any():
+          out[names[int(b[field][j])]]["inside"].append(grey[j][box[j]].mean())
+          out[names[int(b[field][j])]]["outside"].append(grey[j][~box[j]].mean())
+  finally:
+    it.close()
+  return {c: {k: float(np.mean(v)) if v else None for k, v in d.items()} | {"n": len(d["inside"])}
           for c, d in out.items()}
 
 
@@ -92,12 +92,12 @@ def main():
   if max(rows.values()) < base.cfg.num_pathology:     # the base has these rows (task.rows=existing)
     out["base_as_classifier"] = as_classifier(scores(base, data["path"], data["val_split"], idx, rows, a.repeats),
                                               truth)
-  out["real_val_grey"] = lesion_grey(data["path"], data["val_split"], task["field"], classes, idx)
+  out["real_val_grey"] = lesion_grey(data["path"], data["val_split"], task["field"], classes, model.image_size, idx)
   if a.generated:
     found = sorted(Path(a.generated).rglob("dataset_info.json"))   # a `sample` workdir holds data/<name>/<version>
     if len(found) != 1:
       raise SystemExit(f"--generated {a.generated}: expected one dataset below it, found {len(found)}")
-    out["generated_grey"] = lesion_grey(str(found[0].parent), "train", task["field"], classes)
+    out["generated_grey"] = lesion_grey(str(found[0].parent), "train", task["field"], classes, model.image_size)
   text = json.dumps(out, indent=1)
   print(text)
   if a.json:
