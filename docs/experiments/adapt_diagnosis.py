@@ -3,6 +3,8 @@
   python docs/experiments/adapt_diagnosis.py --adapt DIR/adapt [--generated DIR/adapted_generated] [--json OUT]
   # the demo:  --adapt /tmp/demo/adapt --generated /tmp/demo/adapted_generated
   # a few-shot draw of the experiment:  --adapt /tmp/fs/fewshot/k32_d0/adapt --generated /tmp/fs/fewshot/k32_d0/generated_adapted
+  # grey levels alone, of any datasets (a dataset or a `sample` workdir, optionally :split; default train):
+  python docs/experiments/adapt_diagnosis.py --grey /tmp/exp_cpu/generated /tmp/exp_cpu/data:val [--size 64]
 
 Two measurements on the adaptation's own validation images (other cases than the shots):
   1. The model as a classifier: each image's denoising loss under each class's label row (fixed timesteps and
@@ -66,13 +68,31 @@ def lesion_grey(path: str, split: str, field: str, classes: list[str], size: int
           for c, d in out.items()}
 
 
+def _dataset(path: str) -> Path:
+  found = sorted(Path(path).rglob("dataset_info.json"))   # a `sample` workdir holds data/<name>/<version>
+  if len(found) != 1:
+    raise SystemExit(f"{path}: expected one dataset below it, found {len(found)}")
+  return found[0].parent
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--adapt", required=True, help="a `busgen-jax adapt` workdir (or a demo's / few-shot draw's adapt/)")
+  p.add_argument("--adapt", help="a `busgen-jax adapt` workdir (or a demo's / few-shot draw's adapt/)")
+  p.add_argument("--grey", nargs="*", default=(), help="DIR[:split] ...: grey levels of these datasets only")
+  p.add_argument("--size", type=int, default=64, help="--grey: the model view's size")
   p.add_argument("--generated", default="", help="the repository generated from it")
   p.add_argument("--repeats", type=int, default=4)
   p.add_argument("--json", default="")
   a = p.parse_args()
+  if a.grey:
+    for spec in a.grey:
+      path, _, split = spec.partition(":")
+      g = lesion_grey(str(_dataset(path)), split or "train", "pathology", ["benign", "malignant"], a.size)
+      print(f"{spec}: " + ", ".join(f"{c} inside {v['inside']:.1f} outside {v['outside']:.1f} (n {v['n']})"
+                                    for c, v in g.items()))
+    return
+  if not a.adapt:
+    p.error("--adapt or --grey is required")
   work = Path(a.adapt)
   _, meta = checkpoint.load_meta(work / adapt.ADAPTERS)
   task, data = meta["task"], meta["data"]
@@ -94,10 +114,7 @@ def main():
                                               truth)
   out["real_val_grey"] = lesion_grey(data["path"], data["val_split"], task["field"], classes, model.image_size, idx)
   if a.generated:
-    found = sorted(Path(a.generated).rglob("dataset_info.json"))   # a `sample` workdir holds data/<name>/<version>
-    if len(found) != 1:
-      raise SystemExit(f"--generated {a.generated}: expected one dataset below it, found {len(found)}")
-    out["generated_grey"] = lesion_grey(str(found[0].parent), "train", task["field"], classes, model.image_size)
+    out["generated_grey"] = lesion_grey(str(_dataset(a.generated)), "train", task["field"], classes, model.image_size)
   text = json.dumps(out, indent=1)
   print(text)
   if a.json:
