@@ -329,6 +329,10 @@ def test_fewshot_site_is_held_out_and_draws_never_leak_a_case(fewshot_run):
     assert not (set(cases[shots]) | val_cases) & set(cases[test])
     assert not set(cases[shots]) & val_cases
     assert len(set(draw["test"]) | set(draw["shots"]) | set(site["val"])) <= site["n"]
+  # the site's device, named by the base's vocabulary but held out of its training, got a new trained row
+  for key in site["draws"]:
+    a = json.loads((work / "fewshot" / key / "adapt" / "adapt.json").read_text())
+    assert a["new_rows"] == {"pathology": 0, "device": 1}
   # every classifier was tested on exactly its draw's test images
   for key, draw in site["draws"].items():
     for arm_dir in (work / "fewshot" / key / "classify").iterdir():

@@ -303,3 +303,14 @@ def test_generation_from_adapters_and_from_the_merged_checkpoint(adapted, tmp_pa
     assert all(ds.vocab("pathology")[e["pathology"]] == "benign" and len(e["boxes"]) == 1 for e in exs)
     assert all(ds.vocab("device")[e["device"]] == "Phantom-L12-SRI" for e in exs)
   assert images["merged"] == images["adapters"]
+
+
+def test_devices_held_out_of_training_count_as_new():
+  from busgen_jax.train import adapt
+  filt = lambda *devices: {"filters": {"device": list(devices)}}
+  vocab = ["unknown", "GE", "Toshiba"]
+  assert adapt.untrained_devices({"data": {"sources": {"real": filt("unknown", "GE")}}}, vocab) == {"Toshiba"}
+  assert adapt.untrained_devices({"data": {"sources": {"real": filt()}}}, vocab) == set()   # no filter: all seen
+  assert adapt.untrained_devices({}, vocab) == set()                                         # imported models
+  assert adapt.untrained_devices({"data": {"sources": {"a": filt("GE"), "b": filt("Toshiba")}}}, vocab) == set()
+

@@ -135,12 +135,25 @@ def by_class(ds: reader.Dataset, split: str, field: str, classes: list[str], ind
   return out
 
 
-def label_rows(task, classes: list[str], base_cfg, base_vocab: dict, shot_devices: list[str], new_devices: bool):
-  """Model rows of the task's classes and of the devices, and the adapted model's vocabularies."""
+def untrained_devices(train_config: dict, vocab: list[str]) -> set[str]:
+  """Devices the base names but never trained on: its data filters left them out (e.g. a site held out of
+  pretraining). Their rows are still at initialisation, so adaptation must treat them as new devices."""
+  sources = ((train_config.get("data") or {}).get("sources") or {}).values()
+  allowed = [set((s.get("filters") or {}).get("device") or ()) for s in sources]
+  if not allowed or any(not a for a in allowed):   # a source without a device filter saw every device
+    return set()
+  return {d for d in vocab if d != schema.UNKNOWN and not any(d in a for a in allowed)}
+
+
+def label_rows(task, classes: list[str], base_cfg, base_vocab: dict, shot_devices: list[str], new_devices: bool,
+               untrained: set[str] = frozenset()):
+  """Model rows of the task's classes and of the devices, and the adapted model's vocabularies. A device in
+  `untrained` counts as unknown to the base: its old row loses its name ("#<row>") and it gets a new one."""
   n_path, n_dev = base_cfg.num_pathology, base_cfg.num_devices
   def names(vocab, n):   # rows without a name (a table larger than the training vocabulary) are "#<row>"
     return (list(vocab) + [f"#{i}" for i in range(len(vocab), n)])[:n]
   path_names, dev_names = names(base_vocab["pathology"], n_path), names(base_vocab["device"], n_dev)
+  dev_names = [f"#{i}" if d in untrained else d for i, d in enumerate(dev_names)]
   if task.rows == "new":
     clash = sorted(set(classes) & set(path_names))
     if clash:
@@ -264,8 +277,9 @@ class Setup:
                         cases=cases if same else None)
     labels = pipeline.scan_labels(ds, cfg.data.split)
     shot_devices = [ds.vocab("device")[i] for i in labels["device"][shot_idx]]
+    self.untrained = untrained_devices(base.train_config, base.vocab.get("device", []))
     self.rows, self.vocab, self.new_rows = label_rows(cfg.task, self.classes, base.cfg, base.vocab, shot_devices,
-                                                      cfg.new_devices)
+                                                      cfg.new_devices, self.untrained)
     self.model_cfg = ml_collections.ConfigDict(base.cfg.to_dict())
     self.model_cfg.num_pathology = len(self.vocab["pathology"])
     self.model_cfg.num_devices = len(self.vocab["device"])
