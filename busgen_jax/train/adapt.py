@@ -471,7 +471,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
     writer.flush()
     ckpt.close()
     it.close()
-  return _finish(cfg, setup, work, history, last, time.time() - t_start)
+  return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
 
 
 def _meta(cfg, setup: Setup) -> dict:
@@ -488,7 +488,8 @@ def _meta(cfg, setup: Setup) -> dict:
           "config": cfg.to_json()}
 
 
-def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: float) -> dict:
+def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: float, *, complete: bool = True
+            ) -> dict:
   """Box prior from the shots, the merged checkpoint and the summary."""
   prior = None
   records = setup.dataset.records(cfg.data.split)
@@ -504,7 +505,7 @@ def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: f
       prior.save(work / BOX_PRIOR)
   except ValueError:
     logging.info("the shots have no lesion boxes: no box prior written")
-  if cfg.export_merged:
+  if cfg.export_merged and complete:   # a preempted run exports when its resumed run completes
     model = load_adapted(work / ADAPTERS, base_model=setup.base)
     checkpoint.save_params(work / MERGED, model.params, {
         "model": model.cfg.to_dict(), "vocab": model.vocab, "image_size": model.image_size, "task": model.task,
@@ -517,7 +518,7 @@ def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: f
              "new_rows": setup.new_rows, "val_loss_start": start and start["val_loss"],
              "val_loss_best": best and best["val_loss"], "best_step": best and best["step"], "last": last,
              "box_prior": str(work / BOX_PRIOR) if prior else "", "adapters": str(work / ADAPTERS),
-             "merged": str(work / MERGED) if cfg.export_merged else "", "seconds": seconds}
+             "merged": str(work / MERGED) if cfg.export_merged and complete else "", "seconds": seconds}
   if jax.process_index() == 0:
     (work / SUMMARY).write_text(json.dumps(summary, indent=1, default=float))
   return summary
