@@ -168,18 +168,7 @@ def stage_data(cfg, work: Path) -> dict:
     if split not in ds.splits:
       raise ValueError(f"{ds_dir}: no split {split!r} (splits {ds.splits}); the protocol trains, selects and tests "
                        "on three case-level splits")
-  return {"dataset": str(ds_dir), "splits": ds.splits, "counts": _counts(ds, cfg.data.train_split)}
-
-
-def _counts(ds: reader.Dataset, split: str) -> dict:
-  """{pathology: {device: n}} of a split."""
-  labels = pipeline.scan_labels(ds, split)
-  p_names, d_names = ds.vocab("pathology"), ds.vocab("device")
-  out: dict = {}
-  for p, d in zip(labels["pathology"], labels["device"]):
-    out.setdefault(p_names[p], {}).setdefault(d_names[d], 0)
-    out[p_names[p]][d_names[d]] += 1
-  return out
+  return {"dataset": str(ds_dir), "splits": ds.splits, "counts": pipeline.label_counts(ds, cfg.data.train_split)}
 
 
 def stage_external(cfg, work: Path) -> dict:
@@ -246,10 +235,10 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
   return cfg
 
 
-def stage_pretrain(cfg, work: Path, data: dict) -> dict:
+def stage_pretrain(cfg, work: Path, data: dict, held_out: list[str]) -> dict:
+  """Trains the diffusion model on the training split, without the devices `held_out` (a few-shot site's)."""
   d = ml_collections.ConfigDict(cfg.diffusion.to_dict())
   d.data.sources.real.update(path=data["dataset"], split=cfg.data.train_split)
-  held_out = fewshot.held_out_devices(cfg, data["dataset"])
   if held_out:   # the few-shot site's device: every other device of the dataset
     d.data.sources.real.filters.device = [v for v in reader.open_dataset(data["dataset"]).vocab("device")
                                           if v not in held_out]
@@ -266,8 +255,8 @@ def stage_box_prior(cfg, work: Path, data: dict) -> dict:
   return {"path": str(prior.save(work / "box_prior.json"))}
 
 
-def stage_generate(cfg, work: Path, data: dict, prior: dict) -> dict:
-  held_out = set(fewshot.held_out_devices(cfg, data["dataset"]))   # devices the model never saw
+def stage_generate(cfg, work: Path, data: dict, prior: dict, held_out: list[str]) -> dict:
+  # the training split's counts without the devices the model never saw
   counts = {p: {d: n for d, n in per.items() if d not in held_out} for p, per in data["counts"].items()}
   n_real = sum(n for p in cfg.generate.pathology for n in counts.get(p, {}).values())
   total = int(round(max(cfg.generate.multiples) * n_real))
@@ -404,7 +393,7 @@ def _check_same_config(cfg, path: Path) -> None:
                      "to continue it")
 
 
-def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict) -> tuple[dict, str]:
+def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_out: list[str]) -> tuple[dict, str]:
   """The few-shot arm: the site stage, then one stage per (k, draw); its summary and report section."""
   site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
   wanted = {f"k{k}_d{d}" for k in cfg.fewshot.k for d in range(cfg.fewshot.draws)}
@@ -419,7 +408,7 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict) -> tup
     return out
 
   draws = {key: rec.run(f"fewshot_{key}", one, key) for key in sorted(site["draws"]) if key in wanted}
-  summary = {**fewshot.summarise(site, draws), "held_out": bool(fewshot.held_out_devices(cfg, data["dataset"]))}
+  summary = {**fewshot.summarise(site, draws), "held_out": bool(held_out)}
   return summary, fewshot.markdown(cfg, summary, work)
 
 
@@ -430,19 +419,20 @@ def _run(cfg, work: Path, rec: Record) -> dict:
     (rec.dir / "external.json").unlink()
     (rec.dir / "classify.json").unlink(missing_ok=True)
     external = rec.run("external", stage_external, cfg, work)
-  last = rec.run("pretrain", stage_pretrain, cfg, work, data)
-  missing = set(fewshot.held_out_devices(cfg, data["dataset"])) - set(last.get("held_out_devices", ()))
+  held_out = fewshot.held_out_devices(cfg, data["dataset"])
+  last = rec.run("pretrain", stage_pretrain, cfg, work, data, held_out)
+  missing = set(held_out) - set(last.get("held_out_devices", ()))
   if missing:
     raise ValueError(f"the diffusion model (in {_model_dir(cfg, work)}) was pretrained on the few-shot site's device "
                      f"{sorted(missing)}: pretrain with fewshot.device set, or give another --config.pretrained")
   prior = rec.run("box_prior", stage_box_prior, cfg, work, data)
   gen = results = quality = audit = None
   if "generate" not in cfg.skip:
-    gen = rec.run("generate", stage_generate, cfg, work, data, prior)
+    gen = rec.run("generate", stage_generate, cfg, work, data, prior, held_out)
     results = rec.run("classify", stage_classify, cfg, work, data, gen, external)
     quality = None if "quality" in cfg.skip else rec.run("quality", stage_quality, cfg, work, data, gen)
     audit = None if "audit" in cfg.skip else rec.run("audit", stage_audit, cfg, work, data, gen)
-  few = run_fewshot(cfg, work, rec, data, external) if fewshot.enabled(cfg) else None
+  few = run_fewshot(cfg, work, rec, data, external, held_out) if fewshot.enabled(cfg) else None
   t = time.time()
   summary = experiment_report.write(work, cfg, data, external, last, gen, results, quality, audit, rec.times, few)
   rec.times["report"] = time.time() - t

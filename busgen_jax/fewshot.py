@@ -124,7 +124,7 @@ def stage_site(cfg, work: Path, data: dict) -> dict:
                            f"{fs.min_test_per_class})")
         break
       draws[f"k{k}_d{d}"] = {"k": int(k), "draw": d, "shots": shot_idx.tolist(), "test": test.tolist(),
-                             "shot_devices": device_counts(site, shot_idx, classes)}
+                             "shot_devices": pipeline.label_counts(site, SITE, shot_idx)}
   if not draws:
     raise ValueError(f"the site ({len(label)} images) is too small for any k of {tuple(fs.k)}: {skipped}")
   return {"dataset": str(site_dir), "source": str(ds.dir), "device": fs.device, "n": len(label),
@@ -149,17 +149,6 @@ def validation_cases(label: np.ndarray, cases: np.ndarray, classes: list[str], f
         chosen.add(case)
         have += int(((label == c) & (cases == case)).sum())
   return np.flatnonzero(np.isin(cases, list(chosen)))
-
-
-def device_counts(ds: reader.Dataset, idx: np.ndarray, classes: list[str]) -> dict:
-  """{class: {device: n}} of some records of the site."""
-  labels = pipeline.scan_labels(ds, SITE)
-  p_names, d_names = ds.vocab("pathology"), ds.vocab("device")
-  out: dict = {c: {} for c in classes}
-  for i in idx:
-    p, d = p_names[labels["pathology"][i]], d_names[labels["device"][i]]
-    out[p][d] = out[p].get(d, 0) + 1
-  return out
 
 
 # ------------------------------------------------------------------------------------------------ one draw
@@ -287,14 +276,8 @@ def kcurve_plot(path: Path, per_k: dict, title: str) -> Path:
     x = [k * (1 + 0.04 * (i - 1.5)) for k, c in zip(ks, cells) if c]
     y = np.array([c["auc_mean"] for c in cells if c])
     ax.errorbar(x, y, yerr=[c["auc_std"] for c in cells if c], marker="o", ms=4, capsize=3, label=arm)
-  ax.set(xscale="log", xlabel="shots per class (k)", ylabel="test AUC (mean ± sd over draws)", title=title)
-  ax.set_xticks(ks, [str(k) for k in ks])
-  ax.minorticks_off()
-  ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  ax.set(xlabel="shots per class (k)", ylabel="test AUC (mean ± sd over draws)", title=title)
+  return report.save_log_x(fig, ax, path, ks)
 
 
 def markdown(cfg, s: dict, work: Path) -> str:

@@ -76,6 +76,18 @@ def scan_labels(ds: reader.Dataset, split: str) -> dict[str, np.ndarray]:
   return out
 
 
+def label_counts(ds: reader.Dataset, split: str, indices=None) -> dict[str, dict[str, int]]:
+  """{pathology: {device: n}} of a split's records (all, or `indices`), from the label scan."""
+  labels = scan_labels(ds, split)
+  p_names, d_names = ds.vocab("pathology"), ds.vocab("device")
+  idx = range(len(labels["pathology"])) if indices is None else indices
+  out: dict = {}
+  for i in idx:
+    per = out.setdefault(p_names[labels["pathology"][i]], {})
+    per[d_names[labels["device"][i]]] = per.get(d_names[labels["device"][i]], 0) + 1
+  return out
+
+
 def global_vocab(datasets: Mapping[str, reader.Dataset], names: tuple[str, ...] = ()) -> dict[str, list[str]]:
   if names:
     device = list(names) if names[0] == schema.UNKNOWN else [schema.UNKNOWN, *names]

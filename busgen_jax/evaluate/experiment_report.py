@@ -111,15 +111,8 @@ def scaling_plot(path: Path, tests: dict, n_real: int) -> Path:
                 label=f"{name}: generated only")
     ax.axhline(t["real_auc"], ls="--", lw=1, color=colour, label=f"{name}: real only ({n_real} images)")
   ticks = sorted({s["n_generated"] for t in tests.values() for s in t["scaling"]})
-  ax.set(xscale="log", xlabel="generated training images", ylabel="test AUC",
-         title="Data scaling: classifiers on generated images")
-  ax.set_xticks(ticks, [str(n) for n in ticks])
-  ax.minorticks_off()
-  ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  ax.set(xlabel="generated training images", ylabel="test AUC", title="Data scaling: classifiers on generated images")
+  return report.save_log_x(fig, ax, path, ticks)
 
 
 def device_sheets(work: Path, data: dict, gen: dict, cfg, n: int = 8) -> list[tuple[str, Path, Path]]:

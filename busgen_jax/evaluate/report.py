@@ -31,6 +31,18 @@ def _line_plot(path: Path, series, *, xlabel: str, ylabel: str, title: str, lege
   return path
 
 
+def save_log_x(fig, ax, path: Path, ticks) -> Path:
+  """Finish a curve over counts (k, images): log x with the counts as plain tick labels, a small legend; save."""
+  ax.set_xscale("log")
+  ax.set_xticks(ticks, [str(t) for t in ticks])
+  ax.minorticks_off()
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path)
+  _plt().close(fig)
+  return path
+
+
 def roc_plot(path: Path, curves: Mapping[str, dict], title: str = "ROC") -> Path:
   """curves: label -> {"fpr", "tpr", "auc", "auc_ci95"}."""
   series = [(c["fpr"], c["tpr"], f"{label}: AUC {c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]",
