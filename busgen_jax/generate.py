@@ -13,14 +13,12 @@ shard is written atomically and skipped when a later run finds it done: an inter
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +27,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busgen_jax import parallel, paths
-from busgen_jax.data import convert, schema, transforms
-from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, protect, samplers, schedule
-from busgen_jax.models import unet
+from busgen_jax import parallel
+from busgen_jax.data import reader, schema, transforms, writer
+from busgen_jax.data import box_prior as box_prior_lib
+from busgen_jax.diffusion import objectives, protect, samplers, schedule
+from busgen_jax.models import card, unet
 
 SHEETS = "sheets"
 
@@ -106,52 +105,10 @@ class SimulatedCrash(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ the model
 
-@dataclasses.dataclass
-class Model:
-  cfg: ml_collections.ConfigDict
-  params: Any
-  vocab: dict[str, list[str]]
-  image_size: int
-  step: int
-  name: str
-  task: dict | None = None     # an adapted model's task: field, classes, rows, pathology of each class
-  train_config: dict = dataclasses.field(default_factory=dict)   # the training run's config (schedule, objective)
-
-
-def load_model(cfg: ml_collections.ConfigDict) -> Model:
-  from busgen_jax import official
-  from busgen_jax.train import checkpoint
-  if cfg.get("adapters"):
-    from busgen_jax.train import adapt
-    model = adapt.load_adapted(cfg.adapters, base=cfg.checkpoint)
-    model.image_size = int(cfg.image_size or model.image_size)
-    return model
-  path = paths.path(cfg.checkpoint)
-  if not cfg.checkpoint or not path.is_dir():
-    raise FileNotFoundError(f"--config.checkpoint={cfg.checkpoint!r}: not a checkpoint directory")
-  step, meta = checkpoint.load_meta(path, None if cfg.step < 0 else cfg.step)
-  train_config = json.loads(meta["config"]) if meta.get("config") else {}
-  if (path / official.MODEL_CONFIG).exists():          # an imported official checkpoint
-    model_cfg = ml_collections.ConfigDict(json.loads((path / official.MODEL_CONFIG).read_text()))
-    vocab, size = {}, 0
-  elif "model" in meta:
-    model_cfg = ml_collections.ConfigDict(meta["model"])
-    vocab = meta.get("vocab", {})
-    size = meta.get("image_size") or train_config.get("data", {}).get("image_size", 0)
-  else:
-    raise ValueError(f"{path}/{step}: the checkpoint has no model config (not written by busgen-jax?)")
-  vocab = dict(vocab)
-  vocab.setdefault("pathology", list(schema.PATHOLOGY))
-  if cfg.device_names:
-    names = list(cfg.device_names)
-    vocab["device"] = names if names[0] == schema.UNKNOWN else [schema.UNKNOWN, *names]
-  vocab.setdefault("device", [schema.UNKNOWN])
-  size = cfg.image_size or size
-  if not size:
-    raise ValueError("--config.image_size is required (the checkpoint does not say its training size)")
-  params = checkpoint.load_params(path, which=cfg.which, step=step)
-  return Model(model_cfg, params, vocab, int(size), step, f"{path.parent.name}/{path.name}" if path.name in
-               ("checkpoints", "merged") else path.name, meta.get("task"), train_config)
+def load_model(cfg: ml_collections.ConfigDict) -> card.Model:
+  """The sample config's model, through the one loader (models/card.py)."""
+  return card.load(cfg.checkpoint, which=cfg.which, step=None if cfg.step < 0 else cfg.step, adapters=cfg.adapters,
+                   image_size=cfg.image_size, device_names=tuple(cfg.device_names))
 
 
 # ------------------------------------------------------------------------------------------------ conditions
@@ -171,8 +128,12 @@ def _index(vocab: list[str], value, field: str) -> int:
   return vocab.index(value)
 
 
-def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = None) -> list[dict]:
-  """The condition sets, each {"pathology", "device" (names), "num", "boxes" (optional)}."""
+def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = None,
+               untrained: dict | None = None) -> list[dict]:
+  """The condition sets, each {"pathology", "device" (names), "num", "boxes" (optional)}. Rows the model card
+  names but training never saw (`untrained`, e.g. a device held out of pretraining) are left out of "all" and
+  refused by name."""
+  untrained = {f: set(v) for f, v in (untrained or {}).items()}
   if cfg.condition_file:
     p = Path(cfg.condition_file)
     try:
@@ -181,8 +142,9 @@ def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = 
     except Exception as e:  # noqa: BLE001
       raise ValueError(f"{p}: expected a JSON list of condition objects ({type(e).__name__}: {e})") from e
   else:
-    devices = [d for d in vocab["device"][1:] if not d.startswith("#")] if tuple(cfg.device) == ("all",) else \
-        list(cfg.device)   # "all": every named device ("#<row>" marks a table row without a name)
+    devices = [d for d in vocab["device"][1:] if not d.startswith("#") and d not in untrained.get("device", ())] \
+        if tuple(cfg.device) == ("all",) else list(cfg.device)
+    # "all": every trained, named device ("#<row>" marks a table row without a name)
     names = list(cfg.pathology) or (task["classes"] if task else list(schema.LESION_PATHOLOGIES))
     items = [{"pathology": p, "device": d} for p in names for d in devices]
   out = []
@@ -194,6 +156,11 @@ def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = 
     di = _index(vocab["device"], it.get("device", schema.UNKNOWN), "device")
     c = {"pathology": vocab["pathology"][pi], "device": vocab["device"][di],
          "num": int(it.get("num", cfg.num_per_condition))}
+    for field in ("pathology", "device"):
+      if c[field] in untrained.get(field, ()):
+        raise ValueError(f"condition {i}: the model's {field} row {c[field]!r} was never trained (its training data "
+                         f"left it out, see the model card): adapt the model to it first (`busgen-jax adapt`), or "
+                         f"sample the null {field} {schema.UNKNOWN!r}")
     if "boxes" in it:
       b = np.asarray(it["boxes"], np.float32).reshape(-1, 4)
       if ((b < 0) | (b > 1)).any() or (b[:, 2:] <= b[:, :2]).any():
@@ -365,7 +332,7 @@ class Sampler:
   """The jitted sampler over the scope's devices: (params, this host's indices, conditions) -> its images in
   [-1, 1]. `batch` is this host's rows per call; in slice scope every host must call it equally often."""
 
-  def __init__(self, cfg, model: Model, bank: tuple[np.ndarray, float] | None = None):
+  def __init__(self, cfg, model: card.Model, bank: tuple[np.ndarray, float] | None = None):
     self.scope = resolve_scope(cfg.scope, jax.devices())
     if self.scope == "slice" and cfg.local_devices:
       raise ValueError("--config.local_devices applies to scope=host only")
@@ -406,14 +373,29 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ the run
 
+def protect_bank(c: ml_collections.ConfigDict, seed: int = 0) -> tuple[np.ndarray, float]:
+  """protect.bank's training images (at most max_images) and, for radius 0, its held-out split, as the
+  recogniser's centre-square descriptors: (bank, radius) for `protect.protected`."""
+  def split_images(split, limit, seed):
+    n = reader.open_dataset(c.bank).splits.get(split)
+    if not n:
+      return None
+    images = reader.read_images(c.bank, split, reader.subsample(n, limit, seed))["images"]
+    return np.stack([reader.resize(reader.centre_square(im), c.resolution, c.resolution) for im in images])
+
+  train = split_images(c.split, c.max_images, seed)
+  if train is None:
+    raise ValueError(f"protect.bank={c.bank!r} has no images in split {c.split!r}")
+  return protect.bank(train, c, None if c.radius > 0 else split_images(c.holdout_split, 0, seed))
+
+
 def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_shards: int | None = None) -> Path:
   """Generates this process's shards (resuming), merges when all are done. Returns the dataset directory."""
-  from array_record.python import array_record_module
   t_start = time.time()
   work = Path(workdir).expanduser()
   model = load_model(cfg)
   task = model.task
-  conds = conditions(cfg, model.vocab, task)
+  conds = conditions(cfg, model.vocab, task, model.card.untrained)
   classes = set(task["classes"]) if task else set()
   prior = None
   if cfg.box == "prior" and not cfg.mask.source and any(
@@ -432,9 +414,9 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     raise ValueError("--config.mask.source given but the model has no mask condition (model.conditions)")
   examples = Examples(cfg, conds, model.image_size, prior, _masks(cfg, model.image_size))
   ds = Path(cfg.output or work / "data").expanduser() / cfg.name / cfg.version
-  (ds / "shard_reports").mkdir(parents=True, exist_ok=True)
+  (ds / writer.REPORTS).mkdir(parents=True, exist_ok=True)
   n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
-  bank = protect.load_bank(cfg.protect, cfg.seed) if cfg.protect.bank else None
+  bank = protect_bank(cfg.protect, cfg.seed) if cfg.protect.bank else None
   provenance = {"model": model.name, "step": model.step, "which": cfg.which, "seed": cfg.seed,
                 "sampler": cfg.sampler.to_dict(), "image_size": model.image_size, "adapters": cfg.adapters,
                 "task": task, "protect": bank and {**cfg.protect.to_dict(), "bank_images": len(bank[0]) // 2,
@@ -448,15 +430,13 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   process, processes = jax.process_index(), jax.process_count()
   shown = _shown(provenance, cfg.record_paths)
   if process == 0:
-    convert.write_json(ds / "shard_reports" / "plan.json", {
-        "fingerprint": fingerprint, "num_tasks": n_shards, "num_inputs": examples.total, "vocab": vocab_json,
-        "rejected": [], "duplicates": [], "ignored_files": [], "warnings": [],
-        "directory": str(ds) if cfg.record_paths else _short(str(ds)),
-        "config": {"name": cfg.name, "format": "generated", "input": model.name,
-                   "generation": _shown(cfg.to_dict(), cfg.record_paths), "conditions": conds,
-                   "provenance": shown}})
+    writer.write_plan(ds, fingerprint=fingerprint, num_tasks=n_shards, num_inputs=examples.total, vocab=vocab_json,
+                      directory=str(ds) if cfg.record_paths else _short(str(ds)),
+                      config={"name": cfg.name, "format": "generated", "input": model.name,
+                              "generation": _shown(cfg.to_dict(), cfg.record_paths), "conditions": conds,
+                              "provenance": shown})
   mine = [k for k in range(n_shards) if k % processes == process]
-  todo = [k for k in mine if not convert.shard_done(ds, k, fingerprint)]
+  todo = [k for k in mine if not writer.shard_done(ds, k, fingerprint)]
   if len(todo) < len(mine):
     logging.info("resuming: %d of this process's %d shards are already written", len(mine) - len(todo), len(mine))
   sampler = Sampler(cfg, model, bank)
@@ -471,31 +451,18 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   done, t0 = 0, time.time()
   for n_written, k in enumerate(todo):
     lo, hi = span(k)
-    path = ds / convert.shard_filename(cfg.name, cfg.split, k, n_shards)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-    converted, counts = [], {"pathology": {}, "device": {}, "boxes": {}}
-    try:
+    with writer.Shard(ds, cfg.name, cfg.split, k, n_shards, index=k, fingerprint=fingerprint) as shard:
       for b0 in range(lo, hi, sampler.batch):
         batch = [examples(i) for i in range(b0, min(b0 + sampler.batch, hi))]
         images = sampler(batch, model.vocab)
         for e, x in zip(batch, images):
           ex = _record(e, to_uint8(x), cfg, provenance, task)
-          writer.write(serialize(schema.to_feature_dict(ex, cfg.split)))
-          converted.append([ex.id, ex.sha256])
-          for f, v in (("pathology", e["pathology"]), ("device", e["device"]), ("boxes", str(len(e["boxes"])))):
-            counts[f][v] = counts[f].get(v, 0) + 1
+          shard.add(serialize(schema.to_feature_dict(ex, cfg.split)), id=ex.id, sha256=ex.sha256,
+                    counts={"pathology": e["pathology"], "device": e["device"], "boxes": str(len(e["boxes"]))})
         done += len(batch)
         rate = done / max(time.time() - t0, 1e-9)
         logging.info("shard %d/%d: %d/%d images this run, %.2f images/s, ETA %.0fs", k + 1, n_shards, done,
                      n_todo, rate, (n_todo - done) / max(rate, 1e-9))
-    finally:
-      writer.close()
-    os.replace(tmp, path)
-    convert.write_json(ds / "shard_reports" / f"shard-{k:05d}.json", {
-        "fingerprint": fingerprint, "index": k, "split": cfg.split, "shard": k, "file": path.name,
-        "num_examples": hi - lo, "num_bytes": path.stat().st_size, "num_inputs": hi - lo, "rejections": [],
-        "warnings": [], "converted": converted, "counts": counts})
     if stop_after_shards is not None and n_written + 1 >= stop_after_shards:
       raise SimulatedCrash(f"stop_after_shards={stop_after_shards}")
   for _ in range(idle_calls):   # this host has finished its shards: keep the other hosts' program company
@@ -504,10 +471,10 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("busgen-generate-shards-written")
   if process == 0:
-    if all(convert.shard_done(ds, k, fingerprint) for k in range(n_shards)):
-      report = convert.merge(ds)
+    if all(writer.shard_done(ds, k, fingerprint) for k in range(n_shards)):
+      report = writer.merge(ds)
       sheets = contact_sheets(ds, examples, cfg)
-      convert.write_json(ds / "generation.json", {
+      writer.write_json(ds / "generation.json", {
           "provenance": shown, "conditions": conds, "num_examples": report["converted"],
           "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
           "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})

@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-from busgen_jax.models import unet
+from busgen_jax.models import card, unet
 
-MODEL_CONFIG = "model_config.json"
+MODEL_CONFIG = card.OFFICIAL_CONFIG   # the architecture file beside an import
 _WRAPPERS = ("ema_model", "ema", "net_model", "model", "state_dict")  # common checkpoint dict layouts
 
 
@@ -142,14 +142,18 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, np.nd
 
 
 def import_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ml_collections.ConfigDict,
-                      key: str | None = None) -> Path:
-  """Official checkpoint -> Orbax checkpoint (step 0; params and EMA are the official weights)."""
-  from busgen_jax.train import checkpoint as ckpt
+                      key: str | None = None, image_size: int = 0) -> Path:
+  """Official checkpoint -> Orbax checkpoint (step 0; params and EMA are the official weights) with its model
+  card: the official pathology rows, no device names (`sample --config.device_names` gives them), `image_size`
+  when known. model_config.json beside it is what the parity API (`load`) checks."""
+  from busgen_jax import checkpoint as ckpt
   params = convert_state_dict(read_state_dict(checkpoint, key), cfg)
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
   (output / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1))
-  ckpt.save_params(output, params, meta={"source": str(checkpoint), "format": "official-busgen"})
+  model_card = card.Card(model=cfg.to_dict(), image_size=int(image_size), vocab={},
+                         source={"format": "official-busgen", "source": str(checkpoint)})
+  ckpt.save_params(output, params, meta=model_card.to_meta())
   return output
 
 
@@ -194,7 +198,7 @@ def load(path_or_dir: str | Path, *, ch: int = 128, ch_mult=(1, 2, 2, 2), num_re
                      dev_num=dev_num)
   path = Path(path_or_dir)
   if path.is_dir():
-    from busgen_jax.train import checkpoint as ckpt
+    from busgen_jax import checkpoint as ckpt
     saved = json.loads((path / MODEL_CONFIG).read_text())
     for k in ("ch", "ch_mult", "num_res_blocks", "num_groups", "T", "num_devices"):
       if tuple(np.atleast_1d(saved[k])) != tuple(np.atleast_1d(cfg[k])):

@@ -9,7 +9,7 @@ feature space, thresholds calibrated on the held-out test split, the denoising-l
 the diffusion model, the TSTR / TRTR headline from the demo's classifiers, and the verdict.
 """
 
-from busgen_jax import demo
+from busgen_jax.stages import demo
 
 
 def get_config(arg: str = "/tmp/busgen_demo"):

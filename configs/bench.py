@@ -4,7 +4,7 @@
   busgen-jax bench --config configs/bench.py:accelerator --workdir /tmp/bench
 """
 
-from busgen_jax import bench
+from busgen_jax.stages import bench
 
 
 def get_config(arg: str = "cpu"):

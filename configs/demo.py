@@ -10,7 +10,7 @@ shots per class) -> its synthetic repository -> classifiers on the shots / adapt
 <workdir>/report.html and report.md.
 """
 
-from busgen_jax import demo
+from busgen_jax.stages import demo
 
 
 def get_config(arg: str = ""):

@@ -23,7 +23,7 @@ data-scaling curve -> internal and external test sets -> quality and privacy aud
 
 from pathlib import Path
 
-from busgen_jax import experiment
+from busgen_jax.stages import experiment
 
 # BUS-BRA beside the checkout (this project's shared data), used when present; elsewhere pass the path.
 _SHARED_BUSBRA = Path(__file__).resolve().parents[2] / "shared" / "data" / "busbra"

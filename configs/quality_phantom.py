@@ -6,7 +6,7 @@ FD, KID, precision and recall per pathology x device on the real-data classifier
 agreement with the requested labels, lesion-box fidelity, and the TSTR / TRTR headline from the demo's classifiers.
 """
 
-from busgen_jax import demo
+from busgen_jax.stages import demo
 
 
 def get_config(arg: str = "/tmp/busgen_demo"):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from busgen_jax import parallel
+from busgen_jax import checkpoint, parallel
 from busgen_jax.data import convert, reader
 from busgen_jax.models import unet
-from busgen_jax.train import checkpoint, diffusion
+from busgen_jax.train import diffusion
 from helpers import convert_config, tiny_diffusion_config
 
 ROOT = Path(__file__).resolve().parents[1]

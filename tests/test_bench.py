@@ -1,7 +1,7 @@
 """`busgen-jax bench` end to end on a micro case (its own process, as every case runs): every figure present and
 plausible, bench.md written, and a docs file's generated section replaced without touching the rest."""
 
-from busgen_jax import bench
+from busgen_jax.stages import bench
 
 
 def test_bench_micro_case_and_docs_section(tmp_path):

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from busgen_jax.data import convert, pipeline, reader
-from busgen_jax.evaluate import encoder, fidelity, quality
+from busgen_jax.evaluate import encoder, fidelity, metrics, quality
 from busgen_jax.models import classifiers
+from busgen_jax.stages import classify
 from busgen_jax.train import classifier
 from helpers import convert_config
 
@@ -55,7 +56,7 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   c.optim.update(lr=3e-3, warmup_steps=15)
   c.n_bootstrap = 200
   c.test = {"real_test": {"path": "", "split": "test"}, "real_train": {"path": "", "split": "train"}}
-  res = classifier.train(c, tmp_path / "run")
+  res = classify.run(c, tmp_path / "run")
   assert res["real_train"]["auc"] > 0.85, res["real_train"]["auc"]     # it fits
   assert res["real_test"]["auc"] > 0.6, res["real_test"]["auc"]       # and generalises beyond chance
   assert res["real_test"]["n"] == json.loads((phantom / "conversion_report.json").read_text())["counts"]["split"]["test"]
@@ -69,6 +70,15 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   assert r.returncode == 0, r.stderr[-3000:]
   again = json.loads((tmp_path / "again" / "eval.json").read_text())
   assert again["auc"] == pytest.approx(res["real_test"]["auc"], abs=1e-6)
+  # The validation AUC that selected the checkpoint during training is what a fresh process's evaluation of that
+  # checkpoint on the validation split reports (the trainer's selection metric and the reports agree).
+  r = subprocess.run([sys.executable, "-m", "busgen_jax.cli", "evaluate",
+                      f"--config.checkpoint={tmp_path / 'run' / 'best'}", f"--config.dataset={phantom}",
+                      "--config.split=val", f"--workdir={tmp_path / 'val'}"], capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  best = res["real_test"]["best"]
+  assert json.loads((tmp_path / "val" / "eval.json").read_text())["auc"] == pytest.approx(best["value"], abs=1e-6)
 
   # Its penultimate layer is the domain encoder of the quality metrics: in its feature space the two
   # pathologies sit further apart than two halves of one split do.
@@ -127,7 +137,7 @@ def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path)
 
 
 def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
-  from busgen_jax import demo
+  from busgen_jax.stages import demo
   work = demo.run(demo.default_config("ci"), str(tmp_path))
   md = (work / "report.md").read_text()
   for section in ("## 1. Data", "## 2. Diffusion model", "## 3. Generated repository", "## 4. Classifiers",
@@ -145,7 +155,10 @@ def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   assert ds.vocab("histology") == ["unknown", "cyst", "fibroadenoma"]
   rep = json.loads((work / "report.json").read_text())
   assert set(rep["classifiers"]) == {"real", "generated", "mixed"}
-  assert all(0 <= r["auc"] <= 1 and r["n"] > 0 for r in rep["classifiers"].values())
+  for variant, r in rep["classifiers"].items():   # each AUC is the one its saved test predictions give
+    with np.load(work / "classify" / variant / "eval" / "real_test.predictions.npz") as z:
+      y = (z["labels"] == 1).astype(int)          # task classes (benign, malignant): malignant positive
+      assert r["n"] == len(y) and r["auc"] == pytest.approx(metrics.roc_auc(y, z["probs"][:, 1]), abs=1e-9)
   assert rep["generated"]["images"] > 0
   assert rep["audit"]["n_generated"] == rep["generated"]["images"] and "safe_to_share" in rep["audit"]["verdict"]
   for name in ("quality/quality.html", "audit/audit.html", "audit/audit_images.csv"):
@@ -165,7 +178,10 @@ def test_multiclass_task_reports_one_vs_rest_aucs(phantom, tmp_path):
   c.model.name = "vit_tiny"
   c.select_metric = "macro_auc"
   c.n_bootstrap = 20
-  rep = classifier.train(c, tmp_path)["real_test"]
-  assert set(rep["per_class"]) == set(ds_devices) and 0 <= rep["macro_auc"] <= 1
+  rep = classify.run(c, tmp_path)["real_test"]
+  assert set(rep["per_class"]) == set(ds_devices)
+  with np.load(tmp_path / "eval" / "real_test.predictions.npz") as z:    # one-vs-rest, macro over the classes
+    from sklearn.metrics import roc_auc_score
+    assert rep["macro_auc"] == pytest.approx(roc_auc_score(z["labels"], z["probs"], multi_class="ovr"), abs=1e-9)
   assert np.array(rep["confusion"]).shape == (len(ds_devices),) * 2
   assert (tmp_path / "eval" / "real_test.html").exists()

@@ -3,12 +3,13 @@
 import importlib.util
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for k in (8, 16, 32, 64)],
         "classify": ["", "real=/r", "generated=/g,val=/r", "real=/r,generated=/g,mix=0.3,siteB=/b"],
-        "experiment": ["cpu", "ci", "full"], "demo": ["cpu", "ci", "full"],
+        "experiment": ["cpu", "ci", "full", "fewshot", "fewshot_curve", "fewshot_ci"], "demo": ["cpu", "ci", "full"],
         "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"]}
 
 
@@ -22,10 +23,11 @@ def _load(name):
 @pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in CONFIGS.glob("**/*.py")))
 def test_config_loads_and_documents_its_command(name):
   module = _load(name)
-  assert module.__doc__ and "busgen-jax " in module.__doc__, f"{name}.py: the docstring must give its command"
+  doc = module.__doc__ or ""
+  assert "busgen-jax " in doc and f"configs/{name}.py" in doc, f"{name}.py: the docstring must give its command"
   for arg in ARGS.get(name, [""]):
     cfg = module.get_config(arg)
-    assert cfg.to_dict(), (name, arg)
+    assert isinstance(cfg, ml_collections.ConfigDict) and cfg.to_dict(), (name, arg)
 
 
 def test_adapt_busbra_rejects_unknown_arguments():
@@ -36,7 +38,7 @@ def test_adapt_busbra_rejects_unknown_arguments():
 def test_sweep_configs_expand_into_runs_of_existing_config_keys():
   """Each sweep's runs override keys that its stage's config has (a typo would fail every run on the pod)."""
   from ml_collections import config_flags  # noqa: F401  (the same override semantics as the CLI)
-  from busgen_jax import sweep
+  from busgen_jax.stages import sweep
   for path in sorted((CONFIGS / "sweeps").glob("*.py")):
     cfg = _load(f"sweeps/{path.stem}").get_config()
     runs = sweep.expand(cfg)

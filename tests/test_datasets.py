@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busgen_jax.data import convert, reader
+from busgen_jax.data import convert, reader, writer
 from helpers import convert_config
 
 PHANTOM = {"phantom.num_examples": 90, "phantom.size": 48, "examples_per_shard": 16}
@@ -114,7 +114,7 @@ def test_resume_redoes_only_missing_shards_and_plans_must_match(tmp_path):
                          **{**PHANTOM, "phantom.seed": 9})
   convert.convert(other)
   with pytest.raises(ValueError, match="different plan"):
-    convert.merge(ds_dir)
+    writer.merge(ds_dir)
 
 
 def test_resize_modes(tmp_path):

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busgen_jax import cli, experiment, fewshot, generate
+from busgen_jax import checkpoint, cli, generate
+from busgen_jax.models import card
+from busgen_jax.stages import experiment, fewshot
 from busgen_jax.data import convert, reader
-from busgen_jax.train import checkpoint
 from helpers import convert_config, gray, lesion_mask, make_busi, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +297,9 @@ def test_fewshot_report_has_every_k_arm_and_test_set(fewshot_run):
     assert set(entry["arms"]) == set(fewshot.ARMS)
     for cell in entry["arms"].values():
       assert cell["n_draws"] == 2 and len(cell["draws"]) == 2
-      assert 0 <= cell["auc_mean"] <= 1 and cell["auc_min"] <= cell["auc_mean"] <= cell["auc_max"]
+      aucs = [d["auc"] for d in cell["draws"]]
+      assert cell["auc_mean"] == pytest.approx(np.mean(aucs)) and (cell["auc_min"], cell["auc_max"]) == (
+          min(aucs), max(aucs))
       assert all(d["auc_ci95"][0] <= d["auc"] <= d["auc_ci95"][1] for d in cell["draws"])
     d = entry["differences"][f"{fewshot.SHOTS_ADAPTED} − {fewshot.SHOTS}"]
     assert d["mean"] == pytest.approx(entry["arms"][fewshot.SHOTS_ADAPTED]["auc_mean"] -
@@ -311,8 +314,10 @@ def test_fewshot_site_is_held_out_and_draws_never_leak_a_case(fewshot_run):
   stages = work / "stages"
   assert json.loads((stages / "pretrain.json").read_text())["result"]["held_out_devices"] == [cfg.fewshot.device]
   _, meta = checkpoint.load_meta(work / "diffusion" / "checkpoints")   # pretraining read every device but the site's
-  allowed = json.loads(meta["config"])["data"]["sources"]["real"]["filters"]["device"]
+  model_card = card.Card.from_meta(meta)
+  allowed = model_card.train_config["data"]["sources"]["real"]["filters"]["device"]
   assert cfg.fewshot.device not in allowed and allowed
+  assert model_card.untrained == {"device": [cfg.fewshot.device]}    # and its card says so
   site = json.loads((stages / "fewshot_site.json").read_text())["result"]
   ds = reader.open_dataset(site["dataset"])
   from busgen_jax.data import pipeline

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from busgen_jax.models import lora, unet
+from busgen_jax.models import card, lora, unet
 
 
 def tiny():
@@ -111,7 +111,7 @@ def test_adapters_round_trip_and_targets_are_checked(tmp_path):
   lora.extend_labels(model, "device", 2)
   _randomise_b(model)
   lora.save_adapters(tmp_path / "adapters", model, lora.default_config())
-  from busgen_jax.train import checkpoint
+  from busgen_jax import checkpoint
   saved = checkpoint.load_params(tmp_path / "adapters", which="params")   # adapters and new rows, no base
   assert sum(x.size for x in jax.tree.leaves(saved)) == lora.num_adapter_params(model)
   other = unet.create(tiny(), 0)
@@ -196,7 +196,8 @@ def adapt_config(base, data):
 
 def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):
   from busgen_jax.data import reader
-  from busgen_jax.train import adapt, checkpoint
+  from busgen_jax import checkpoint
+  from busgen_jax.train import adapt
   s, work = adapted["summary"], adapted["work"]
   assert s["val_loss_best"] < s["val_loss_start"]             # held-out images, fixed (t, noise)
   assert s["new_rows"] == {"pathology": 2, "device": 1} and s["adapter_params"] < 0.25 * s["frozen_params"]
@@ -246,12 +247,14 @@ def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):
   assert flat_merged[table].shape[0] == 6
   devices = "['device_table']['embedding']"
   np.testing.assert_array_equal(flat_merged[devices][:7], flat_base[devices])
-  assert flat_merged[devices].shape[0] == 8 and meta["vocab"]["device"][7] == "Phantom-L12-SRI"
-  assert meta["vocab"]["pathology"][4:] == ["cyst", "fibroadenoma"]
+  vocab = card.Card.from_meta(meta).vocab
+  assert flat_merged[devices].shape[0] == 8 and vocab["device"][7] == "Phantom-L12-SRI"
+  assert vocab["pathology"][4:] == ["cyst", "fibroadenoma"]
 
 
 def _restore_state(work, cfg):
-  from busgen_jax.train import adapt, checkpoint
+  from busgen_jax import checkpoint
+  from busgen_jax.train import adapt
   setup = adapt.Setup(cfg)
   ck = checkpoint.Checkpointer(work / "checkpoints", async_save=False)
   step = ck.latest_step()
@@ -263,9 +266,10 @@ def _restore_state(work, cfg):
 
 
 def test_adaptation_resumes_to_the_same_adapters(adapted, tmp_path):
-  from busgen_jax.train import adapt, checkpoint, diffusion
+  from busgen_jax import checkpoint
+  from busgen_jax.train import adapt, loop
   cfg = adapted["config"]
-  with pytest.raises(diffusion.SimulatedCrash):
+  with pytest.raises(loop.SimulatedCrash):
     adapt.adapt(cfg, tmp_path, stop_after=13)                 # dies after the step-12 checkpoint
   adapt.adapt(cfg, tmp_path)
   a = checkpoint.load_params(tmp_path / "checkpoints", which="params")
@@ -306,11 +310,11 @@ def test_generation_from_adapters_and_from_the_merged_checkpoint(adapted, tmp_pa
 
 
 def test_devices_held_out_of_training_count_as_new():
-  from busgen_jax.train import adapt
+  from busgen_jax.models.card import untrained_devices
   filt = lambda *devices: {"filters": {"device": list(devices)}}
   vocab = ["unknown", "GE", "Toshiba"]
-  assert adapt.untrained_devices({"data": {"sources": {"real": filt("unknown", "GE")}}}, vocab) == {"Toshiba"}
-  assert adapt.untrained_devices({"data": {"sources": {"real": filt()}}}, vocab) == set()   # no filter: all seen
-  assert adapt.untrained_devices({}, vocab) == set()                                         # imported models
-  assert adapt.untrained_devices({"data": {"sources": {"a": filt("GE"), "b": filt("Toshiba")}}}, vocab) == set()
+  assert untrained_devices({"data": {"sources": {"real": filt("unknown", "GE")}}}, vocab) == {"Toshiba"}
+  assert untrained_devices({"data": {"sources": {"real": filt()}}}, vocab) == set()   # no filter: all seen
+  assert untrained_devices({}, vocab) == set()                                         # imported models
+  assert untrained_devices({"data": {"sources": {"a": filt("GE"), "b": filt("Toshiba")}}}, vocab) == set()
 

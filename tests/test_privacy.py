@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from busgen_jax.data import convert, reader
-from busgen_jax.evaluate import privacy
+from busgen_jax.evaluate import membership, privacy
 from helpers import convert_config, save
 
 PLANTED = ("exact", "flipped", "cropped", "noisy")
@@ -38,7 +38,7 @@ def repo(tmp_path_factory):
       "phantom.num_examples": 240, "phantom.size": 96,
       "split.fractions": {"train": 0.75, "val": 0.05, "test": 0.2}}))
   ds = reader.open_dataset(real)
-  train = privacy.read_images(real, "train")
+  train = reader.read_images(real, "train")
   rng = np.random.default_rng(0)
   rows = []
   other = convert.make_source(convert_config("phantom", "", root / "x", **{"phantom.seed": 7, "phantom.size": 96}))
@@ -100,7 +100,6 @@ def test_audit_flags_every_planted_copy_passes_clean_images_and_the_filter_remov
 def test_membership_inference_is_at_chance_between_two_held_out_sets(repo):
   """The denoising-loss attack on a (tiny, briefly trained) diffusion model, with "members" and "non-members"
   both drawn from cases it never saw: the AUC's CI covers 0.5. And the attack reads lower loss as membership."""
-  from busgen_jax import generate
   from busgen_jax.train import diffusion
   from helpers import tiny_diffusion_config
   root = repo["root"]
@@ -109,26 +108,25 @@ def test_membership_inference_is_at_chance_between_two_held_out_sets(repo):
       "split.fractions": {"train": 0.5, "val": 0.0, "test": 0.5}}))
   cfg = tiny_diffusion_config(repo["real"], 3)
   diffusion.train(cfg, root / "dm")
-  g = generate.default_config()
-  g.checkpoint = str(root / "dm" / "checkpoints")
-  model = generate.load_model(g)
+  from busgen_jax.models import card
+  model = card.load(str(root / "dm" / "checkpoints"))
   kw = dict(timesteps=(10, 50, 100), repeats=2, batch_size=16)
   a_idx, b_idx = np.arange(reader.open_dataset(other).splits["train"]), np.arange(reader.open_dataset(other).splits["test"])
-  la = privacy.denoising_losses(model, other, "train", a_idx, **kw)
-  lb = privacy.denoising_losses(model, other, "test", b_idx, **kw)
+  la = membership.denoising_losses(model, other, "train", a_idx, **kw)
+  lb = membership.denoising_losses(model, other, "test", b_idx, **kw)
   assert la.shape == (len(a_idx),) and np.isfinite(la).all() and (la > 0).all()
-  np.testing.assert_array_equal(la, privacy.denoising_losses(model, other, "train", a_idx, **kw))   # fixed noise
+  np.testing.assert_array_equal(la, membership.denoising_losses(model, other, "train", a_idx, **kw))   # fixed noise
   # rows= scores every image under one label row: the same losses where that is the image's own row
   from busgen_jax.data import pipeline
   ds = reader.open_dataset(other)
   is_benign = pipeline.scan_labels(ds, "train")["pathology"][a_idx] == ds.vocab("pathology").index("benign")
-  lr = privacy.denoising_losses(model, other, "train", a_idx, rows={"pathology": model.vocab["pathology"].index(
+  lr = membership.denoising_losses(model, other, "train", a_idx, rows={"pathology": model.vocab["pathology"].index(
       "benign")}, **kw)
   assert is_benign.any() and (~is_benign).any()
   np.testing.assert_allclose(lr[is_benign], la[is_benign], rtol=1e-6)
   assert not np.allclose(lr[~is_benign], la[~is_benign])
-  res = privacy.membership_auc(la, lb, member_cases=ds.case_ids("train"), nonmember_cases=ds.case_ids("test"),
+  res = membership.membership_auc(la, lb, member_cases=ds.case_ids("train"), nonmember_cases=ds.case_ids("test"),
                                n_bootstrap=300)
   assert res["auc_ci95"][0] < 0.5 < res["auc_ci95"][1] and abs(res["auc"] - 0.5) < 0.15, res
   # Direction: the same losses with a "memorised" group (losses halved) read as members.
-  assert privacy.membership_auc(la / 2, lb, n_bootstrap=50)["auc"] > 0.9
+  assert membership.membership_auc(la / 2, lb, n_bootstrap=50)["auc"] > 0.9

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from busgen_jax.data import convert
-from busgen_jax.train import checkpoint
+from busgen_jax import checkpoint
 from helpers import convert_config, tiny_diffusion_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from busgen_jax import generate, sampling
-from busgen_jax.data import convert, pipeline, reader, schema
-from busgen_jax.diffusion import box_prior, samplers
+from busgen_jax.data import convert, pipeline, reader, schema, writer
+from busgen_jax.data import box_prior
+from busgen_jax.diffusion import samplers
 from busgen_jax.train import diffusion
 from helpers import convert_config, run_two_processes, tiny_diffusion_config
 
@@ -259,7 +260,7 @@ def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, t
   with pytest.raises(generate.SimulatedCrash):
     generate.generate(one, tmp_path / "one", stop_after_shards=1)
   ds = tmp_path / "one" / "data" / "generated" / "1.0.0"
-  first = ds / convert.shard_filename("generated", "train", 0, 3)
+  first = ds / writer.shard_filename("generated", "train", 0, 3)
   stamp = first.stat().st_mtime_ns
   assert not (ds / "dataset_info.json").exists()              # not merged: shards missing
   generate.generate(one, tmp_path / "one")                    # resumes: shard 0 is not redone
@@ -275,21 +276,20 @@ def test_same_images_on_1_and_8_devices_and_resume_after_interruption(trained, t
   pd = generate.generate(guarded, tmp_path / "guarded")
   assert all(a != b for a, b in zip(sha(full), sha(pd))) and len(sha(pd)) == 10
   assert json.loads((pd / "generation.json").read_text())["provenance"]["protect"]["radius_used"] == 2.0
-  bank, _ = protect.load_bank(guarded.protect)
+  bank, _ = generate.protect_bank(guarded.protect)
   near = lambda d: np.asarray(protect.nearest(
       jnp.asarray(np.stack([e["image"][..., 0] for e in _records(d)]), jnp.float32), bank, 16))
   assert near(pd).mean() > near(full).mean()
 
   # The default radius is calibrated on held-out patients: about 10% of the test split lie inside it.
-  from busgen_jax.evaluate import privacy
   cal = gen_config(trained, **{"protect.bank": str(trained["data"])}).protect
-  bank, radius = protect.load_bank(cal)
-  held = privacy.read_images(trained["data"], "test")["images"]
+  bank, radius = generate.protect_bank(cal)
+  held = reader.read_images(trained["data"], "test")["images"]
   d = np.asarray(protect.nearest(jnp.asarray(np.stack(
-      [privacy._resize(privacy._square(im), 16, 16) for im in held]), jnp.float32), bank, 16))
+      [reader.resize(reader.centre_square(im), 16, 16) for im in held]), jnp.float32), bank, 16))
   assert 0 < radius < np.median(d) and np.mean(d < radius) <= cal.holdout_quantile + 1 / len(d)
   with pytest.raises(ValueError, match="holdout_split"):
-    protect.load_bank(gen_config(trained, **{"protect.bank": str(trained["data"]),
+    generate.protect_bank(gen_config(trained, **{"protect.bank": str(trained["data"]),
                                              "protect.holdout_split": "val_missing"}).protect)
 
 

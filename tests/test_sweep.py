@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from busgen_jax import sweep
+from busgen_jax.stages import sweep
 from busgen_jax.data import convert
 from helpers import convert_config
 
@@ -77,7 +77,7 @@ def test_local_sweep_runs_resumes_and_collects_one_table(phantom, tmp_path):
   cfg_file = tmp_path / "sweep_cfg.py"
   cfg_file.write_text(f'''
 import ml_collections
-from busgen_jax import sweep
+from busgen_jax.stages import sweep
 def get_config():
   c = sweep.default_config()
   c.stage = "fit-box-prior"

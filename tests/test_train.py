@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from busgen_jax import parallel
+from busgen_jax import checkpoint, parallel
 from busgen_jax.data import convert, pipeline
 from busgen_jax.diffusion import objectives
-from busgen_jax.train import checkpoint, diffusion
+from busgen_jax.train import diffusion, loop
 from helpers import convert_config, run_two_processes
 
 
@@ -71,7 +71,7 @@ def test_sharded_step_equals_single_device(phantom):
 def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
   cfg = tiny_config(phantom)
   diffusion.train(cfg, tmp_path / "a")
-  with pytest.raises(diffusion.SimulatedCrash):
+  with pytest.raises(loop.SimulatedCrash):
     diffusion.train(cfg, tmp_path / "b", stop_after=3)
   assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2   # mid-epoch
   diffusion.train(cfg, tmp_path / "b")
@@ -85,7 +85,7 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
   ck = checkpoint.Checkpointer(tmp_path / "a" / "checkpoints")
   state, meta = ck.restore(6, other.abstract_state)
   ck.close()
-  assert meta["vocab"]["pathology"][:3] == ["unknown", "benign", "malignant"]
+  assert meta["card"]["vocab"]["pathology"][:3] == ["unknown", "benign", "malignant"]
   kernel = state["params"]["down"][0]["conv1"]["kernel"]
   assert kernel.sharding.spec[-1] == "fsdp"
   a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which="params")
@@ -97,7 +97,7 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(phantom, tmp_path):
   cfg = tiny_config(phantom, **{"checkpoint_every": 1, "optim.lr": 1e35, "optim.grad_clip": 0.0,
                                 "optim.warmup_steps": 1, "optim.schedule": "constant"})
-  with pytest.raises(diffusion.NonFiniteError, match="last good checkpoint"):
+  with pytest.raises(loop.NonFiniteError, match="last good checkpoint"):
     diffusion.train(cfg, tmp_path)
   ck = checkpoint.Checkpointer(tmp_path / "checkpoints")
   last = ck.latest_step()

@@ -22,22 +22,21 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
 
-from busgen_jax.data import schema, splits
+from busgen_jax.data import schema, splits, writer
 from busgen_jax.data.sources import base
 from busgen_jax.data.sources.busbra import BusbraSource
 from busgen_jax.data.sources.busi import BusiSource
 from busgen_jax.data.sources.manifest import ManifestSource
 from busgen_jax.data.sources.phantom import PhantomSource
 
-FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-REPORT = "conversion_report.json"
+REPORT = writer.REPORT
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,61 +111,26 @@ class ShardTask:
   items: tuple[base.Item, ...]
 
 
-def shard_filename(name: str, split: str, shard: int, num: int) -> str:
-  return f"{name}-{split}.array_record-{shard:05d}-of-{num:05d}"
-
-
-def write_json(path: Path, obj: Any) -> None:
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  raise TypeError(type(o))
-
-
 def write_shard(source: base.Source, vocab: schema.Vocab, image_cfg: dict, ds_dir: Path, name: str,
                 fingerprint: str, task: ShardTask) -> dict:
-  from array_record.python import array_record_module
   serialize = schema.Serializer(vocab)
-  path = ds_dir / shard_filename(name, task.split, task.shard, task.num_split_shards)
-  tmp = path.with_name(path.name + ".tmp")
-  writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-  rejections, warnings, converted = [], [], []
-  counts = collections.defaultdict(collections.Counter)
-  try:
+  with writer.Shard(ds_dir, name, task.split, task.shard, task.num_split_shards, index=task.index,
+                    fingerprint=fingerprint) as shard:
     for item in task.items:
       try:
         ex, warn = source.load(item)
         ex = resize_for_storage(ex, image_cfg["resize"], image_cfg["size"])
         record = serialize(schema.to_feature_dict(ex, task.split))
       except base.Reject as e:
-        rejections.append({"file": item.source_file or item.key, "code": e.code, "reason": e.message})
+        shard.reject(item.source_file or item.key, e.code, e.message)
         continue
       except Exception as e:  # a bug or an unforeseen input: reported against the input, never a crash
-        rejections.append({"file": item.source_file or item.key, "code": "error",
-                           "reason": f"{type(e).__name__}: {e}"})
+        shard.reject(item.source_file or item.key, "error", f"{type(e).__name__}: {e}")
         continue
-      writer.write(record)
-      warnings += warn
-      converted.append([ex.id, ex.sha256])
-      for field in schema.LABEL_FIELDS:
-        counts[field][getattr(ex, field)] += 1
-      counts["boxes"][str(len(ex.boxes))] += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
-  report = {"fingerprint": fingerprint, "index": task.index, "split": task.split, "shard": task.shard,
-            "file": path.name, "num_examples": len(converted), "num_bytes": path.stat().st_size,
-            "num_inputs": len(task.items), "rejections": rejections, "warnings": warnings,
-            "converted": converted, "counts": {k: dict(v) for k, v in counts.items()}}
-  write_json(ds_dir / "shard_reports" / f"shard-{task.index:05d}.json", report)
-  return report
+      shard.warnings += warn
+      shard.add(record, id=ex.id, sha256=ex.sha256,
+                counts={**{f: getattr(ex, f) for f in schema.LABEL_FIELDS}, "boxes": str(len(ex.boxes))})
+  return shard.report
 
 
 def _run_task(args):
@@ -217,21 +181,19 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
                            seed=cfg.split.seed, test_fold=cfg.split.test_fold, val_fold=cfg.split.val_fold)
   tasks = plan_tasks(plan, split_of, cfg.examples_per_shard)
   ds = dataset_dir(cfg, source)
-  (ds / "shard_reports").mkdir(parents=True, exist_ok=True)
   fingerprint = hashlib.sha256(json.dumps(
       [cfg.to_dict().get(k) for k in ("format", "name", "version", "image", "split", "examples_per_shard",
                                       cfg.format)] + [[t.split, [it.key for it in t.items]] for t in tasks],
       sort_keys=True, default=str).encode()).hexdigest()[:16]
-  write_json(ds / "shard_reports" / "plan.json", {
-      "fingerprint": fingerprint, "num_tasks": len(tasks), "num_inputs": plan.num_inputs,
-      "vocab": plan.vocab.to_json(), "rejected": [dataclasses.asdict(r) for r in plan.rejected],
-      "duplicates": plan.duplicates, "ignored_files": plan.ignored_files, "warnings": plan.warnings,
-      "config": cfg.to_dict()})
+  writer.write_plan(ds, fingerprint=fingerprint, num_tasks=len(tasks), num_inputs=plan.num_inputs,
+                    vocab=plan.vocab.to_json(), rejected=[dataclasses.asdict(r) for r in plan.rejected],
+                    duplicates=plan.duplicates, ignored_files=plan.ignored_files, warnings=plan.warnings,
+                    config=cfg.to_dict())
   logging.info("planned %d inputs (%d rejected at planning) into %d shards in %.1fs", plan.num_inputs,
                len(plan.rejected), len(tasks), time.time() - t0)
 
   mine = [t for t in tasks if t.index % cfg.num_shards == cfg.shard_index]
-  todo = [t for t in mine if not shard_done(ds, t.index, fingerprint)]
+  todo = [t for t in mine if not writer.shard_done(ds, t.index, fingerprint)]
   if len(todo) < len(mine):
     logging.info("resuming: %d of this host's %d shards are already written", len(mine) - len(todo), len(mine))
   image_cfg = cfg.image.to_dict()
@@ -247,145 +209,12 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
     logging.info("shard %s/%d %s: %d written, %d rejected | %d/%d inputs, %.0f/s, ETA %.0fs", rep["index"] + 1,
                  len(tasks), rep["split"], rep["num_examples"], len(rep["rejections"]), done, n_items, rate,
                  (n_items - done) / max(rate, 1e-9))
-  if all(shard_done(ds, t.index, fingerprint) for t in tasks):
-    merge(ds)
+  if all(writer.shard_done(ds, t.index, fingerprint) for t in tasks):
+    writer.merge(ds)
   else:
     logging.info("this host's shards are done; the dataset is merged when every host has finished "
                  "(or run again with --config.merge_only=True)")
   return ds
-
-
-def shard_done(ds: Path, index: int, fingerprint: str) -> bool:
-  """Whether shard `index` is written (its file exists) by a run with this fingerprint."""
-  p = ds / "shard_reports" / f"shard-{index:05d}.json"
-  if not p.exists():
-    return False
-  rep = json.loads(p.read_text())
-  return rep["fingerprint"] == fingerprint and (ds / rep["file"]).exists()
-
-
-def merge(ds: Path) -> dict:
-  """Per-shard reports -> TFDS metadata + conversion_report.json. Idempotent."""
-  import tensorflow_datasets as tfds
-  plan = json.loads((ds / "shard_reports" / "plan.json").read_text())
-  reports = []
-  for i in range(plan["num_tasks"]):
-    p = ds / "shard_reports" / f"shard-{i:05d}.json"
-    if not p.exists():
-      raise FileNotFoundError(f"{p}: shard {i} has not been written yet; run the remaining hosts first")
-    rep = json.loads(p.read_text())
-    if rep["fingerprint"] != plan["fingerprint"]:
-      raise ValueError(f"{p}: written from a different plan ({rep['fingerprint']} != {plan['fingerprint']}): "
-                       "every host must use the same config and input")
-    reports.append(rep)
-  vocab = schema.Vocab(device=tuple(plan["vocab"]["device"]), histology=tuple(plan["vocab"]["histology"]))
-  name = plan["config"]["name"] or plan["config"]["format"]
-  split_infos = []
-  by_split = collections.defaultdict(list)
-  for rep in reports:
-    by_split[rep["split"]].append(rep)
-  for split, reps in by_split.items():
-    reps.sort(key=lambda r: r["shard"])
-    split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=[r["num_examples"] for r in reps], num_bytes=sum(r["num_bytes"] for r in reps),
-        filename_template=tfds.core.ShardedFileTemplate(data_dir=ds, template=FILENAME_TEMPLATE,
-                                                        dataset_name=name, split=split, filetype_suffix="array_record")))
-  tfds.folder_dataset.write_metadata(
-      data_dir=ds, features=schema.features(vocab), split_infos=split_infos, filename_template=FILENAME_TEMPLATE,
-      description=f"busgen-jax {plan['config']['format']} dataset in the busgen-jax record schema "
-                  f"(busgen_jax/data/schema.py). See conversion_report.json.",
-      check_data=False)
-
-  # The report: every input is converted or rejected.
-  rejections = plan["rejected"] + [r for rep in reports for r in rep["rejections"]]
-  converted = sum(rep["num_examples"] for rep in reports)
-  counts: dict[str, Any] = {"split": {}, "by_split": {}}
-  for rep in reports:
-    counts["split"][rep["split"]] = counts["split"].get(rep["split"], 0) + rep["num_examples"]
-    per = counts["by_split"].setdefault(rep["split"], {})
-    for field, c in rep["counts"].items():
-      for k, v in c.items():
-        per.setdefault(field, {})[k] = per.setdefault(field, {}).get(k, 0) + v
-        counts.setdefault(field, {})[k] = counts.get(field, {}).get(k, 0) + v
-  by_hash = collections.defaultdict(list)
-  for rep in reports:
-    for key, digest in rep["converted"]:
-      by_hash[digest].append(key)
-  duplicates = plan["duplicates"] + [{"sha256": d, "files": keys, "action": "kept all (found after conversion)"}
-                                     for d, keys in by_hash.items() if len(keys) > 1]
-  reasons = collections.Counter(r["code"] for r in rejections)
-  report = {
-      "dataset": name, "format": plan["config"]["format"], "input": plan["config"]["input"],
-      "directory": plan.get("directory", str(ds)), "schema_version": schema.SCHEMA_VERSION,
-      "inputs": plan["num_inputs"], "converted": converted, "rejected": len(rejections),
-      "accounted": plan["num_inputs"] == converted + len(rejections),
-      "rejections_by_code": dict(reasons), "rejections": rejections, "duplicates": duplicates,
-      "warnings": plan["warnings"] + [w for rep in reports for w in rep["warnings"]],
-      "ignored_files": plan["ignored_files"], "counts": counts, "vocab": plan["vocab"],
-      "shards": [{k: rep[k] for k in ("file", "split", "num_examples", "num_bytes")} for rep in reports],
-      "config": plan["config"],
-  }
-  if not report["accounted"]:  # would be a bug in a source: say so loudly rather than write a wrong report
-    raise AssertionError(f"{ds}: {plan['num_inputs']} inputs but {converted} converted + {len(rejections)} rejected")
-  write_json(ds / REPORT, report)
-  logging.info("%s: %d inputs -> %d converted, %d rejected %s; splits %s", ds, report["inputs"], converted,
-               len(rejections), dict(reasons), counts["split"])
-  return report
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Subsets of a converted dataset, records copied byte for byte (the audit's filter, a few-shot site's images).
-
-def copy_records(src, picks: dict[str, list[tuple[str, int]]], output: str | Path, *, fmt: str,
-                 rejections: list[dict] | None = None, note: dict | None = None,
-                 examples_per_shard: int = 1024) -> Path:
-  """A new dataset at output/<name>/<version> whose split `s` holds the records `picks[s]` ((split, index) of
-  `src`, in that order). `rejections` (records of `src` left out, with a code and reason) go into the
-  conversion report, so every record of `src` named there is accounted for. Returns the dataset directory."""
-  from array_record.python import array_record_module
-  from busgen_jax.data import reader
-  ds = src if isinstance(src, reader.Dataset) else reader.open_dataset(src)
-  out = Path(output).expanduser() / ds.name / ds.dir.name
-  if out.resolve() == ds.dir.resolve():
-    raise ValueError(f"{out}: a copy must not overwrite the dataset it copies")
-  for split, items in picks.items():
-    for s, i in items:
-      if s not in ds.splits or not 0 <= int(i) < ds.splits[s]:
-        raise ValueError(f"{ds.dir}: no record {i} in split {s!r} (splits {ds.splits}), picked for {split!r}")
-  (out / "shard_reports").mkdir(parents=True, exist_ok=True)
-  tasks = [(split, k, items[k * examples_per_shard:(k + 1) * examples_per_shard],
-            max(1, math.ceil(len(items) / examples_per_shard)))
-           for split, items in picks.items() for k in range(max(1, math.ceil(len(items) / examples_per_shard)))]
-  rejections = list(rejections or [])
-  fingerprint = hashlib.sha256(json.dumps([str(ds.dir), picks, len(rejections)], default=str).encode()).hexdigest()
-  write_json(out / "shard_reports" / "plan.json", {
-      "fingerprint": fingerprint, "num_tasks": len(tasks),
-      "num_inputs": sum(len(v) for v in picks.values()) + len(rejections),
-      "vocab": {"device": ds.vocab("device"), "histology": ds.vocab("histology")},
-      "rejected": rejections, "duplicates": [], "ignored_files": [], "warnings": [],
-      "config": {"name": ds.name, "format": fmt, "input": str(ds.dir), **(note or {})}})
-  records = {s: ds.records(s) for s in {s for items in picks.values() for s, _ in items}}
-  for task, (split, k, items, n) in enumerate(tasks):
-    path = out / shard_filename(ds.name, split, k, n)
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    converted, counts = [], {"pathology": {}, "device": {}, "boxes": {}}
-    try:
-      for s, i in items:
-        rec = records[s][int(i)]
-        ex = ds.decode(rec, skip=("image", "mask"))
-        writer.write(rec)
-        converted.append([ex["id"], ex["sha256"]])
-        for f, v in (("pathology", ds.vocab("pathology")[ex["pathology"]]),
-                     ("device", ds.vocab("device")[ex["device"]]), ("boxes", str(len(ex["boxes"])))):
-          counts[f][v] = counts[f].get(v, 0) + 1
-    finally:
-      writer.close()
-    write_json(out / "shard_reports" / f"shard-{task:05d}.json", {
-        "fingerprint": fingerprint, "index": task, "split": split, "shard": k, "file": path.name,
-        "num_examples": len(converted), "num_bytes": path.stat().st_size, "num_inputs": len(converted),
-        "rejections": [], "warnings": [], "converted": converted, "counts": counts})
-  merge(out)
-  return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,6 +252,6 @@ def run(cfg: ml_collections.ConfigDict) -> Path:
   if cfg.merge_only:
     source = make_source(cfg)
     ds = dataset_dir(cfg, source)
-    merge(ds)
+    writer.merge(ds)
     return ds
   return convert(cfg)

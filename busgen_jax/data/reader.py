@@ -192,3 +192,45 @@ class RecordSource:
 def open_dataset(path: str | Path) -> Dataset:
   return Dataset(path)
 
+
+# ------------------------------------------------------------------------------------------------ images
+# The one image reader of the evaluation stages (audit, quality, sample's protection bank): uint8 arrays as
+# stored, with the labels they are matched on; the Grain pipeline is the reader for training.
+
+def read_images(path: str | Path, split: str, indices=None) -> dict:
+  """uint8 grayscale images of a split's records (all or `indices`) with their case ids, lesion boxes and record
+  indices."""
+  import concurrent.futures
+  ds = open_dataset(path)
+  records = ds.records(split)
+  indices = np.arange(len(records)) if indices is None else np.asarray(indices, np.int64)
+
+  def one(i):
+    ex = ds.decode(records[int(i)], skip=("mask",))
+    return ex["image"][..., 0], ex["case_id"] or f"#{int(i)}", ex["boxes"]
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    out = list(pool.map(one, indices))
+  return {"images": [o[0] for o in out], "cases": np.asarray([o[1] for o in out]), "boxes": [o[2] for o in out],
+          "index": indices, "dataset": str(ds.dir), "split": split}
+
+
+def subsample(n: int, limit: int, seed: int) -> np.ndarray:
+  """Sorted indices of at most `limit` of n items (all when limit is 0), seeded."""
+  if not limit or limit >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
+  """float32 box-filtered resize of a 2-D uint8 image (area averaging: no aliasing when shrinking)."""
+  from PIL import Image
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BOX), np.float32)
+
+
+def centre_square(image: np.ndarray) -> np.ndarray:
+  """The largest centred square of a 2-D image: what a generated (square) image corresponds to."""
+  h, w = image.shape
+  s = min(h, w)
+  return image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+

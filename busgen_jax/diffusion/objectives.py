@@ -20,6 +20,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_snr_gamma = 5.0
   c.cond_drop_prob = 0.1      # classifier-free guidance: probability of nulling the conditions
   c.cond_drop_mode = "batch"  # "batch" (official: the whole batch at once) | "example"
+  # Offset noise (Guttenberg 2023): training noise plus this scale times one N(0, 1) draw per image and channel.
+  # The schedule's last step keeps sqrt(ab_T) of the image, so without it the noisiest input still carries the
+  # image's mean, which sampling from pure noise cannot supply: samples regress to mid-grey. 0: official.
+  c.offset_noise = 0.0
   return c
 
 
@@ -39,10 +43,14 @@ def drop_conditions(cond: Mapping[str, jax.Array], key: jax.Array, prob: float, 
 
 def diffusion_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], key: jax.Array, sched: Schedule,
                    c: ml_collections.ConfigDict) -> jax.Array:
-  """Mean loss over the batch: t ~ U{0..T-1}, x_t = sqrt(ab) x0 + sqrt(1-ab) eps, regress eps (or v)."""
+  """Mean loss over the batch: t ~ U{0..T-1}, x_t = sqrt(ab) x0 + sqrt(1-ab) eps, regress eps (or v); eps has
+  a per-image offset when `c.offset_noise`."""
   kt, kn = jax.random.split(key)
   t = jax.random.randint(kt, (x0.shape[0],), 0, sched.T)
   noise = jax.random.normal(kn, x0.shape, jnp.float32)
+  if c.get("offset_noise", 0.0):   # its own key, folded in: runs without it keep their noise draws
+    ko = jax.random.fold_in(kn, 1)
+    noise = noise + c.offset_noise * jax.random.normal(ko, (x0.shape[0], 1, 1, x0.shape[-1]), jnp.float32)
   return jnp.mean(per_example_loss(eps_fn, x0, cond, t, noise, sched, c))
 
 

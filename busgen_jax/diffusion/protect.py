@@ -48,33 +48,21 @@ def descriptors(images: jax.Array, resolution: int) -> jax.Array:
   return x / (jnp.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
 
 
-def _split_descriptors(c: ml_collections.ConfigDict, split: str, limit: int, seed: int) -> np.ndarray:
-  """(N, r*r) descriptors of a split's images, each a centre square crop (what generated images are)."""
-  from busgen_jax.evaluate import privacy
-  from busgen_jax.data import reader
-  n = reader.open_dataset(c.bank).splits.get(split)
-  if not n:
-    raise ValueError(f"protect.bank={c.bank!r} has no images in split {split!r}")
-  imgs = privacy.read_images(c.bank, split, privacy.subsample(n, limit, seed))["images"]
-  x = np.stack([privacy._resize(privacy._square(im), c.resolution, c.resolution) for im in imgs])
-  return np.asarray(descriptors(jnp.asarray(x), c.resolution), np.float32)
-
-
-def load_bank(c: ml_collections.ConfigDict, seed: int = 0) -> tuple[np.ndarray, float]:
-  """(descriptors (2N, r*r) of the bank's training images and their mirror images, the radius): the config's
-  radius, or with radius 0 the holdout_quantile of the held-out split's nearest-bank distances."""
-  train = _split_descriptors(c, c.split, c.max_images, seed)
+def bank(train: np.ndarray, c: ml_collections.ConfigDict, holdout: np.ndarray | None = None
+         ) -> tuple[np.ndarray, float]:
+  """(descriptors (2N, r*r) of the training images (N, r, r) and their mirror images, the radius): the config's
+  radius, or with radius 0 the holdout_quantile of the held-out images' nearest-bank distances."""
+  train = np.asarray(descriptors(jnp.asarray(train, jnp.float32), c.resolution), np.float32)
   r = c.resolution
   mirror = train.reshape(-1, r, r)[:, :, ::-1].reshape(len(train), -1)
-  bank = np.concatenate([train, mirror])
+  members = np.concatenate([train, mirror])
   if c.radius > 0:
-    return bank, float(c.radius)
-  try:
-    held = _split_descriptors(c, c.holdout_split, 0, seed)
-  except ValueError as e:
-    raise ValueError(f"{e}: protect.radius=0 calibrates on held-out patients; name a split of patients not "
-                     "trained on with protect.holdout_split, or give protect.radius") from None
-  return bank, float(np.quantile(_nearest_distance(held, bank), c.holdout_quantile))
+    return members, float(c.radius)
+  if holdout is None or not len(holdout):
+    raise ValueError("protect.radius=0 calibrates on held-out patients; name a split of patients not trained on "
+                     "with protect.holdout_split, or give protect.radius")
+  held = descriptors(jnp.asarray(holdout, jnp.float32), c.resolution)
+  return members, float(np.quantile(_nearest_distance(held, members), c.holdout_quantile))
 
 
 def _nearest_distance(q: jax.Array, bank: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from busgen_jax.data import reader
-from busgen_jax.evaluate import metrics, privacy, quality, report as report_lib
+from busgen_jax.evaluate import metrics, quality, report as report_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -131,7 +131,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     more.append(agreement(e, e(cfg.real, cfg.real_split), e(cfg.generated, cfg.generated_split)))
   boxes = {}
   for key, path, split in (("generated", cfg.generated, cfg.generated_split), ("real", cfg.real, cfg.real_split)):
-    d = privacy.read_images(path, split)
+    d = reader.read_images(path, split)
     boxes[key] = box_fidelity(d["images"], d["boxes"], ring=cfg.box_ring, seed=cfg.seed)
   gen_ds = reader.open_dataset(cfg.generated)
   rep = {"real": {"dataset": str(reader.open_dataset(cfg.real).dir), "split": cfg.real_split},

@@ -229,14 +229,14 @@ def save_adapters(directory, model, cfg: ml_collections.ConfigDict, meta: dict |
                   step: int = 0) -> None:
   """Writes the adapters and new label rows alone (a small Orbax checkpoint) with their LoRA config. `model` is
   an injected model or its `adapter_state` (e.g. a train state's params)."""
-  from busgen_jax.train import checkpoint
+  from busgen_jax import checkpoint
   state = adapter_state(model) if isinstance(model, nnx.Module) else model
   checkpoint.save_params(directory, state, meta={**(meta or {}), "lora": cfg.to_dict()}, step=step, as_ema=False)
 
 
 def load_adapters(directory, model: nnx.Module) -> nnx.Module:
   """Loads adapters saved by `save_adapters` into a model already injected (and extended) the same way."""
-  from busgen_jax.train import checkpoint
+  from busgen_jax import checkpoint
   state = nnx.state(model, nnx.LoRAParam)
   try:
     nnx.replace_by_pure_dict(state, checkpoint.load_params(directory, which="params"))

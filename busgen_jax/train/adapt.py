@@ -29,11 +29,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from busgen_jax import generate, parallel, paths
+from busgen_jax import checkpoint, parallel, paths
 from busgen_jax.data import pipeline, reader, schema
-from busgen_jax.diffusion import box_prior as box_prior_lib, objectives, schedule
-from busgen_jax.models import lora, unet
-from busgen_jax.train import checkpoint, diffusion, state as train_state, writers
+from busgen_jax.data import box_prior as box_prior_lib
+from busgen_jax.diffusion import objectives, schedule
+from busgen_jax.models import card, lora, unet
+from busgen_jax.train import diffusion, loop, state as train_state, writers
 
 ADAPTERS, MERGED, BOX_PRIOR, SUMMARY = "adapters", "merged", "box_prior.json", "adapt.json"
 
@@ -139,16 +140,6 @@ def by_class(ds: reader.Dataset, split: str, field: str, classes: list[str], ind
   return out
 
 
-def untrained_devices(train_config: dict, vocab: list[str]) -> set[str]:
-  """Devices the base names but never trained on: its data filters left them out (e.g. a site held out of
-  pretraining). Their rows are still at initialisation, so adaptation must treat them as new devices."""
-  sources = ((train_config.get("data") or {}).get("sources") or {}).values()
-  allowed = [set((s.get("filters") or {}).get("device") or ()) for s in sources]
-  if not allowed or any(not a for a in allowed):   # a source without a device filter saw every device
-    return set()
-  return {d for d in vocab if d != schema.UNKNOWN and not any(d in a for a in allowed)}
-
-
 def label_rows(task, classes: list[str], base_cfg, base_vocab: dict, shot_devices: list[str], new_devices: bool,
                untrained: set[str] = frozenset()):
   """Model rows of the task's classes and of the devices, and the adapted model's vocabularies. A device in
@@ -179,20 +170,6 @@ def label_rows(task, classes: list[str], base_cfg, base_vocab: dict, shot_device
                                                                 "device": len(added)}
 
 
-def build_model(base_cfg, base_params, lora_cfg, new_rows: dict, seed: int, init: dict | None = None
-                ) -> nnx.Module:
-  """The base (with `base_params`), adapters injected, label tables extended by `new_rows` (starting at
-  `init[field]` rows when given)."""
-  graphdef, state = nnx.split(unet.abstract(base_cfg), nnx.Param)
-  nnx.replace_by_pure_dict(state, base_params)
-  model = nnx.merge(graphdef, state)
-  lora.inject(model, lora_cfg)
-  for field, n in new_rows.items():
-    if n:
-      lora.extend_labels(model, field, n, seed + (field == "device"), (init or {}).get(field))
-  return model
-
-
 def initial_rows(task, classes: list[str], base_params, vocab: dict, new_rows: dict) -> dict:
   """Where new rows start: a class at the row of its pathology (`task.pathology`, e.g. cyst -> benign), else at
   the mean of the base's named rows; a new device at the mean of the named device rows."""
@@ -213,31 +190,6 @@ def initial_rows(task, classes: list[str], base_params, vocab: dict, new_rows: d
   return out
 
 
-def load_adapted(directory, base: str = "", base_model: generate.Model | None = None) -> generate.Model:
-  """An adapter checkpoint (DIR/adapters) merged onto its base (`base` overrides the recorded path; `base_model`
-  is that base already loaded): a plain model with larger label tables, for `busgen-jax sample`."""
-  directory = paths.path(directory)
-  step, meta = checkpoint.load_meta(directory)
-  if "lora" not in meta or "base" not in meta:
-    raise ValueError(f"{directory}: not an adapter checkpoint written by `busgen-jax adapt`")
-  if base_model is None:
-    b = generate.default_config()
-    b.update(checkpoint=base or meta["base"]["checkpoint"], which=meta["base"]["which"],
-             step=meta["base"]["step"], device_names=tuple(meta["base"]["device_names"]),
-             image_size=meta["image_size"])
-    base_model = generate.load_model(b)
-  model = build_model(base_model.cfg, base_model.params, ml_collections.ConfigDict(meta["lora"]),
-                      meta["new_rows"], meta["seed"])
-  lora.load_adapters(directory, model)
-  lora.merge(model)
-  cfg = ml_collections.ConfigDict(base_model.cfg.to_dict())
-  cfg.update(lora.table_rows(model))
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return generate.Model(cfg, params, meta["vocab"], int(meta["image_size"]), base_model.step,
-                        f"{base_model.name}+{directory.parent.name}", task=meta["task"],
-                        train_config=base_model.train_config)
-
-
 # ------------------------------------------------------------------------------------------------ setup
 
 class Setup:
@@ -245,10 +197,8 @@ class Setup:
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
-    b = generate.default_config()
-    b.update(checkpoint=cfg.base, which=cfg.which, step=cfg.step, device_names=tuple(cfg.device_names),
-             image_size=cfg.data.image_size)
-    base = generate.load_model(b)
+    base = card.load(cfg.base, which=cfg.which, step=None if cfg.step < 0 else cfg.step,
+                     device_names=tuple(cfg.device_names), image_size=cfg.data.image_size)
     self.base = base
     self.image_size = base.image_size
     tc = base.train_config
@@ -281,7 +231,7 @@ class Setup:
                         cases=cases if same else None)
     labels = pipeline.scan_labels(ds, cfg.data.split)
     shot_devices = [ds.vocab("device")[i] for i in labels["device"][shot_idx]]
-    self.untrained = untrained_devices(base.train_config, base.vocab.get("device", []))
+    self.untrained = base.untrained("device")
     self.rows, self.vocab, self.new_rows = label_rows(cfg.task, self.classes, base.cfg, base.vocab, shot_devices,
                                                       cfg.new_devices, self.untrained)
     self.model_cfg = ml_collections.ConfigDict(base.cfg.to_dict())
@@ -289,7 +239,7 @@ class Setup:
     self.model_cfg.num_devices = len(self.vocab["device"])
 
     # The model, split into trained adapters and the frozen base.
-    model = build_model(base.cfg, base.params, cfg.lora, self.new_rows, cfg.seed,
+    model = card.adapted_module(base.cfg, base.params, cfg.lora, self.new_rows, cfg.seed,
                         initial_rows(cfg.task, self.classes, base.params, self.vocab, self.new_rows))
     frozen_axes = unet.param_axes(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     self.graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
@@ -437,40 +387,18 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
 
   if cfg.select not in ("best", "last"):
     raise ValueError(f"select must be best or last, got {cfg.select!r}")
-  step = first = start = int(state["step"])
-  last, t0 = {}, time.perf_counter()
-  try:
+  if int(state["step"]) == 0:
     with jax.set_mesh(setup.mesh):
-      if step == 0:
-        evaluate(0, state)       # the starting point: zero adapters, fresh label rows
-      while step < cfg.num_steps:
-        local = next(it)
-        state, metrics = setup.train_step(state, parallel.global_batch(setup.remap(local, pipe.vocab), setup.mesh,
-                                                                       setup.rules), setup.frozen)
-        step += 1
-        progress(step)
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-          diffusion._check_finite(step, metrics, ckpt)
-          dt = time.perf_counter() - t0
-          last = {k: float(v) for k, v in metrics.items() if k != "finite"}
-          last["images_per_sec"] = cfg.data.batch_size * (step - start) / dt
-          last["host_rss_gib"] = writers.host_rss_gib()
-          writer.write_scalars(step, last)
-          start, t0 = step, time.perf_counter()
-        if step % cfg.eval_every == 0 or step == cfg.num_steps:
-          diffusion._check_finite(step, metrics, ckpt)
-          evaluate(step, state)
-        if ckpt.should_save(step) or step == cfg.num_steps:
-          ckpt.save(step, state, it, {"adapt": meta})
-          if ckpt.reached_preemption(step):
-            logging.warning("preemption signal: saved step %d, exiting", step)
-            break
-        if stop_after is not None and step - first >= stop_after:
-          raise diffusion.SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
-  finally:
-    writer.flush()
-    ckpt.close()
-    it.close()
+      evaluate(0, state)       # the starting point: zero adapters, fresh label rows
+
+  def step_fn(state, local):
+    return setup.train_step(state, parallel.global_batch(setup.remap(local, pipe.vocab), setup.mesh, setup.rules),
+                            setup.frozen)
+
+  _, step, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
+                              num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
+                              meta=lambda: {"adapt": meta}, stop_after=stop_after,
+                              hooks=(loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state)),))
   return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
 
 
@@ -478,10 +406,12 @@ def _meta(cfg, setup: Setup) -> dict:
   """What an adapter checkpoint records: enough to rebuild the adapted model on top of its base."""
   task = {"field": cfg.task.field, "classes": setup.classes, "rows": setup.rows,
           "pathology": {c: schema.normalize_pathology(p) for c, p in cfg.task.pathology}}
-  return {"lora": cfg.lora.to_dict(), "seed": cfg.seed, "new_rows": setup.new_rows, "vocab": setup.vocab,
-          "task": task, "image_size": setup.image_size, "model": setup.model_cfg.to_dict(),
-          "base": {"checkpoint": str(paths.path(cfg.base)), "which": cfg.which,
-                   "step": setup.base.step, "device_names": list(cfg.device_names)},
+  adapters = {"lora": cfg.lora.to_dict(), "seed": cfg.seed, "new_rows": setup.new_rows,
+              "base": {"checkpoint": str(paths.path(cfg.base)), "which": cfg.which,
+                       "step": setup.base.step, "device_names": list(cfg.device_names)}}
+  model_card = card.Card(model=setup.model_cfg.to_dict(), image_size=setup.image_size, vocab=setup.vocab,
+                         train_config=setup.base.train_config, task=task, adapters=adapters)
+  return {**model_card.to_meta(),
           "data": {"path": str(setup.dataset.dir), "split": cfg.data.split,
                    "shots": {c: v.tolist() for c, v in setup.shots.items()},
                    "val_split": cfg.data.val_split, "val": {c: v.tolist() for c, v in setup.val.items()}},
@@ -506,10 +436,8 @@ def _finish(cfg, setup: Setup, work: Path, history: list, last: dict, seconds: f
   except ValueError:
     logging.info("the shots have no lesion boxes: no box prior written")
   if cfg.export_merged and complete:   # a preempted run exports when its resumed run completes
-    model = load_adapted(work / ADAPTERS, base_model=setup.base)
-    checkpoint.save_params(work / MERGED, model.params, {
-        "model": model.cfg.to_dict(), "vocab": model.vocab, "image_size": model.image_size, "task": model.task,
-        "config": json.dumps(setup.base.train_config), "adapted": {"adapters": str(work / ADAPTERS)}})
+    model = card.load(adapters=str(work / ADAPTERS), base_model=setup.base)
+    checkpoint.save_params(work / MERGED, model.params, model.card.to_meta())
   start = next((h for h in history if h["step"] == 0), None)
   best = min((h for h in history if h.get("saved")), key=lambda h: h["val_loss"], default=None)
   summary = {"base": setup.base.name, "task": {"field": cfg.task.field, "classes": setup.classes},

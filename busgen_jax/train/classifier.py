@@ -3,17 +3,12 @@
 Read top to bottom: task (label field, class names) -> Grain pipeline over real, generated or mixed sources
 (`config.data.sources`, mixing weights) filtered to the task's classes -> model from the registry -> jitted
 train step (params and BatchNorm statistics replicated, batch sharded over the data axes, donated state) ->
-every `eval_every` steps: validation on a real split, the best checkpoint kept by its metric -> at the end:
-the best checkpoint evaluated on every test set -> `DIR/eval/<name>.json|md|html`.
-
-`busgen-jax evaluate --config.checkpoint=DIR/best --config.dataset=DS --workdir OUT` re-evaluates any saved
-classifier on any dataset.
+every `eval_every` steps: validation on a real split, the best checkpoint kept by its metric (`DIR/best`).
+The `classify` stage (busgen_jax/stages/classify.py) then evaluates it on every test set.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -23,12 +18,12 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from sklearn import metrics as skm
 
-from busgen_jax import parallel
+from busgen_jax import checkpoint, parallel
 from busgen_jax.data import pipeline, reader
-from busgen_jax.evaluate import metrics, report as report_lib
 from busgen_jax.models import classifiers
-from busgen_jax.train import checkpoint, state as train_state, writers
+from busgen_jax.train import loop, state as train_state, writers
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -139,11 +134,9 @@ class Setup:
 
   # -------------------------------------------------------------------------------------------- evaluation
 
-  def evaluate(self, params, stats, path: str, split: str, *, indices=(), n_bootstrap: int | None = None,
-               case_ids: bool = True) -> dict:
-    """Probabilities for every example of the task's classes in a split (or in its records `indices`), and its
-    report. Case ids (read from the records, for case-level bootstraps and the saved predictions) are skipped
-    with case_ids=False, as validation during training does."""
+  def predictions(self, params, stats, path: str, split: str, *, indices=()) -> dict:
+    """Probabilities of the task's classes for every example of a split (or of its records `indices`), with
+    their class labels and record indices, in record order."""
     cfg = self.cfg
     filters = {cfg.task.field: self.classes}
     pipe = pipeline.build_eval(path, split, image_size=cfg.data.image_size, batch_size=cfg.eval_batch_size,
@@ -163,19 +156,23 @@ class Setup:
           index.append(rows["index"][keep])
     finally:
       it.close()
-    probs, labels, index = np.concatenate(probs), np.concatenate(labels), np.concatenate(index)
-    nb = cfg.n_bootstrap if n_bootstrap is None else n_bootstrap
-    cases = reader.open_dataset(path).case_ids(split, index) if case_ids else None
-    if len(self.classes) == 2 and self.positive is not None:
-      rep = metrics.binary_report((labels == self.positive).astype(int), probs[:, self.positive], cases=cases,
-                                  n_bootstrap=nb, seed=cfg.seed,
-                                  reference_sensitivity=cfg.reference_sensitivity or None)
-      rep["macro_auc"] = rep["auc"]
-    else:
-      rep = metrics.multiclass_report(labels, probs, self.classes, cases=cases, n_bootstrap=nb, seed=cfg.seed)
-    rep.update(dataset=str(reader.find_dataset_dir(path)), split=split, classes=self.classes,
-               positive=cfg.task.positive if self.positive is not None else None)
-    return {"report": rep, "probs": probs, "labels": labels, "cases": cases}
+    return {"probs": np.concatenate(probs), "labels": np.concatenate(labels), "index": np.concatenate(index)}
+
+  def selection_value(self, probs: np.ndarray, labels: np.ndarray) -> float:
+    """The validation metric that selects the checkpoint (`select_metric`), as the evaluation reports define it:
+    auc (the positive class against the rest), macro_auc (mean one-vs-rest AUC over the classes present) or
+    balanced_accuracy (of the most probable class)."""
+    metric, n = self.cfg.select_metric, len(self.classes)
+    present = [k for k in range(n) if 0 < (labels == k).sum() < len(labels)]
+    if metric == "balanced_accuracy":
+      return float(skm.balanced_accuracy_score(labels, probs.argmax(1)))
+    if metric == "auc" and self.positive is not None and n == 2:
+      present = [self.positive] if self.positive in present else []
+    elif metric not in ("auc", "macro_auc"):
+      raise ValueError(f"select_metric must be auc, macro_auc or balanced_accuracy, got {metric!r}")
+    if not present:
+      return float("nan")
+    return float(np.mean([skm.roc_auc_score(labels == k, probs[:, k]) for k in present]))
 
 
 def _lut(field_vocab: list[str], classes: list[str]) -> np.ndarray:
@@ -228,7 +225,7 @@ def _with_task_filters(cfg):
   return cfg
 
 
-def _default_real(cfg) -> str:
+def default_real(cfg) -> str:
   first = sorted(cfg.data.sources.keys())[0]
   return cfg.data.sources["real"].path if "real" in cfg.data.sources else cfg.data.sources[first].path
 
@@ -236,8 +233,8 @@ def _default_real(cfg) -> str:
 def check_paths(cfg) -> None:
   """Every dataset the run will read exists: a missing validation or test set fails now, not after training."""
   named = [(f"data.sources.{n}.path", cfg.data.sources[n].path) for n in cfg.data.sources.keys()]
-  named += [("val.path", cfg.val.path or _default_real(cfg))]
-  named += [(f"test.{n}.path", cfg.test[n].path or _default_real(cfg)) for n in cfg.test.keys()]
+  named += [("val.path", cfg.val.path or default_real(cfg))]
+  named += [(f"test.{n}.path", cfg.test[n].path or default_real(cfg)) for n in cfg.test.keys()]
   for key, path in named:
     if not path:
       raise ValueError(f"--config.{key} is empty: give a dataset directory")
@@ -248,7 +245,8 @@ def check_paths(cfg) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains, keeps the best checkpoint on validation, evaluates it on the test sets. Returns the test reports."""
+  """Trains and keeps the best checkpoint on validation (`DIR/best`). Returns {"best_dir", "best" (step, value),
+  "setup", "complete" (False after a preemption)}; `busgen_jax.stages.classify.run` evaluates it on the test sets."""
   parallel.maybe_initialize_distributed()
   check_paths(cfg)
   work = Path(workdir)
@@ -269,48 +267,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           "vocab": pipe.vocab, "config": cfg.to_json()}
   writer, progress = writers.create(str(work), cfg.num_steps, process_index=jax.process_index(),
                                     every_steps=cfg.log_every)
-  val_path = cfg.val.path or _default_real(cfg)
-  step = int(state["step"])
-  t0, start = time.perf_counter(), step
-  try:
-    with jax.set_mesh(setup.mesh):
-      while step < cfg.num_steps:
-        local = next(it)
-        labels = setup.lut[local[cfg.task.field]]
-        if (labels < 0).any():
-          raise AssertionError("a batch holds labels outside task.classes (the task filter failed)")
-        batch = parallel.global_batch({"image": local["image"], "label": labels}, setup.mesh, setup.rules)
-        state, m = setup.train_step(state, batch)
-        step += 1
-        progress(step)
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-          if not bool(m["finite"]):
-            raise FloatingPointError(f"non-finite classifier loss at step {step}")
-          dt = time.perf_counter() - t0
-          writer.write_scalars(step, {**{k: float(v) for k, v in m.items() if k != "finite"},
-                                      "images_per_sec": cfg.data.batch_size * (step - start) / dt})
-          t0, start = time.perf_counter(), step
-        if step % cfg.eval_every == 0 or step == cfg.num_steps:
-          rep = setup.evaluate(state["params"], state["batch_stats"], val_path, cfg.val.split,
-                               indices=cfg.val.get("indices", ()), n_bootstrap=0, case_ids=False)
-          value = float(rep["report"][cfg.select_metric])
-          writer.write_scalars(step, {f"val/{cfg.select_metric}": value})
-          logging.info("step %d: validation %s = %.4f (best %.4f at %d)", step, cfg.select_metric, value,
-                       best["value"], best["step"])
-          if value > best["value"] or best["step"] < 0:
-            best = {"step": step, "value": value}
-            checkpoint.save_params(best_dir, {"params": state["params"], "batch_stats": state["batch_stats"]},
-                                   meta={**meta, "best": best}, step=step, as_ema=False)
-        if ckpt.should_save(step) or step == cfg.num_steps:
-          ckpt.save(step, state, it, {**meta, "best": best})
-          if ckpt.reached_preemption(step):
-            logging.warning("preemption: saved step %d, exiting", step)
-            return {}
-  finally:
-    writer.flush()
-    ckpt.close()
-    it.close()
-  return evaluate_checkpoint(best_dir, work / "eval", tests=cfg.test, setup=setup)
+  val_path = cfg.val.path or default_real(cfg)
+
+  def step_fn(state, local):
+    labels = setup.lut[local[cfg.task.field]]
+    if (labels < 0).any():
+      raise AssertionError("a batch holds labels outside task.classes (the task filter failed)")
+    return setup.train_step(state, parallel.global_batch({"image": local["image"], "label": labels}, setup.mesh,
+                                                         setup.rules))
+
+  def validate(step, state, _):
+    nonlocal best
+    pred = setup.predictions(state["params"], state["batch_stats"], val_path, cfg.val.split,
+                             indices=cfg.val.get("indices", ()))
+    value = setup.selection_value(pred["probs"], pred["labels"])
+    writer.write_scalars(step, {f"val/{cfg.select_metric}": value})
+    logging.info("step %d: validation %s = %.4f (best %.4f at %d)", step, cfg.select_metric, value,
+                 best["value"], best["step"])
+    if value > best["value"] or best["step"] < 0:
+      best = {"step": step, "value": value}
+      checkpoint.save_params(best_dir, {"params": state["params"], "batch_stats": state["batch_stats"]},
+                             meta={**meta, "best": best}, step=step, as_ema=False)
+
+  _, _, _, complete = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
+                               num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
+                               meta=lambda: {**meta, "best": best}, hooks=(loop.Hook(cfg.eval_every, validate),))
+  return {"best_dir": best_dir, "best": best, "setup": setup, "complete": complete}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -319,42 +301,3 @@ def load_classifier(directory: str | Path) -> tuple[dict, dict]:
   """(params {"params", "batch_stats"}, meta) of a saved classifier (`DIR/best`)."""
   _, meta = checkpoint.load_meta(directory)
   return checkpoint.load_params(directory, which="params"), meta
-
-
-def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: Setup | None = None) -> dict:
-  """Evaluates a saved classifier on each `tests` entry ({name: {path, split, optional record indices}});
-  writes reports. Without
-  `setup`, the classifier is rebuilt from the config saved with it."""
-  weights, meta = load_classifier(directory)
-  if setup is None:
-    setup = Setup(ml_collections.ConfigDict(json.loads(meta["config"])), meta["vocab"])
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  params = jax.device_put(weights["params"], setup.repl)
-  stats = jax.device_put(weights["batch_stats"], setup.repl)
-  results = {}
-  for name in tests.keys():
-    t = tests[name]
-    path = t.path or _default_real(setup.cfg)
-    res = setup.evaluate(params, stats, path, t.split, indices=t.get("indices", ()))
-    rep = {**res["report"], "checkpoint": str(directory), "best": meta.get("best")}
-    report_lib.write_classifier_report(out_dir / name, rep, title=f"{name}: {Path(path).name}/{t.split}")
-    np.savez(out_dir / f"{name}.predictions.npz", probs=res["probs"], labels=res["labels"],
-             cases=res["cases"].astype(str))
-    results[name] = rep
-  return results
-
-
-def default_evaluate_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.checkpoint = ""            # a classifier's saved directory (`classify` workdir/best)
-  c.dataset = ""               # any dataset in the record schema
-  c.split = "test"
-  return c
-
-
-def evaluate_main(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  if not cfg.checkpoint or not cfg.dataset:
-    raise ValueError("--config.checkpoint and --config.dataset are required")
-  tests = ml_collections.ConfigDict({"eval": {"path": cfg.dataset, "split": cfg.split}})
-  return evaluate_checkpoint(cfg.checkpoint, workdir, tests=tests)

@@ -11,7 +11,7 @@ on 1 CPU device, 8 simulated devices or a multi-host TPU pod.
 
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
 
 import jax
@@ -22,11 +22,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from busgen_jax import parallel, paths
+from busgen_jax import checkpoint, parallel, paths
 from busgen_jax.data import pipeline
 from busgen_jax.diffusion import objectives, samplers, schedule
-from busgen_jax.models import lora, unet
-from busgen_jax.train import checkpoint, state as train_state, writers
+from busgen_jax.models import card, lora, unet
+from busgen_jax.train import loop, state as train_state, writers
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -51,12 +51,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-class NonFiniteError(FloatingPointError):
-  pass
-
-
-class SimulatedCrash(RuntimeError):
-  """Raised by train(stop_after=...) to end a run as a crash would: no final checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -195,47 +189,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
                                  async_save=cfg.async_checkpoints, catch_sigterm=True)
   state, it = ckpt.restore_or_init(setup.abstract_state, pipe, lambda: setup.init_state(
       cfg.seed, checkpoint.load_params(cfg.init_from) if cfg.init_from else None))
-  meta = {"model": cfg.model.to_dict(), "vocab": pipe.vocab, "config": cfg.to_json()}
+  train_config = json.loads(cfg.to_json())
+  meta = card.Card(model=cfg.model.to_dict(), image_size=cfg.data.image_size, vocab=pipe.vocab,
+                   train_config=train_config, untrained={"device": sorted(card.untrained_devices(
+                       train_config, pipe.vocab.get("device", [])))}).to_meta()
   writer, progress = writers.create(str(workdir), cfg.num_steps, process_index=jax.process_index(),
                                     every_steps=cfg.log_every)
-  sample = _sampler(setup, cfg) if cfg.sample_every else None
 
-  step = start = first = int(state["step"])
-  pending, last, t0 = None, {}, time.perf_counter()
-  try:
-    with jax.set_mesh(setup.mesh):
-      while step < cfg.num_steps:
-        local = next(it)
-        _check_labels(local, cfg.model)
-        batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
-        state, metrics = setup.train_step(state, batch)
-        step += 1
-        if pending is not None:           # check the previous step while this one runs
-          _check_finite(*pending, ckpt)
-        pending = (step, metrics)
-        progress(step)
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-          _check_finite(step, metrics, ckpt)
-          dt = time.perf_counter() - t0
-          last = {k: float(v) for k, v in metrics.items() if k != "finite"}
-          last["images_per_sec"] = cfg.data.batch_size * (step - start) / dt
-          last["host_rss_gib"] = writers.host_rss_gib()
-          writer.write_scalars(step, last)
-          start, t0 = step, time.perf_counter()
-        if ckpt.should_save(step) or step == cfg.num_steps:
-          _check_finite(step, metrics, ckpt)
-          ckpt.save(step, state, it, meta)
-          if ckpt.reached_preemption(step):
-            logging.warning("preemption signal: saved step %d, exiting", step)
-            break
-        if sample is not None and step % cfg.sample_every == 0:
-          writer.write_images(step, {"samples": writers.grid(sample(state["ema"], local, step))})
-        if stop_after is not None and step - first >= stop_after:
-          raise SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
-  finally:
-    writer.flush()
-    ckpt.close()
-    it.close()
+  def step_fn(state, local):
+    _check_labels(local, cfg.model)
+    return setup.train_step(state, parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh,
+                                                         setup.rules))
+
+  hooks = ()
+  if cfg.sample_every:
+    sample = _sampler(setup, cfg)
+    hooks = (loop.Hook(cfg.sample_every, lambda step, state, local: writer.write_images(
+        step, {"samples": writers.grid(sample(state["ema"], local, step))}), at_end=False),)
+  _, _, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
+                           num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
+                           meta=lambda: meta, hooks=hooks, stop_after=stop_after)
   return last
 
 
@@ -245,13 +218,6 @@ def _check_labels(local, model_cfg):
       raise ValueError(f"a batch has {field} index {local[field].max()} but model.num_{field}"
                        f"{'' if field == 'pathology' else 's'}={rows}: filter the data (data.sources.*.filters) "
                        f"or enlarge the embedding table")
-
-
-def _check_finite(step, metrics, ckpt):
-  if not bool(metrics["finite"]):
-    raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={float(metrics['loss'])}, "
-                         f"grad_norm={float(metrics['grad_norm'])}); the step was not applied and the last good "
-                         f"checkpoint (step {ckpt.latest_step()}) is kept")
 
 
 def _sampler(setup: Setup, cfg):

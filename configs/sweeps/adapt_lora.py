@@ -9,7 +9,7 @@ Results: DIR/sweep.md and DIR/sweep.png (best validation loss vs shots, one line
 
 import ml_collections
 
-from busgen_jax import sweep
+from busgen_jax.stages import sweep
 
 
 def get_config(arg: str = "/tmp/busgen_demo"):

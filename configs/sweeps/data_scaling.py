@@ -12,7 +12,7 @@ Each run is `busgen-jax classify --config configs/classify.py:real=...,generated
 
 import ml_collections
 
-from busgen_jax import sweep
+from busgen_jax.stages import sweep
 
 
 def get_config(arg: str = "/tmp/busgen_demo"):

@@ -24,9 +24,10 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
-from busgen_jax import generate  # noqa: E402
-from busgen_jax.evaluate import privacy  # noqa: E402
-from busgen_jax.train import adapt, checkpoint  # noqa: E402
+from busgen_jax import checkpoint  # noqa: E402
+from busgen_jax.models import card  # noqa: E402
+from busgen_jax.evaluate import membership  # noqa: E402
+from busgen_jax.train import adapt  # noqa: E402
 
 TIMESTEPS = (0.05, 0.15, 0.3, 0.5, 0.7)   # fractions of the schedule's T: where class information shows
 
@@ -34,7 +35,7 @@ TIMESTEPS = (0.05, 0.15, 0.3, 0.5, 0.7)   # fractions of the schedule's T: where
 def scores(model, path: str, split: str, idx: np.ndarray, rows: dict[str, int], repeats: int) -> np.ndarray:
   """(images, classes) denoising losses, each image under each class's row."""
   ts = [int(f * model.cfg.T) for f in TIMESTEPS]
-  return np.stack([privacy.denoising_losses(model, path, split, idx, timesteps=ts, repeats=repeats,
+  return np.stack([membership.denoising_losses(model, path, split, idx, timesteps=ts, repeats=repeats,
                                             batch_size=32, rows={"pathology": r}) for r in rows.values()], 1)
 
 
@@ -95,20 +96,19 @@ def main():
     p.error("--adapt or --grey is required")
   work = Path(a.adapt)
   _, meta = checkpoint.load_meta(work / adapt.ADAPTERS)
-  task, data = meta["task"], meta["data"]
+  task, data = card.Card.from_meta(meta).task, meta["data"]
   classes = list(task["classes"])
   val = {c: np.asarray(data["val"][c], np.int64) for c in classes}
   idx = np.sort(np.concatenate(list(val.values())))
   truth = np.array([next(j for j, c in enumerate(classes) if i in set(val[c].tolist())) for i in idx])
-  model = adapt.load_adapted(work / adapt.ADAPTERS)
+  model = card.load(adapters=str(work / adapt.ADAPTERS))
   rows = {c: int(task["rows"][c]) for c in classes}
   out = {"adapt": str(work), "classes": classes, "rows": rows,
          "adapted_as_classifier": as_classifier(scores(model, data["path"], data["val_split"], idx, rows, a.repeats),
                                                 truth)}
-  b = generate.default_config()
-  b.update(checkpoint=meta["base"]["checkpoint"], which=meta["base"]["which"], step=meta["base"]["step"],
-           device_names=tuple(meta["base"]["device_names"]), image_size=meta["image_size"])
-  base = generate.load_model(b)
+  b = card.Card.from_meta(meta).adapters["base"]
+  base = card.load(b["checkpoint"], which=b["which"], step=b["step"], device_names=b["device_names"],
+                   image_size=model.image_size)
   if max(rows.values()) < base.cfg.num_pathology:     # the base has these rows (task.rows=existing)
     out["base_as_classifier"] = as_classifier(scores(base, data["path"], data["val_split"], idx, rows, a.repeats),
                                               truth)

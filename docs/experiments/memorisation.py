@@ -21,7 +21,7 @@ flags.FLAGS.mark_as_parsed()
 
 from busgen_jax import generate  # noqa: E402
 from busgen_jax.data import convert, reader  # noqa: E402
-from busgen_jax.diffusion import box_prior  # noqa: E402
+from busgen_jax.data import box_prior  # noqa: E402
 from busgen_jax.evaluate import privacy  # noqa: E402
 from busgen_jax.train import diffusion  # noqa: E402
 

@@ -18,10 +18,11 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
-from busgen_jax import demo, generate  # noqa: E402
+from busgen_jax import generate  # noqa: E402
+from busgen_jax.stages import demo  # noqa: E402
 from busgen_jax.data import reader  # noqa: E402
 from busgen_jax.evaluate import privacy  # noqa: E402
-from busgen_jax.train import classifier  # noqa: E402
+from busgen_jax.stages import classify  # noqa: E402
 
 
 def shas(d) -> list[str]:
@@ -52,7 +53,7 @@ def main():
     audit = privacy.default_config()
     audit.update(generated=str(d), train=str(real), encoder=str(work / "classify" / "real" / "best"))
     rep = privacy.run(audit, out / f"audit_{setting}")
-    res = classifier.train(demo._classifier_config(demo.default_config(), real, d, "generated"),
+    res = classify.run(demo._classifier_config(demo.default_config(), real, d, "generated"),
                            out / f"classify_{setting}")["real_test"]
     print("RESULT", setting, json.dumps({
         "changed": sum(x != y for x, y in zip(ref, shas(d))), "n": len(ref), "seconds": seconds,

@@ -13,10 +13,11 @@ Families:
   steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
   classifier  the classifier recipe on generated images (the base's 2x repository)
   mixing      the generated share of the real + generated stream (the base's 2x repository)
-  pretraining the diffusion model itself: the objective (v prediction with min-SNR weighting); each
+  pretraining the diffusion model itself: the objective (v prediction with min-SNR weighting; offset
+              noise, against the generated images' mean-brightness error); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
-`--families` runs some of them; finished variants are reused.
+`--families` runs some of them (finished variants are reused); `--docs` rewrites only their tables.
 """
 
 import argparse
@@ -28,10 +29,12 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
-from busgen_jax import experiment  # noqa: E402
+from busgen_jax.stages import experiment  # noqa: E402
 from busgen_jax.evaluate import report  # noqa: E402
 
-BEGIN, END = "<!-- recipe-study:begin -->", "<!-- recipe-study:end -->"
+def markers(family: str) -> tuple[str, str]:
+  """Each family's table has its own block in the docs: a run of some families rewrites only theirs."""
+  return f"<!-- recipe-study-{family}:begin -->", f"<!-- recipe-study-{family}:end -->"
 
 # family -> (arm whose validation AUC selects, the base's arm at the same repository size, variants)
 # variant: (name, {config key: value}); "base" rows are the base run itself.
@@ -66,6 +69,8 @@ FAMILIES = {
         ("v prediction, min-SNR weighting (gamma 5)", {"diffusion.objective.prediction": "v",
                                                        "diffusion.objective.weighting": "min_snr",
                                                        "generate.multiples": (1.0,)}),
+        ("eps prediction, offset noise 0.1", {"diffusion.objective.offset_noise": 0.1,
+                                              "generate.multiples": (1.0,)}),
     ]),
 }
 
@@ -116,20 +121,16 @@ def row(summary: dict, arm: str) -> dict:
           "real_test_auc": t["arms"]["real"]["auc"]}
 
 
-def markdown(results: dict) -> str:
-  lines = []
-  for family, (arm, _, variants) in FAMILIES.items():
-    if family not in results:
-      continue
-    rows = results[family]
-    best = max(rows, key=lambda r: r["val_auc"])
-    lines += [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC)", "",
-              "| variant | validation AUC | test AUC [95% CI] |", "|---|---|---|"]
-    for r in rows:
-      test = (f"{r['test_auc']:.3f} [{r['test_ci'][0]:.3f}, {r['test_ci'][1]:.3f}]" if r is best else "–")
-      lines.append(f"| {'**' + r['variant'] + '**' if r is best else r['variant']} | {r['val_auc']:.3f} | {test} |")
-    lines += ["", f"Selected: {best['variant']}; on the test fold TSTR/TRTR {best['tstr_over_trtr']:.3f}, real + "
-              f"generated − real {best['mixed_minus_real']:+.3f} (real only {best['real_test_auc']:.3f}).", ""]
+def markdown(family: str, rows: list[dict]) -> str:
+  arm = FAMILIES[family][0]
+  best = max(rows, key=lambda r: r["val_auc"])
+  lines = [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC)", "",
+           "| variant | validation AUC | test AUC [95% CI] |", "|---|---|---|"]
+  for r in rows:
+    test = (f"{r['test_auc']:.3f} [{r['test_ci'][0]:.3f}, {r['test_ci'][1]:.3f}]" if r is best else "–")
+    lines.append(f"| {'**' + r['variant'] + '**' if r is best else r['variant']} | {r['val_auc']:.3f} | {test} |")
+  lines += ["", f"Selected: {best['variant']}; on the test fold TSTR/TRTR {best['tstr_over_trtr']:.3f}, real + "
+            f"generated − real {best['mixed_minus_real']:+.3f} (real only {best['real_test_auc']:.3f}).", ""]
   return "\n".join(lines)
 
 
@@ -138,6 +139,8 @@ def main():
   p.add_argument("--base", required=True, help="a finished `busgen-jax experiment --config ...:cpu` workdir")
   p.add_argument("--workdir", required=True)
   p.add_argument("--families", default=",".join(FAMILIES))
+  p.add_argument("--variants", default="", help="run only the variants whose names contain one of these "
+                 "|-separated strings (default: all); the family's table then holds these and the base")
   p.add_argument("--docs", default="", help="a Markdown file whose recipe-study section to rewrite")
   a = p.parse_args()
   base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
@@ -148,17 +151,19 @@ def main():
     arm, base_arm, variants = FAMILIES[family]
     rows = []
     for name, overrides in variants:
+      if a.variants and overrides is not None and not any(v in name for v in a.variants.split("|")):
+        continue
       summary = base_summary if overrides is None else run_variant(base, work, family, name, overrides)
       rows.append({"variant": name, **row(summary, base_arm if overrides is None else arm)})
       print(f"RESULT {family} | {name} | validation AUC {rows[-1]['val_auc']:.4f}", flush=True)
     results[family] = rows
     work.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=1))
-  md = markdown(results)
-  (work / "study.md").write_text(md)
-  print(md)
-  if a.docs:
-    report.write_section(Path(a.docs), md, BEGIN, END, "Recipe study (`docs/experiments/recipe_study.py`)")
+  md = {family: markdown(family, rows) for family, rows in results.items()}
+  (work / "study.md").write_text("\n".join(md.values()))
+  print("\n".join(md.values()))
+  for family in a.families.split(",") if a.docs else ():
+    report.write_section(Path(a.docs), md[family], *markers(family), f"Recipe study: {family}")
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ import jax
 import ml_collections
 from absl import logging
 
-from busgen_jax import fewshot, generate, paths
+from busgen_jax import checkpoint, generate, paths
+from busgen_jax.stages import classify, fewshot
 from busgen_jax.data import convert, pipeline, reader
 from busgen_jax.data.sources import busi as busi_source
-from busgen_jax.diffusion import box_prior
+from busgen_jax.data import box_prior
 from busgen_jax.evaluate import experiment_report, fidelity, privacy
 from busgen_jax.evaluate.experiment_report import GENERATED, INTERNAL, MIXED, REAL, arm_dir, scaling_arm
-from busgen_jax.train import checkpoint, classifier, diffusion
+from busgen_jax.train import classifier, diffusion
 
 
 def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -81,7 +82,7 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # Another experiment's run directory: its data, diffusion model and box prior are reused (and its data,
   # diffusion and box_prior settings replace these), so generation and classifier recipes can be varied alone.
   c.pretrained = ""
-  # The few-shot arm (busgen_jax/fewshot.py): adaptation to a site pretraining never saw; off while device is "".
+  # The few-shot arm (busgen_jax/stages/fewshot.py): adaptation to a site pretraining never saw; off while device is "".
   c.fewshot = fewshot.default_config()
   # Stages to leave out: "quality", "audit", or "generate" (the repository protocol: generate, classify, quality
   # and audit; e.g. for a few-shot run alone).
@@ -313,7 +314,7 @@ def stage_classify(cfg, work: Path, data: dict, generated: dict, external: dict)
   n_real = generated["real_images"]
   for name, arm in arms(cfg, n_real, generated["images"]).items():
     t = time.time()
-    res = classifier.train(classifier_config(cfg, arm, data, generated, external), work / "classify" / arm_dir(name))
+    res = classify.run(classifier_config(cfg, arm, data, generated, external), work / "classify" / arm_dir(name))
     if not res:
       raise Interrupted(f"the {name!r} classifier stopped early")
     out[name] = {"seconds": time.time() - t, "train": arm, "tests": res}
@@ -438,3 +439,13 @@ def _run(cfg, work: Path, rec: Record) -> dict:
   rec.times["report"] = time.time() - t
   print(f"experiment done ({sum(rec.times.values()) / 60:.1f} min of stages): {work / 'report.html'}")
   return summary
+
+
+OPEN_KEYS = ("external",)   # --config.external.NAME=PATH: any number of external test sets
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str, argv) -> None:
+  s = run(cfg, workdir)
+  for test, t in s.get("tests", {}).items():
+    print(f"{test}: " + ", ".join(f"{arm} {r['auc']:.3f}" for arm, r in t["arms"].items())
+          + f"; TSTR/TRTR {t['tstr_over_trtr']:.3f}, mixed - real {t['mixed_minus_real']:+.3f}")

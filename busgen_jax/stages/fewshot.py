@@ -25,10 +25,11 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from busgen_jax import generate
-from busgen_jax.data import convert, pipeline, reader
+from busgen_jax import checkpoint, generate
+from busgen_jax.stages import classify
+from busgen_jax.data import pipeline, reader, writer
 from busgen_jax.evaluate import report
-from busgen_jax.train import adapt, checkpoint, classifier
+from busgen_jax.train import adapt, classifier
 
 SITE = "site"                      # the site's test images, as a test set of every classifier
 SHOTS, SHOTS_BASE, SHOTS_ADAPTED, ADAPTED = "shots", "shots + un-adapted", "shots + adapted", "adapted"
@@ -98,7 +99,7 @@ def stage_site(cfg, work: Path, data: dict) -> dict:
     picks += [(split, int(i)) for i in np.flatnonzero(keep)]
   if not picks:
     raise ValueError(f"{ds.dir}: no {classes} images of device {fs.device!r}")
-  site_dir = convert.copy_records(ds, {SITE: picks}, work / "fewshot" / "site", fmt="fewshot_site",
+  site_dir = writer.copy_records(ds, {SITE: picks}, work / "fewshot" / "site", fmt="fewshot_site",
                                   note={"device": fs.device, "classes": classes})
   site = reader.open_dataset(site_dir)
   names = site.vocab("pathology")
@@ -192,7 +193,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   for arm in ARMS:
     t = time.time()
     k = classifier_config(cfg, arm, site, draw, repos, external)
-    res = classifier.train(k, out / "classify" / arm.replace(" + ", "_").replace("-", ""))
+    res = classify.run(k, out / "classify" / arm.replace(" + ", "_").replace("-", ""))
     if not res:
       return None
     results[arm] = {name: _brief(r) for name, r in res.items()}

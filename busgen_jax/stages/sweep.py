@@ -28,7 +28,6 @@ import io
 import itertools
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import ml_collections
 
 from busgen_jax import paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_FILE = "sweep_run.json"
 
 
@@ -277,3 +276,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, mode: str = "local", dr
   table = collect(cfg, workdir, expand(cfg) if not only else runs)
   log(markdown(table, cfg))
   return table
+
+
+REQUIRES_CONFIG = True   # a sweep file (configs/sweeps/*.py)
+
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_enum("mode", "local", ["local", "print", "tpu", "collect"],
+                    "local: run here one after another; print: the commands; tpu: through launch/tpu.sh on a TPU VM; "
+                    "collect: only gather the runs' metrics")
+  flags.DEFINE_bool("dry_run", False, "with --mode=tpu: print the launch/tpu.sh commands, run nothing")
+  flags.DEFINE_list("only", [], "run only these runs (names or indices)")
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str, argv) -> None:
+  from absl import flags
+  F = flags.FLAGS
+  run(cfg, workdir, mode=F.mode, dry_run=F.dry_run, only=F.only)

@@ -79,7 +79,7 @@ def _matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
 def _tiny_config():
   """configs/phantom_tiny.py (the demo's architecture)."""
   from importlib import util
-  path = Path(__file__).resolve().parents[1] / "configs" / "phantom_tiny.py"
+  path = Path(__file__).resolve().parents[2] / "configs" / "phantom_tiny.py"
   spec = util.spec_from_file_location("phantom_tiny", path)
   mod = util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -192,7 +192,7 @@ def _pipeline(case: dict, data: str) -> dict:
 
 
 def _published_bf16_peak(device_kind: str) -> float | None:
-  from busgen_jax import aot
+  from busgen_jax.stages import aot
   if device_kind in aot.CHIPS:
     return aot.CHIPS[device_kind].bf16_flops
   return next((v for k, v in GPU_BF16_PEAK.items() if k in device_kind), None)
@@ -235,7 +235,7 @@ def run_case(case: dict, data: str) -> dict:
 
 def _child(name: str, case: dict, data: str, out: Path, timeout: float) -> dict:
   """Run one case in a child process; its result plus the child's peak host memory."""
-  cmd = [sys.executable, "-m", "busgen_jax.bench", json.dumps(case), data, str(out)]
+  cmd = [sys.executable, "-m", "busgen_jax.stages.bench", json.dumps(case), data, str(out)]
   t = time.perf_counter()
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")   # compile times are cold compiles
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -341,3 +341,8 @@ if __name__ == "__main__":     # a case's child process: bench.py CASE_JSON DATA
   logging.set_verbosity(logging.WARNING)
   result = run_case(json.loads(sys.argv[1]), sys.argv[2])
   Path(sys.argv[3]).write_text(json.dumps(result))
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str, argv) -> None:
+  run(cfg, workdir)
+  print((Path(workdir) / "bench.md").read_text())

@@ -1,0 +1,54 @@
+"""The model card: one format written by every writer of a model, older layouts still read, untrained rows
+refused by `sample`."""
+
+import json
+
+import pytest
+
+from busgen_jax import generate
+from busgen_jax.data import schema
+from busgen_jax.models import card
+
+
+def test_official_vocabulary_constants_match_the_schema():
+  assert card.NULL == schema.UNKNOWN and card.OFFICIAL_PATHOLOGY == schema.PATHOLOGY
+
+
+def test_card_round_trips_through_metadata():
+  c = card.Card(model={"ch": 32}, image_size=64, vocab={"pathology": ["unknown", "benign"], "device": ["unknown"]},
+                untrained={"device": ["Toshiba"]}, task={"field": "histology"})
+  meta = json.loads(json.dumps(c.to_meta()))          # what Orbax's JSON metadata stores
+  assert card.Card.from_meta(meta) == c
+
+
+def test_layouts_written_before_the_card_still_read(tmp_path):
+  config = {"data": {"image_size": 48, "sources": {"real": {"filters": {"device": ["unknown", "GE"]}}}}}
+  train = card.Card.from_meta({"model": {"ch": 8}, "vocab": {"device": ["unknown", "GE", "Toshiba"]},
+                               "config": json.dumps(config)})
+  assert train.image_size == 48 and train.untrained == {"device": ["Toshiba"]}
+  merged = card.Card.from_meta({"model": {"ch": 8}, "vocab": {}, "image_size": 32, "task": {"field": "birads"},
+                                "config": "{}"})
+  assert merged.image_size == 32 and merged.task == {"field": "birads"} and merged.untrained == {"device": []}
+  base = {"checkpoint": "/b", "which": "ema", "step": 3, "device_names": []}
+  adapters = card.Card.from_meta({"lora": {"rank": 4}, "base": base, "new_rows": {"pathology": 2}, "seed": 0,
+                                  "vocab": {"pathology": ["a"]}, "image_size": 16, "task": None})
+  assert adapters.adapters["base"] == base and adapters.adapters["lora"] == {"rank": 4}
+  (tmp_path / card.OFFICIAL_CONFIG).write_text(json.dumps({"ch": 128}))
+  official = card.Card.from_meta({"format": "official-busgen"}, tmp_path)
+  assert official.model == {"ch": 128} and official.source["format"] == "official-busgen"
+  assert card.with_defaults(official.vocab, ("A", "B")) == {"pathology": list(schema.PATHOLOGY),
+                                                            "device": ["unknown", "A", "B"]}
+  with pytest.raises(ValueError, match="no model card"):
+    card.Card.from_meta({}, tmp_path / "nothing")
+
+
+def test_sample_leaves_untrained_devices_out_of_all_and_refuses_them_by_name():
+  vocab = {"pathology": list(schema.PATHOLOGY), "device": ["unknown", "GE", "Toshiba"]}
+  cfg = generate.default_config()
+  cfg.update(device=("all",), pathology=("benign",))
+  untrained = {"device": ["Toshiba"]}
+  assert [c["device"] for c in generate.conditions(cfg, vocab, None, untrained)] == ["GE"]
+  assert [c["device"] for c in generate.conditions(cfg, vocab)] == ["GE", "Toshiba"]
+  cfg.device = ("Toshiba",)
+  with pytest.raises(ValueError, match="never trained"):
+    generate.conditions(cfg, vocab, None, untrained)
