@@ -185,3 +185,12 @@ def shardings(arrays, logical, mesh: Mesh, rules: Rules):
   return jax.tree.map(
       lambda x, names: NamedSharding(mesh, rules.spec(names or (None,) * np.ndim(x), mesh, np.shape(x))),
       arrays, logical)
+
+
+def gather_rows(rows: dict) -> dict:
+  """Host arrays of a whole batch: global jax.Arrays in full, and every process's local rows in process
+  order (the order of the global batch)."""
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in rows.items()}
+  from jax.experimental import multihost_utils
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in rows.items()}

@@ -102,16 +102,22 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   q.update(real=str(phantom), real_split="test", generated=str(phantom), generated_split="train",
            encoder=str(tmp_path / "run" / "best"), conditions=("pathology",), min_count=5, bootstrap=20,
            kid_subsets=10, classifiers=(str(tmp_path / "run" / "best"),))
-  q.tstr.synthetic = q.tstr.real = str(tmp_path / "run")
+  # TSTR from two classify runs: a stand-in "synthetic" run whose test evaluation scored 0.6 (its own file).
+  synthetic = tmp_path / "synthetic_run" / "eval"
+  synthetic.mkdir(parents=True)
+  (synthetic / "real_test.json").write_text(json.dumps({**res["real_test"], "auc": 0.6, "auc_ci95": [0.5, 0.7]}))
+  q.tstr.synthetic, q.tstr.real = str(synthetic.parent), str(tmp_path / "run")
   rep = fidelity.run(q, tmp_path / "quality")
   assert rep["encoder"] == enc.name and set(rep["fidelity"]["conditions"]) == {"benign", "malignant"}
   acc = rep["conditional_accuracy"]
   assert acc["generated"]["n"] == len(f) and acc["generated"]["accuracy"] > 0.75, acc
   assert rep["conditional_accuracy_more"][0]["generated"] == acc["generated"]   # a second classifier: same plumbing
   assert rep["box_fidelity"]["real"]["auc"] > 0.8 and rep["box_fidelity"]["generated"]["auc"] > 0.8, rep["box_fidelity"]
-  assert rep["tstr"]["ratio"] == 1.0 and rep["tstr"]["n_test"] == res["real_test"]["n"]
+  ratio = 0.6 / res["real_test"]["auc"]
+  assert rep["tstr"]["ratio"] == pytest.approx(ratio) and rep["tstr"]["n_test"] == res["real_test"]["n"]
+  assert rep["tstr"]["tstr_auc"] == 0.6 and rep["tstr"]["trtr_auc"] == res["real_test"]["auc"]
   md = (tmp_path / "quality" / "quality.md").read_text()
-  assert "TSTR / TRTR = 1.00" in md and enc.name in md and (tmp_path / "quality" / "quality.html").is_file()
+  assert f"TSTR / TRTR = {ratio:.2f}" in md and enc.name in md and (tmp_path / "quality" / "quality.html").is_file()
 
 
 def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path):

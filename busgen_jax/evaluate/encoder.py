@@ -39,7 +39,7 @@ class ClassifierEncoder:
     rows = parallel.batch_sharding(setup.mesh, setup.rules, 2)
 
     def features_and_probs(p, s, x):
-      model = setup._model(p, s, train=False)
+      model = setup.model(p, s)
       return model.features(x), jax.nn.softmax(model(x), -1)
 
     self._features = jax.jit(features_and_probs,
@@ -60,7 +60,7 @@ class ClassifierEncoder:
         for local in it:
           batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
           f, p = self._features(self.params, self.stats, batch["image"])
-          rows = classifier.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
+          rows = parallel.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
                                          **{k: local[k] for k in fields}})
           keep = rows["valid"]
           feats.append(np.asarray(rows["f"][keep], np.float32))

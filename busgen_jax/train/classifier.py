@@ -102,7 +102,8 @@ class Setup:
   def abstract_state(self):
     return jax.eval_shape(self._fresh_state)
 
-  def _model(self, params, stats, *, train: bool):
+  def model(self, params, stats, *, train: bool = False) -> nnx.Module:
+    """The classifier with these weights, in eval mode (or train mode: dropout, BatchNorm updates)."""
     model = nnx.merge(self.graphdef, params, stats, self.rest)
     model.train() if train else model.eval()
     return model
@@ -113,7 +114,7 @@ class Setup:
     smooth = self.cfg.label_smoothing
 
     def loss_fn(params):
-      model = self._model(params, state["batch_stats"], train=True)
+      model = self.model(params, state["batch_stats"], train=True)
       logits = model(batch["image"], rngs=nnx.Rngs(dropout=key))
       target = optax.smooth_labels(jax.nn.one_hot(batch["label"], n), smooth) if smooth else \
           jax.nn.one_hot(batch["label"], n)
@@ -130,7 +131,7 @@ class Setup:
     return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), "finite": finite}
 
   def _predict(self, params, stats, images):
-    return jax.nn.softmax(self._model(params, stats, train=False)(images), -1)
+    return jax.nn.softmax(self.model(params, stats, train=False)(images), -1)
 
   # -------------------------------------------------------------------------------------------- evaluation
 
@@ -148,7 +149,7 @@ class Setup:
       with jax.set_mesh(self.mesh):
         for local in it:
           batch = parallel.global_batch({"image": local["image"]}, self.mesh, self.rules)
-          rows = gather_rows({"probs": self.predict(params, stats, batch["image"]), "valid": local["valid"],
+          rows = parallel.gather_rows({"probs": self.predict(params, stats, batch["image"]), "valid": local["valid"],
                                "label": lut[local[cfg.task.field]], "index": local["index"]})
           keep = rows["valid"]
           probs.append(rows["probs"][keep])
@@ -181,15 +182,6 @@ def _lut(field_vocab: list[str], classes: list[str]) -> np.ndarray:
     if name in field_vocab:
       lut[field_vocab.index(name)] = k
   return lut
-
-
-def gather_rows(rows: dict) -> dict:
-  """Host arrays of a whole batch: global jax.Arrays in full, and every process's local rows in process
-  order (the order of the global batch)."""
-  if jax.process_count() == 1:
-    return {k: np.asarray(v) for k, v in rows.items()}
-  from jax.experimental import multihost_utils
-  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in rows.items()}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
