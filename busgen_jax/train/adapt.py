@@ -387,9 +387,6 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
 
   if cfg.select not in ("best", "last"):
     raise ValueError(f"select must be best or last, got {cfg.select!r}")
-  if int(state["step"]) == 0:
-    with jax.set_mesh(setup.mesh):
-      evaluate(0, state)       # the starting point: zero adapters, fresh label rows
 
   def step_fn(state, local):
     return setup.train_step(state, parallel.global_batch(setup.remap(local, pipe.vocab), setup.mesh, setup.rules),
@@ -398,7 +395,9 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   _, step, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                               num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
                               meta=lambda: {"adapt": meta}, stop_after=stop_after,
-                              hooks=(loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state)),))
+                              # validation from the starting point (zero adapters, fresh label rows) on
+                              hooks=(loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state),
+                                               at_start=True),))
   return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
 
 

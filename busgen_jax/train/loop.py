@@ -30,8 +30,9 @@ class SimulatedCrash(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Hook:
   every: int                                       # call fn(step, state, local_batch) every this many steps
-  fn: Callable[[int, Any, dict], None]
+  fn: Callable[[int, Any, dict | None], None]
   at_end: bool = True                              # and after the last step
+  at_start: bool = False                           # and before the first step of a fresh run (local_batch None)
 
 
 def check_finite(step: int, metrics: dict, ckpt) -> None:
@@ -51,6 +52,9 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
   pending, last, t0 = None, {}, time.perf_counter()
   try:
     with jax.set_mesh(mesh):
+      for hook in hooks:
+        if hook.at_start and step == 0:
+          hook.fn(0, state, None)
       while step < num_steps:
         local = next(it)
         state, metrics = step_fn(state, local)
