@@ -13,7 +13,6 @@ real training images'.
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapt_diagnosis import lesion_grey  # noqa: E402  (this folder's diagnosis script)
 from busgen_jax import generate  # noqa: E402
 from busgen_jax.data import reader  # noqa: E402
+from busgen_jax.evaluate import report  # noqa: E402
 from busgen_jax.stages import classify, demo  # noqa: E402
 
 BEGIN, END = "<!-- demo-adaptation:begin -->", "<!-- demo-adaptation:end -->"
@@ -64,7 +64,6 @@ def main():
   ds_dir = str(reader.find_dataset_dir(work / "data"))
   real = {c: round(v["inside"], 1) for c, v in lesion_grey(
       ds_dir, "train", cfg.adapt.task.field, list(cfg.adapt.task.classes), cfg.classifier.data.image_size).items()}
-  shots = json.loads((work / "report.json").read_text()) if (work / "report.json").exists() else {}
   best = max(rows, key=lambda r: r["val_auc"])
   lines = [f"Command: `python docs/experiments/demo_adaptation.py --demo {a.demo} --workdir {a.workdir}`. "
            f"Real training images' lesion grey level: cyst {real['cyst']}, fibroadenoma {real['fibroadenoma']}.", "",
@@ -76,15 +75,9 @@ def main():
     lines.append(f"| {name} | {r['val_auc']:.3f} | {test} | {r['grey']['cyst']} / {r['grey']['fibroadenoma']} |")
   text = "\n".join(lines)
   print(text)
-  (out / "study.json").write_text(json.dumps({"rows": rows, "real_grey": real, "demo_report": bool(shots)},
-                                             indent=1))
+  (out / "study.json").write_text(json.dumps({"rows": rows, "real_grey": real}, indent=1))
   if a.docs:
-    doc = Path(a.docs)
-    s = doc.read_text()
-    if BEGIN not in s:
-      raise SystemExit(f"{doc}: no {BEGIN} marker")
-    doc.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", s,
-                          flags=re.S))
+    report.write_section(Path(a.docs), text + "\n", BEGIN, END, "The demo's adapted arm")
 
 
 if __name__ == "__main__":
