@@ -284,8 +284,8 @@ class Examples:
 
 def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, image_size: int,
                  prediction: str, mesh: jax.sharding.Mesh, *, protected: bool = False):
-  """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond) -> images
-  in [-1, 1], or (params, index, cond, bank) with privacy protection (bank: protect.load_bank's (descriptors,
+  """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond, start) -> images
+  in [-1, 1] (start: (B, 2), samplers.sample_from_keys'), or (params, index, cond, start, bank) with privacy protection (bank: protect.load_bank's (descriptors,
   radius), replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
   sched = schedule.Schedule.from_config(cfg.schedule)
   if sched.T != model_cfg.T:
@@ -296,18 +296,18 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
 
   pc = cfg.protect
 
-  def sample(params, index, cond, bank=None):
+  def sample(params, index, cond, start, bank=None):
     net = nnx.merge(graphdef, params)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
     eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
     transform = None if bank is None else functools.partial(
         protect.protected, bank=bank[0], sched=sched, radius=bank[1], scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
-                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform)
+                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform, start=start)
 
   repl = parallel.replicated(mesh)
   rows = parallel.rows(mesh)
-  shardings = (repl, rows, rows, repl) if protected else (repl, rows, rows)
+  shardings = (repl, rows, rows, rows, repl) if protected else (repl, rows, rows, rows)
   return jax.jit(sample, in_shardings=shardings, out_shardings=rows), plan
 
 
@@ -342,6 +342,11 @@ class Sampler:
     self.batch = cfg.per_device_batch * len(mine)
     self.size = model.image_size
     self.model_conditions = tuple(model.cfg.conditions)
+    if cfg.sampler.start not in samplers.START:
+      raise ValueError(f"sampler.start must be one of {samplers.START}, got {cfg.sampler.start!r}")
+    self.start = model.card.start if cfg.sampler.start == "data" else (lambda device: (0.0, 0.0))
+    if cfg.sampler.start == "data" and not model.card.image_mean:
+      logging.info("%s: the model card has no image_mean: sampling starts from pure noise", model.name)
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
     self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh,
                                            protected=bank is not None)
@@ -360,8 +365,9 @@ class Sampler:
                               e["mask"].astype(np.float32) for e in pad])[..., None]}
     cond = {k: v for k, v in cond.items() if k in self.model_conditions}
     index = np.array([e["index"] for e in pad], np.int32)
+    start = np.array([self.start(e["device"]) for e in pad], np.float32)
     rows = lambda a: jax.make_array_from_process_local_data(self.rows, a)   # this host's rows of the batch
-    out = self._sample(self.params, rows(index), jax.tree.map(rows, cond), *self.bank)
+    out = self._sample(self.params, rows(index), jax.tree.map(rows, cond), rows(start), *self.bank)
     shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])[:n]
 

@@ -3,6 +3,7 @@ refused by `sample`."""
 
 import json
 
+import numpy as np
 import pytest
 
 from busgen_jax import generate
@@ -52,3 +53,20 @@ def test_sample_leaves_untrained_devices_out_of_all_and_refuses_them_by_name():
   cfg.device = ("Toshiba",)
   with pytest.raises(ValueError, match="never trained"):
     generate.conditions(cfg, vocab, None, untrained)
+
+
+def test_image_mean_statistics_per_device_with_fallbacks():
+  means = np.array([-0.2, -0.4] * 10 + [0.1] * 4)
+  devices = np.array(["GE"] * 20 + ["Toshiba"] * 4, object)
+  stats = card.image_mean_stats(means, devices)
+  assert stats["all"][2] == 24 and stats["device"]["GE"] == pytest.approx([-0.3, 0.1, 20])
+  c = card.Card(model={}, image_size=64, vocab={}, image_mean=stats)
+  assert c.start("GE") == pytest.approx((-0.3, 0.1))
+  assert c.start("Toshiba") == pytest.approx((means.mean(), means.std()))   # 4 < MIN_START_IMAGES: all devices'
+  assert c.start("unseen") == c.start("Toshiba")
+  assert card.Card(model={}, image_size=64, vocab={}).start("GE") == (0.0, 0.0)   # no statistics: pure noise
+  # An adapted model: the shots' devices replace the base's, the others keep the base's.
+  site = card.image_mean_stats(np.full(32, -0.5), np.array(["Toshiba"] * 32, object), base=stats)
+  assert site["device"]["GE"] == stats["device"]["GE"] and site["device"]["Toshiba"] == pytest.approx([-0.5, 0, 32])
+  assert site["all"] == stats["all"]
+  assert card.Card.from_meta(c.to_meta()).image_mean == stats

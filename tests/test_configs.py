@@ -1,10 +1,11 @@
 """Every config file loads with each argument it documents, and its docstring gives the command that runs it."""
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 import pytest
+
+from busgen_jax import config_files
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for k in (8, 16, 32, 64)],
@@ -14,10 +15,7 @@ ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for 
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f"config_{name.replace('/', '_')}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_files.module(CONFIGS / f"{name}.py")
 
 
 @pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS).with_suffix("")) for p in CONFIGS.glob("**/*.py")))
@@ -56,9 +54,7 @@ def test_sweep_configs_expand_into_runs_of_existing_config_keys():
 def test_docs_experiment_scripts_import_and_document_their_command():
   """docs/experiments/*.py (the commands behind docs/PRIVACY.md's figures) stay runnable against the package."""
   for path in sorted((CONFIGS.parent / "docs" / "experiments").glob("*.py")):
-    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)          # imports only: main() runs under __main__
+    module = config_files.module(path)       # imports only: main() runs under __main__
     assert f"python docs/experiments/{path.name}" in module.__doc__ and callable(module.main), path
 
 

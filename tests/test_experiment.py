@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busgen_jax import checkpoint, cli, generate
+from busgen_jax import checkpoint, cli, config_files, generate
 from busgen_jax.models import card
 from busgen_jax.stages import experiment, fewshot
 from busgen_jax.data import convert, reader
@@ -155,11 +155,7 @@ def test_rerun_reuses_every_stage_and_refuses_another_config(run):
 
 
 def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("experiment_config", ROOT / "configs" / "experiment.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("ci")
+  cfg = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci")
   cfg.update(pretrained=str(run["work"]), skip=("quality", "audit"))
   cfg.generate.sampler.guidance_scale = 1.5
   cfg.generate.multiples = (1.0,)
@@ -177,7 +173,7 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path):
   assert summary["generated"]["dataset"] != base["generated"]["dataset"]
   # A classifier recipe for generated data alone: the repository is reused, the real arm untouched.
   cfg2 = _with(cfg, generated_overrides=("num_steps=3", "data.ultrasound_augment=('gain',)"))
-  cfg2.generate = module.get_config("ci").generate
+  cfg2.generate = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci").generate
   s2 = experiment.run(cfg2, str(tmp_path / "variant2"))
   assert s2["generated"]["dataset"] == base["generated"]["dataset"]
   assert s2["tests"]["internal"]["arms"]["real"]["auc"] == real["auc"]

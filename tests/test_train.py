@@ -86,6 +86,11 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
   state, meta = ck.restore(6, other.abstract_state)
   ck.close()
   assert meta["card"]["vocab"]["pathology"][:3] == ["unknown", "benign", "malignant"]
+  # The training images' mean grey level, where sampling starts: the pipeline's own first images.
+  first = pipeline.image_means(pipeline.build(cfg.data), cfg.start_stats_images)
+  assert meta["card"]["image_mean"]["all"] == pytest.approx(
+      [first["means"].mean(), first["means"].std(), len(first["means"])])
+  assert -1 < meta["card"]["image_mean"]["all"][0] < 1 and meta["card"]["image_mean"]["device"]
   kernel = state["params"]["down"][0]["conv1"]["kernel"]
   assert kernel.sharding.spec[-1] == "fsdp"
   a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which="params")

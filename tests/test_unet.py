@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from busgen_jax import official
+from busgen_jax import config_files, official
 from busgen_jax.models import unet
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, num_groups=8, T=500, dev_num=4)
@@ -117,10 +117,7 @@ def test_chunked_attention_equals_dense_and_its_gradient():
 
 @pytest.mark.parametrize("name", ["busgen_official", "busgen_toy_busi", "phantom_tiny", "busbra_pretrain"])
 def test_config_shapes(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = config_files.load(CONFIGS / f"{name}.py")
   S, B = cfg.data.image_size, 2
   model = unet.abstract(cfg.model)
   x = jax.ShapeDtypeStruct((B, S, S, 3), jnp.float32)

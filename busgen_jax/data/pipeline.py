@@ -240,6 +240,17 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
                   cfg.worker_buffer_size)
 
 
+def image_means(pipe: Pipeline, n: int) -> dict[str, np.ndarray]:
+  """The mean grey level (model range) and device name of this process's first `n` training images, as the model
+  sees them (crops, flips, class balance): the model card's `image_mean`, where sampling starts from."""
+  means, devices, names = [], [], pipe.vocab.get("device", [])
+  for i in range(min(-(-n // pipe.local_batch_size), len(pipe.batches))):
+    b = pipe.batches[i]
+    means.append(b["image"].mean(axis=(1, 2, 3)))
+    devices.extend(names[d] if d < len(names) else "" for d in b.get("device", np.zeros(len(b["image"]), int)))
+  return {"means": np.concatenate(means)[:n] if means else np.zeros(0), "devices": np.array(devices[:n], object)}
+
+
 def limit(indices: np.ndarray, n: int, *, seed: int) -> np.ndarray:
   """At most n of the selected records (0: all): the first n of a seeded permutation, so a smaller limit's
   records are a subset of a larger one's (data-scaling curves add data, never swap it)."""

@@ -437,12 +437,21 @@ def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None,
 
 
 def sample_from_keys(plan: Plan, eps_fn: Callable, keys: jax.Array, image_shape: tuple[int, ...], *, cond,
-                     guidance_scale: float, clip_x0: float | None = None, eps_transform: Callable | None = None
-                     ) -> jax.Array:
+                     guidance_scale: float, clip_x0: float | None = None, eps_transform: Callable | None = None,
+                     start: jax.Array | None = None) -> jax.Array:
   """Images from one PRNG key per example: its x_T and its ancestral noise come from its own key, and
   guidance is against the null condition (every condition zero), so an image does not depend on the batch
-  it is sampled in."""
+  it is sampled in.
+
+  start: (B, 2) per example, the (mean, std) of the training images' mean grey level. x_T then has the forward
+  process's own image mean, alpha_T * m with m ~ N(mean, std): at T the schedule keeps alpha_T of the image
+  (0.029 for the official one), and a trained model reads the image mean out of x_T, so pure noise (mean 0)
+  asks it for mid-grey images. None (or zeros): pure noise, as the official sampler."""
   x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), image_shape))(keys)
+  if start is not None:
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFE), ()))(keys)
+    m = start[:, 0] + start[:, 1] * z
+    x_T = x_T + (float(plan.alpha[0]) * m).reshape((-1,) + (1,) * len(image_shape)).astype(x_T.dtype)
   uncond = jax.tree.map(jnp.zeros_like, cond)
   return run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=guidance_scale, keys=keys,
              clip_x0=clip_x0, eps_transform=eps_transform)
@@ -481,7 +490,14 @@ def default_config():
   c.eta = 0.0                   # DDIM
   c.guidance_scale = 2.8        # official: w + 1 = 2.8
   c.clip_x0 = 0.0               # > 0: clip x0 predictions to [-clip_x0, clip_x0] (x0 plans)
+  # "data": x_T carries the training images' mean grey level as the forward process does (alpha_T * m, m from
+  # the model card's image_mean; sample_from_keys). "noise": pure noise (official). Cards without image_mean
+  # (official imports) start from pure noise either way.
+  c.start = "data"
   return c
+
+
+START = ("data", "noise")
 
 
 def plan_from_config(betas, c) -> Plan:

@@ -46,9 +46,20 @@ class Card:
   task: dict | None = None                        # an adapted model's task: field, classes, rows, pathology
   adapters: dict | None = None                    # adapters alone: lora, new_rows, seed, base (checkpoint, ...)
   source: dict = dataclasses.field(default_factory=dict)   # where it came from (format, official file, ...)
+  # The training images' mean grey level (model range): {"all": [mean, std, n], "device": {name: [...]}}. Sampling
+  # starts from the forward process's terminal marginal with it (samplers.default_config().start); {}: pure noise.
+  image_mean: dict = dataclasses.field(default_factory=dict)
 
   def to_meta(self) -> dict:
     return {"card": dataclasses.asdict(self)}
+
+  def start(self, device: str) -> tuple[float, float]:
+    """(mean, std) of the training images' mean grey level for `device` (all devices' when it had fewer than
+    MIN_START_IMAGES), or (0, 0) for a card without them (an official import, a model trained before)."""
+    stats = self.image_mean.get("device", {}).get(device)
+    if not stats or stats[2] < MIN_START_IMAGES:
+      stats = self.image_mean.get("all")
+    return (float(stats[0]), float(stats[1])) if stats else (0.0, 0.0)
 
   @classmethod
   def from_meta(cls, meta: dict, directory=None) -> "Card":
@@ -70,6 +81,20 @@ class Card:
       model = json.loads((paths.path(directory) / OFFICIAL_CONFIG).read_text())
       return cls(model=model, image_size=0, vocab={}, source={"format": "official-busgen", **meta})
     raise ValueError(f"{directory}: the checkpoint has no model card (not written by busgen-jax?)")
+
+
+MIN_START_IMAGES = 16   # fewer images of a device than this: its start uses every device's statistics
+
+
+def image_mean_stats(means: np.ndarray, devices: np.ndarray, base: dict | None = None) -> dict:
+  """A card's `image_mean` from per-image means and device names (data/pipeline.image_means); `base`'s per-device
+  entries are kept for the devices these images do not show (an adapted model keeps its base's)."""
+  row = lambda m: [float(np.mean(m)), float(np.std(m)), int(len(m))]
+  if not len(means):
+    return dict(base or {})
+  per_device = dict((base or {}).get("device", {}))
+  per_device.update({str(d): row(means[devices == d]) for d in sorted(set(devices)) if d})
+  return {"all": (base or {}).get("all") or row(means), "device": per_device}
 
 
 def untrained_devices(train_config: dict, vocab: list[str]) -> set[str]:
@@ -184,7 +209,8 @@ def _load_adapted(directory: str, base: str, base_model: Model | None, image_siz
   merged = Card(model=model_cfg.to_dict(), image_size=int(image_size or card.image_size), vocab=card.vocab,
                 # Adaptation renames the base's untrained device rows "#<row>" and trains a new row for the
                 # device it adapts to (models never trained on a named row do not leave it).
-                train_config=base_model.train_config,
-                task=card.task, source={"adapters": str(directory), "base": base_model.name})
+                train_config=base_model.train_config, task=card.task,
+                image_mean=card.image_mean or base_model.card.image_mean,
+                source={"adapters": str(directory), "base": base_model.name})
   return Model(merged, params, base_model.step, f"{base_model.name}+{directory.parent.name}")
 

@@ -214,7 +214,8 @@ def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.Co
   cond = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32 if len(shapes[k]) == 1 else jnp.float32, sharding=rows)
           for k in cfg.model.conditions}
   index = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)
-  return sample.lower(params, index, cond), dict(mesh.shape), B, plan.num_evals
+  start = jax.ShapeDtypeStruct((B, 2), jnp.float32, sharding=rows)
+  return sample.lower(params, index, cond, start), dict(mesh.shape), B, plan.num_evals
 
 
 # ------------------------------------------------------------------------------------------------ the stage

@@ -78,12 +78,8 @@ def _matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
 
 def _tiny_config():
   """configs/phantom_tiny.py (the demo's architecture)."""
-  from importlib import util
-  path = Path(__file__).resolve().parents[2] / "configs" / "phantom_tiny.py"
-  spec = util.spec_from_file_location("phantom_tiny", path)
-  mod = util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from busgen_jax import config_files
+  return config_files.load(config_files.CONFIGS / "phantom_tiny.py")
 
 
 def _config(case: dict):
@@ -157,7 +153,8 @@ def _sample(cfg, case: dict, fwd_flops: float) -> dict:
   sample, plan = generate.make_sampler(scfg, cfg.model, S, cfg.objective.prediction, mesh)
   params = nnx.to_pure_dict(nnx.state(unet.create(cfg.model, 0), nnx.Param))
   batch = _batch(B, S)
-  args = (params, np.arange(B, dtype=np.int32), {k: batch[k] for k in cfg.model.conditions})
+  args = (params, np.arange(B, dtype=np.int32), {k: batch[k] for k in cfg.model.conditions},
+          np.tile(np.float32([[-0.3, 0.25]]), (B, 1)))
   t = time.perf_counter()
   fn = sample.lower(*args).compile()
   compile_s = time.perf_counter() - t

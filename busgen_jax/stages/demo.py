@@ -25,7 +25,7 @@ from absl import logging
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.data import box_prior
 from busgen_jax.evaluate import fidelity, metrics, privacy, report
-from busgen_jax import checkpoint
+from busgen_jax import checkpoint, generate
 from busgen_jax.stages import classify
 from busgen_jax.train import adapt, classifier, diffusion
 
@@ -204,15 +204,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
 
   # 4. the synthetic repository
   t = time.time()
-  from busgen_jax import generate
-  g = generate.default_config()
-  devices = [d for d in ds.vocab("device") if d != "unknown"]
-  g.update(checkpoint=str(work / "diffusion" / "checkpoints"), box_prior=str(prior_path), device=("all",),
-           num_per_condition=max(1, cfg.generate.num_per_class // max(1, len(devices))),
-           per_device_batch=cfg.generate.per_device_batch, examples_per_shard=256, name="phantom_generated")
-  g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
-                   guidance_scale=cfg.generate.guidance_scale)
-  g.local_devices = cfg.generate.local_devices
+  g = sample_config(cfg, ds, str(work / "diffusion" / "checkpoints"), str(prior_path))
   gen_dir = generate.generate(g, work / "generated")
   times["generate"] = time.time() - t
 
@@ -236,10 +228,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   adapted = adapt.adapt(acfg, work / "adapt")
   times["adapt"] = time.time() - t
   t = time.time()
-  g2 = ml_collections.ConfigDict(g.to_dict())
-  g2.update(checkpoint=adapted["merged"], box_prior=adapted["box_prior"], pathology=(), name="phantom_adapted",
-            num_per_condition=max(1, cfg.adapt_generate_per_class // max(1, len(devices))))
-  adapted_dir = generate.generate(g2, work / "adapted_generated")
+  adapted_dir = generate.generate(sample_config(cfg, ds, adapted=adapted), work / "adapted_generated")
   times["generate_adapted"] = time.time() - t
   task = {"field": acfg.task.field, "classes": tuple(acfg.task.classes), "positive": cfg.adapt_positive}
   _, ameta = checkpoint.load_meta(adapted["adapters"])
@@ -268,6 +257,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
 
 
 DOCS_BEGIN, DOCS_END = "<!-- demo:begin -->", "<!-- demo:end -->"
+
+
+def sample_config(cfg, ds: reader.Dataset, checkpoint_dir: str = "", box_prior_path: str = "", *,
+                  adapted: dict | None = None) -> ml_collections.ConfigDict:
+  """The demo's generation config: the pretrained model's repository (pathology x device), or with `adapted`
+  (adapt.adapt's summary) the adapted model's task repository."""
+  devices = [d for d in ds.vocab("device") if d != "unknown"]
+  per_class = cfg.adapt_generate_per_class if adapted else cfg.generate.num_per_class
+  g = generate.default_config()
+  g.update(checkpoint=adapted["merged"] if adapted else checkpoint_dir, device=("all",),
+           box_prior=adapted["box_prior"] if adapted else box_prior_path,
+           pathology=() if adapted else g.pathology, name="phantom_adapted" if adapted else "phantom_generated",
+           num_per_condition=max(1, per_class // max(1, len(devices))), examples_per_shard=256,
+           per_device_batch=cfg.generate.per_device_batch, local_devices=cfg.generate.local_devices)
+  g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
+                   guidance_scale=cfg.generate.guidance_scale)
+  return g
 
 
 def docs_summary(rep: dict, total_s: float, workdir: str) -> str:

@@ -359,7 +359,9 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
             flip=cfg.data.flip, worker_count=cfg.data.worker_count)
   pipe = pipeline.build(pc)
   val_batches = setup.val_batches(cfg.data.batch_size)
-  meta = _meta(cfg, setup)
+  # The shots' mean grey level per device (sampling starts there; the base's for the devices they do not show).
+  image_mean = card.image_mean_stats(**pipeline.image_means(pipe, 1024), base=setup.base.card.image_mean)
+  meta = _meta(cfg, setup, image_mean)
   ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
                                  async_save=cfg.async_checkpoints, catch_sigterm=True)
   state, it = ckpt.restore_or_init(setup.abstract_state, pipe, setup.init_state)
@@ -401,7 +403,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
 
 
-def _meta(cfg, setup: Setup) -> dict:
+def _meta(cfg, setup: Setup, image_mean: dict) -> dict:
   """What an adapter checkpoint records: enough to rebuild the adapted model on top of its base."""
   task = {"field": cfg.task.field, "classes": setup.classes, "rows": setup.rows,
           "pathology": {c: schema.normalize_pathology(p) for c, p in cfg.task.pathology}}
@@ -409,7 +411,8 @@ def _meta(cfg, setup: Setup) -> dict:
               "base": {"checkpoint": str(paths.path(cfg.base)), "which": cfg.which,
                        "step": setup.base.step, "device_names": list(cfg.device_names)}}
   model_card = card.Card(model=setup.model_cfg.to_dict(), image_size=setup.image_size, vocab=setup.vocab,
-                         train_config=setup.base.train_config, task=task, adapters=adapters)
+                         train_config=setup.base.train_config, task=task, adapters=adapters,
+                         image_mean=image_mean)
   return {**model_card.to_meta(),
           "data": {"path": str(setup.dataset.dir), "split": cfg.data.split,
                    "shots": {c: v.tolist() for c, v in setup.shots.items()},

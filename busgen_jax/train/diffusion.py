@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample_every = 0           # steps between sample grids in TensorBoard (0: never)
   c.num_samples = 16
   c.sampler = samplers.default_config()   # for the sample grids (official: DPM-Solver++ 3S, 50 steps, 2.8)
+  c.start_stats_images = 1024   # training images whose mean grey level the card records (sampling starts there)
   c.init_from = ""             # a checkpoint directory to start from (e.g. `busgen-jax import-official` output)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.sharding_rules = parallel.DEFAULT_RULES
@@ -190,9 +191,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   state, it = ckpt.restore_or_init(setup.abstract_state, pipe, lambda: setup.init_state(
       cfg.seed, checkpoint.load_params(cfg.init_from) if cfg.init_from else None))
   train_config = json.loads(cfg.to_json())
-  meta = card.Card(model=cfg.model.to_dict(), image_size=cfg.data.image_size, vocab=pipe.vocab,
-                   train_config=train_config, untrained={"device": sorted(card.untrained_devices(
-                       train_config, pipe.vocab.get("device", [])))}).to_meta()
+  model_card = card.Card(model=cfg.model.to_dict(), image_size=cfg.data.image_size, vocab=pipe.vocab,
+                         train_config=train_config, untrained={"device": sorted(card.untrained_devices(
+                             train_config, pipe.vocab.get("device", [])))},
+                         image_mean=card.image_mean_stats(**pipeline.image_means(pipe, cfg.start_stats_images)))
+  meta = model_card.to_meta()
   writer, progress = writers.create(str(workdir), cfg.num_steps, process_index=jax.process_index(),
                                     every_steps=cfg.log_every)
 
@@ -203,7 +206,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
 
   hooks = ()
   if cfg.sample_every:
-    sample = _sampler(setup, cfg)
+    sample = _sampler(setup, cfg, model_card, pipe.vocab.get("device", []))
     hooks = (loop.Hook(cfg.sample_every, lambda step, state, local: writer.write_images(
         step, {"samples": writers.grid(sample(state["ema"], local, step))}), at_end=False),)
   _, _, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
@@ -220,19 +223,22 @@ def _check_labels(local, model_cfg):
                        f"or enlarge the embedding table")
 
 
-def _sampler(setup: Setup, cfg):
+def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
   """EMA samples for the image summaries: the configured sampler with guidance, conditions from the batch."""
   n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
   plan = samplers.plan_from_config(setup.sched.betas, cfg.sampler)
+  start = model_card.start if cfg.sampler.start == "data" else (lambda device: (0.0, 0.0))
 
   @jax.jit
-  def run(ema, cond, key):
+  def run(ema, cond, start, key):
     return samplers.sample_from_keys(plan, setup.eps_fn(ema), jax.random.split(key, n),
                                      (cfg.data.image_size, cfg.data.image_size, 3), cond=cond,
-                                     guidance_scale=cfg.sampler.guidance_scale, clip_x0=cfg.sampler.clip_x0 or None)
+                                     guidance_scale=cfg.sampler.guidance_scale, clip_x0=cfg.sampler.clip_x0 or None,
+                                     start=start)
 
   def sample(ema, local_batch, step):
     cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
-    return np.asarray(run(ema, cond, jax.random.PRNGKey(step)))
+    first = np.array([start(devices[d]) for d in local_batch["device"][:n]], np.float32)
+    return np.asarray(run(ema, cond, first, jax.random.PRNGKey(step)))
 
   return sample

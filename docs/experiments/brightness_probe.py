@@ -13,7 +13,6 @@ or the model's (it shrinks with training), not which recipe classifies best (the
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ml_collections  # noqa: E402
 
 from adapt_diagnosis import lesion_grey  # noqa: E402  (this folder's diagnosis script)
-from busgen_jax import generate  # noqa: E402
+from busgen_jax import config_files, generate  # noqa: E402
 from busgen_jax.data import box_prior, reader  # noqa: E402
 from busgen_jax.train import diffusion  # noqa: E402
 
@@ -35,10 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cpu_preset() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("experiment_config", ROOT / "configs" / "experiment.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("cpu")
+  return config_files.load(f"{config_files.CONFIGS / 'experiment.py'}:cpu")
 
 
 def grey(path: str, split: str, size: int) -> dict:

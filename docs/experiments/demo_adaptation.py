@@ -34,14 +34,8 @@ GUIDANCE = (1.0, 1.5, 2.8)
 def run_variant(work: Path, out: Path, cfg, guidance: float) -> dict:
   adapted = json.loads((work / "adapt" / "adapt.json").read_text())
   ds_dir = reader.find_dataset_dir(work / "data")
-  g = generate.default_config()
-  devices = [d for d in reader.open_dataset(ds_dir).vocab("device") if d != "unknown"]
-  g.update(checkpoint=adapted["merged"], box_prior=adapted["box_prior"], device=("all",), pathology=(),
-           num_per_condition=max(1, cfg.adapt_generate_per_class // max(1, len(devices))),
-           per_device_batch=cfg.generate.per_device_batch, examples_per_shard=256, name="phantom_adapted",
-           local_devices=cfg.generate.local_devices)
-  g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
-                   guidance_scale=guidance)
+  g = demo.sample_config(cfg, reader.open_dataset(ds_dir), adapted=adapted)
+  g.sampler.guidance_scale = guidance
   gen_dir = generate.generate(g, out / "generated")
   task = {"field": cfg.adapt.task.field, "classes": tuple(cfg.adapt.task.classes), "positive": cfg.adapt_positive}
   rep = classify.run(demo._classifier_config(cfg, ds_dir, gen_dir, "generated", task), out / "classify")["real_test"]
