@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
   if name not in STAGES:
     print(f"busgen-jax: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
+  from busgen_jax import console
+  console.quiet_imports()
   stage = importlib.import_module(f"busgen_jax.stages.{STAGES[name][0]}")
   stage_argv, added = _open_key_overrides([f"busgen-jax {name}"] + argv[2:], getattr(stage, "OPEN_KEYS", ()))
   if added:   # ml-collections' config flag also reads sys.argv for overrides
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
   def stage_main(args):
     if not FLAGS.workdir and not getattr(stage, "WORKDIR_OPTIONAL", False):
       raise app.UsageError("--workdir is required")
+    console.setup(FLAGS.workdir, name, verbose=FLAGS["verbosity"].present)
     cfg = None if getattr(stage, "NO_CONFIG", False) else FLAGS.config
     if added:
       with cfg.unlocked():

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busgen_jax import parallel
+from busgen_jax import console, parallel
 from busgen_jax.data import reader, schema, transforms, writer
 from busgen_jax.data import box_prior as box_prior_lib
 from busgen_jax.diffusion import objectives, protect, samplers, schedule
@@ -455,6 +455,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
     calls = sum(-(-(hi - lo) // sampler.batch) for lo, hi in map(span, todo))
     idle_calls = int(np.max(multihost_utils.process_allgather(np.int32(calls)))) - calls
   done, t0 = 0, time.time()
+  bar = console.bar(n_todo, f"sample {cfg.name}", unit="image")
   for n_written, k in enumerate(todo):
     lo, hi = span(k)
     with writer.Shard(ds, cfg.name, cfg.split, k, n_shards, index=k, fingerprint=fingerprint) as shard:
@@ -466,11 +467,13 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
           shard.add(serialize(schema.to_feature_dict(ex, cfg.split)), id=ex.id, sha256=ex.sha256,
                     counts={"pathology": e["pathology"], "device": e["device"], "boxes": str(len(e["boxes"]))})
         done += len(batch)
+        bar.update(len(batch))
         rate = done / max(time.time() - t0, 1e-9)
         logging.info("shard %d/%d: %d/%d images this run, %.2f images/s, ETA %.0fs", k + 1, n_shards, done,
                      n_todo, rate, (n_todo - done) / max(rate, 1e-9))
     if stop_after_shards is not None and n_written + 1 >= stop_after_shards:
       raise SimulatedCrash(f"stop_after_shards={stop_after_shards}")
+  bar.close()
   for _ in range(idle_calls):   # this host has finished its shards: keep the other hosts' program company
     sampler([examples(0)], model.vocab)
   if processes > 1:

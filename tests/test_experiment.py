@@ -86,7 +86,7 @@ def run(tmp_path_factory):
          "--workdir", str(work), *args, *externals]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-  return {"work": work, "cmd": cmd, "stdout": r.stdout, "real_data": bool(args)}
+  return {"work": work, "cmd": cmd, "stdout": r.stdout, "stderr": r.stderr, "real_data": bool(args)}
 
 
 def test_report_has_every_test_set_and_arm(run):
@@ -141,6 +141,17 @@ def test_report_pages_and_figures(run):
   assert (work / "scaling.png").stat().st_size > 5000
   assert list((work / "sheets").glob("*_generated.png")) and list((work / "sheets").glob("*_real.png"))
   assert "internal:" in run["stdout"] and "TSTR/TRTR" in run["stdout"]
+
+
+def test_console_shows_stages_and_bars_and_the_log_file_the_rest(run):
+  out, err = run["stdout"].splitlines(), run["stderr"].splitlines()
+  assert len(out) + len(err) < 120, "\n".join(out + err)
+  assert not [l for l in err if l[:1] == "I" and l[1:5].isdigit()], err      # no INFO records (warnings stay)
+  assert not [l for l in err if "Type handler registry" in l or "oneDNN" in l], err
+  assert any(l.startswith("diffusion: ") and "steps" in l for l in err), err   # a progress bar, line by line
+  assert "experiment: pretrain done in" in run["stdout"]
+  log = (run["work"] / "logs" / "experiment.log").read_text()
+  assert "CheckpointManager" in log and len(log.splitlines()) > 100            # the libraries' INFO records
 
 
 def test_rerun_reuses_every_stage_and_refuses_another_config(run):

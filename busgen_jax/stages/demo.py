@@ -14,6 +14,8 @@ it stopped (conversion, training and generation skip finished work; classifiers 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from absl import logging
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.data import box_prior
 from busgen_jax.evaluate import fidelity, metrics, privacy, report
-from busgen_jax import checkpoint, generate
+from busgen_jax import checkpoint, console, generate
 from busgen_jax.stages import classify
 from busgen_jax.train import adapt, classifier, diffusion
 
@@ -183,65 +185,60 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   work = Path(workdir).expanduser()
   work.mkdir(parents=True, exist_ok=True)
   times = {}
-  t = time.time()
+  step = functools.partial(_step, times)
+  t_start = time.time()
 
   # 1. data
-  with cfg.unlocked():
-    cfg.data.output = str(work / "data")
-  ds_dir = convert.run(cfg.data)
-  ds = reader.open_dataset(ds_dir)
-  summary = inspect.summarize(ds)
-  sheet = inspect.contact_sheet(ds, work / "contact_sheet.png")
-  times["convert"] = time.time() - t
+  with step("convert"):
+    with cfg.unlocked():
+      cfg.data.output = str(work / "data")
+    ds_dir = convert.run(cfg.data)
+    ds = reader.open_dataset(ds_dir)
+    summary = inspect.summarize(ds)
+    sheet = inspect.contact_sheet(ds, work / "contact_sheet.png")
 
   # 2. box prior, 3. the diffusion model
-  t = time.time()
-  prior_path = box_prior.fit_datasets([str(ds_dir)]).save(work / "box_prior.json")
-  dcfg = ml_collections.ConfigDict(cfg.diffusion.to_dict())
-  dcfg.data.sources.real.path = str(ds_dir)
-  last = diffusion.train(dcfg, work / "diffusion")
-  times["diffusion"] = time.time() - t
+  with step("diffusion"):
+    prior_path = box_prior.fit_datasets([str(ds_dir)]).save(work / "box_prior.json")
+    dcfg = ml_collections.ConfigDict(cfg.diffusion.to_dict())
+    dcfg.data.sources.real.path = str(ds_dir)
+    last = diffusion.train(dcfg, work / "diffusion")
 
   # 4. the synthetic repository
-  t = time.time()
-  g = sample_config(cfg, ds, str(work / "diffusion" / "checkpoints"), str(prior_path))
-  gen_dir = generate.generate(g, work / "generated")
-  times["generate"] = time.time() - t
+  with step("generate"):
+    g = sample_config(cfg, ds, str(work / "diffusion" / "checkpoints"), str(prior_path))
+    gen_dir = generate.generate(g, work / "generated")
 
   # 5. classifiers, 6. evaluation on the held-out real split
   results, preds = {}, {}
   for variant in VARIANTS:
-    t = time.time()
-    res = classify.run(_classifier_config(cfg, ds_dir, gen_dir, variant), work / "classify" / variant)
-    results[variant] = res["real_test"]
-    with np.load(work / "classify" / variant / "eval" / "real_test.predictions.npz") as z:
-      preds[variant] = {k: z[k] for k in z.files}
-    times[f"classify_{variant}"] = time.time() - t
+    with step(f"classify_{variant}"):
+      res = classify.run(_classifier_config(cfg, ds_dir, gen_dir, variant), work / "classify" / variant)
+      results[variant] = res["real_test"]
+      with np.load(work / "classify" / variant / "eval" / "real_test.predictions.npz") as z:
+        preds[variant] = {k: z[k] for k in z.files}
 
   # 6b. how faithful and how private the repository is: the quality report and the privacy audit
   assessment = assess(cfg, work, ds_dir, gen_dir, times)
 
   # 7. few-shot adaptation to a new task, 8. its synthetic repository, 9. its classifiers
-  t = time.time()
-  acfg = ml_collections.ConfigDict(cfg.adapt.to_dict())
-  acfg.base, acfg.data.path = str(work / "diffusion" / "checkpoints"), str(ds_dir)
-  adapted = adapt.adapt(acfg, work / "adapt")
-  times["adapt"] = time.time() - t
-  t = time.time()
-  adapted_dir = generate.generate(sample_config(cfg, ds, adapted=adapted), work / "adapted_generated")
-  times["generate_adapted"] = time.time() - t
+  with step("adapt"):
+    acfg = ml_collections.ConfigDict(cfg.adapt.to_dict())
+    acfg.base, acfg.data.path = str(work / "diffusion" / "checkpoints"), str(ds_dir)
+    adapted = adapt.adapt(acfg, work / "adapt")
+  with step("generate_adapted"):
+    adapted_dir = generate.generate(sample_config(cfg, ds, adapted=adapted), work / "adapted_generated")
   task = {"field": acfg.task.field, "classes": tuple(acfg.task.classes), "positive": cfg.adapt_positive}
   _, ameta = checkpoint.load_meta(adapted["adapters"])
   shots = np.concatenate([np.asarray(v, np.int64) for v in ameta["data"]["shots"].values()])
   aresults, apreds = {}, {}
   for name, variant in zip(ADAPT_VARIANTS, VARIANTS):
-    t = time.time()
-    out = work / "classify_adapted" / variant
-    aresults[name] = classify.run(_classifier_config(cfg, ds_dir, adapted_dir, variant, task, shots),
-                                      out)["real_test"]
-    with np.load(out / "eval" / "real_test.predictions.npz") as z:
-      apreds[name] = {k: z[k] for k in z.files}
-    times[f"classify_adapted_{variant}"] = time.time() - t
+    with step(f"classify_adapted_{variant}"):
+      out = work / "classify_adapted" / variant
+      aresults[name] = classify.run(_classifier_config(cfg, ds_dir, adapted_dir, variant, task, shots),
+                                    out)["real_test"]
+      with np.load(out / "eval" / "real_test.predictions.npz") as z:
+        apreds[name] = {k: z[k] for k in z.files}
   adaptation = {"summary": adapted, "dataset": adapted_dir, "task": task, "results": aresults, "preds": apreds}
 
   t = time.time()
@@ -252,8 +249,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   if cfg.docs:
     report.write_section(Path(cfg.docs), docs_summary(json.loads(paths["json"].read_text()), total, workdir),
                          DOCS_BEGIN, DOCS_END, "Demo figures")
-  print(f"demo done in {total:.0f}s: {paths['html']} and {paths['md']}")
+  print(f"demo done in {time.time() - t_start:.0f}s: {paths['html']} and {paths['md']}")
   return work
+
+
+@contextlib.contextmanager
+def _step(times: dict, key: str):
+  """One console line per demo step, and its time into `times` (the report's table)."""
+  t = time.time()
+  with console.stage(f"demo: {key}"):
+    yield
+  times[key] = time.time() - t
 
 
 DOCS_BEGIN, DOCS_END = "<!-- demo:begin -->", "<!-- demo:end -->"
@@ -315,18 +321,16 @@ def audit_config(work: str | Path) -> ml_collections.ConfigDict:
 
 def assess(cfg, work: Path, ds_dir: Path, gen_dir: Path, times: dict) -> dict:
   """`busgen-jax quality` and `busgen-jax audit` on the generated repository."""
-  t = time.time()
-  q = quality_config(work)
-  q.update(real=str(ds_dir), generated=str(gen_dir), conditions=tuple(cfg.quality.conditions),
-           min_count=cfg.quality.min_count, bootstrap=cfg.quality.bootstrap)
-  quality = fidelity.run(q, work / "quality")
-  times["quality"] = time.time() - t
-  t = time.time()
-  a = audit_config(work)
-  a.update(generated=str(gen_dir), train=str(ds_dir))
-  a.mia.max_per_group = cfg.audit_mia_per_group
-  audit = privacy.run(a, work / "audit")
-  times["audit"] = time.time() - t
+  with _step(times, "quality"):
+    q = quality_config(work)
+    q.update(real=str(ds_dir), generated=str(gen_dir), conditions=tuple(cfg.quality.conditions),
+             min_count=cfg.quality.min_count, bootstrap=cfg.quality.bootstrap)
+    quality = fidelity.run(q, work / "quality")
+  with _step(times, "audit"):
+    a = audit_config(work)
+    a.update(generated=str(gen_dir), train=str(ds_dir))
+    a.mia.max_per_group = cfg.audit_mia_per_group
+    audit = privacy.run(a, work / "audit")
   return {"quality": quality, "audit": audit}
 
 

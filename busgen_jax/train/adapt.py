@@ -396,7 +396,7 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
 
   _, step, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                               num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
-                              meta=lambda: {"adapt": meta}, stop_after=stop_after,
+                              meta=lambda: {"adapt": meta}, stop_after=stop_after, name="adapt",
                               # validation from the starting point (zero adapters, fresh label rows) on
                               hooks=(loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state),
                                                at_start=True),))

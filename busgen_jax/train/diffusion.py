@@ -211,7 +211,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
         step, {"samples": writers.grid(sample(state["ema"], local, step))}), at_end=False),)
   _, _, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                            num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
-                           meta=lambda: meta, hooks=hooks, stop_after=stop_after)
+                           meta=lambda: meta, hooks=hooks, stop_after=stop_after, name="diffusion")
   return last
 
 

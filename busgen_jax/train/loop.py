@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
+from busgen_jax import console
 from busgen_jax.train import writers
 
 
@@ -44,12 +45,13 @@ def check_finite(step: int, metrics: dict, ckpt) -> None:
 
 def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ckpt, writer, progress,
         num_steps: int, log_every: int, batch_size: int, meta: Callable[[], dict], hooks: tuple[Hook, ...] = (),
-        stop_after: int | None = None) -> tuple[Any, int, dict, bool]:
+        stop_after: int | None = None, name: str = "train") -> tuple[Any, int, dict, bool]:
   """Steps `state` with `step_fn(state, local_batch) -> (state, metrics)` from its step to `num_steps`. `meta()`
   is saved with each checkpoint. Returns (state, step, the last logged scalars, complete: False after a
   preemption)."""
   step = start = first = int(state["step"])
   pending, last, t0 = None, {}, time.perf_counter()
+  bar = console.bar(num_steps, name, initial=step)
   try:
     with jax.set_mesh(mesh):
       for hook in hooks:
@@ -63,6 +65,7 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
           check_finite(*pending, ckpt)
         pending = (step, metrics)
         progress(step)
+        bar.update(1)
         final = step == num_steps
         if step % log_every == 0 or final:
           check_finite(step, metrics, ckpt)
@@ -71,6 +74,7 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
           last["images_per_sec"] = batch_size * (step - start) / dt
           last["host_rss_gib"] = writers.host_rss_gib()
           writer.write_scalars(step, last)
+          bar.set_postfix_str(f"loss {last['loss']:.4g}", refresh=False)
           start, t0 = step, time.perf_counter()
         for hook in hooks:
           if step % hook.every == 0 or (final and hook.at_end):
@@ -85,6 +89,7 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
         if stop_after is not None and step - first >= stop_after:
           raise SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
   finally:
+    bar.close()
     writer.flush()
     ckpt.close()
     it.close()
