@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from busgen_jax import console, parallel
+from busgen_jax import console, parallel, paths
 from busgen_jax.data import reader, schema, transforms, writer
 from busgen_jax.data import box_prior as box_prior_lib
 from busgen_jax.diffusion import objectives, protect, samplers, schedule
@@ -398,7 +399,9 @@ def protect_bank(c: ml_collections.ConfigDict, seed: int = 0) -> tuple[np.ndarra
 def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_shards: int | None = None) -> Path:
   """Generates this process's shards (resuming), merges when all are done. Returns the dataset directory."""
   t_start = time.time()
-  work = Path(workdir).expanduser()
+  # ArrayRecord writes local files: a gs:// workdir needs a local (or gcsfuse-mounted) --config.output.
+  data_dir = paths.local(cfg.output or f"{os.fspath(workdir)}/data",
+                         "generated dataset's folder (--config.output, default the workdir's data/)")
   model = load_model(cfg)
   task = model.task
   conds = conditions(cfg, model.vocab, task, model.card.untrained)
@@ -419,7 +422,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   if cfg.mask.source and "mask" not in model.cfg.conditions:
     raise ValueError("--config.mask.source given but the model has no mask condition (model.conditions)")
   examples = Examples(cfg, conds, model.image_size, prior, _masks(cfg, model.image_size))
-  ds = Path(cfg.output or work / "data").expanduser() / cfg.name / cfg.version
+  ds = data_dir / cfg.name / cfg.version
   (ds / writer.REPORTS).mkdir(parents=True, exist_ok=True)
   n_shards = max(1, -(-examples.total // cfg.examples_per_shard))
   bank = protect_bank(cfg.protect, cfg.seed) if cfg.protect.bank else None

@@ -152,3 +152,18 @@ def test_bad_model_settings_and_impossible_meshes():
   with pytest.raises(ValueError, match=r"mesh axes \['dta'\].*named by no sharding rule"):
     parallel.Rules().check(parallel.make_mesh({"dta": 8}))
   parallel.Rules().check(parallel.make_mesh({"data": 4, "fsdp": 2}))
+
+
+def test_stages_that_write_datasets_refuse_a_bucket_at_start():
+  """ArrayRecord writes local files: a gs:// run directory for the demo, an experiment or sampling (without a local
+  --config.output) is refused before any work, naming the gcsfuse mount, never written to a local `gs:` folder."""
+  from busgen_jax import generate
+  from busgen_jax.stages import demo, experiment
+  runs = {"demo": lambda: demo.run(demo.default_config("ci"), "gs://bucket/run"),
+          "experiment": lambda: experiment.run(experiment.default_config("ci"), "gs://bucket/run"),
+          "sample": lambda: generate.generate(generate.default_config(), "gs://bucket/run")}
+  for name, fn in runs.items():
+    with pytest.raises(ValueError, match="gcsfuse") as e:
+      fn()
+    assert "gs://bucket" in str(e.value), name
+  assert not Path("gs:").exists()

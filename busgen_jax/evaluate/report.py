@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from busgen_jax import paths
+
 
 def _plt():
   import matplotlib
@@ -26,9 +28,7 @@ def _line_plot(path: Path, series, *, xlabel: str, ylabel: str, title: str, lege
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, ymax))
   ax.legend(loc=legend, fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def save_log_x(fig, ax, path: Path, ticks) -> Path:
@@ -38,7 +38,14 @@ def save_log_x(fig, ax, path: Path, ticks) -> Path:
   ax.minorticks_off()
   ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path)
+  return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+  """A PNG through the path layer (a gs:// report folder too); closes the figure."""
+  path = paths.path(path)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png")
   _plt().close(fig)
   return path
 
@@ -94,7 +101,7 @@ def html_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def img_tag(path: Path, alt: str = "", width: int | None = None) -> str:
-  data = base64.b64encode(Path(path).read_bytes()).decode()
+  data = base64.b64encode(paths.path(path).read_bytes()).decode()
   w = f' width="{width}"' if width else ""
   return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
 
@@ -111,10 +118,10 @@ def html_page(title: str, body: str) -> str:
 
 def write_classifier_report(prefix: Path, rep: dict, *, title: str) -> dict[str, Path]:
   """prefix.json, prefix.md, prefix.html (+ prefix.roc.png, prefix.calibration.png for binary tasks)."""
-  prefix = Path(prefix)
+  prefix = paths.path(prefix)
   prefix.parent.mkdir(parents=True, exist_ok=True)
-  paths = {"json": prefix.with_suffix(".json")}
-  paths["json"].write_text(json.dumps(rep, indent=1))
+  out = {"json": prefix.with_suffix(".json")}
+  out["json"].write_text(json.dumps(rep, indent=1))
   if "auc" in rep and "roc_curve" in rep:
     roc = roc_plot(prefix.with_suffix(".roc.png"), {"model": {**rep["roc_curve"], **rep}}, title)
     cal = reliability_plot(prefix.with_suffix(".calibration.png"), {"model": rep}, title)
@@ -123,11 +130,11 @@ def write_classifier_report(prefix: Path, rep: dict, *, title: str) -> dict[str,
     figs_html = img_tag(roc, "ROC") + img_tag(cal, "calibration")
   else:
     rows, figs_md, figs_html = multiclass_rows({"model": rep}), "", ""
-  paths["md"] = prefix.with_suffix(".md")
-  paths["md"].write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{figs_md}\n")
-  paths["html"] = prefix.with_suffix(".html")
-  paths["html"].write_text(html_page(title, f"<h1>{html.escape(title)}</h1>{html_table(rows)}{figs_html}"))
-  return paths
+  out["md"] = prefix.with_suffix(".md")
+  out["md"].write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{figs_md}\n")
+  out["html"] = prefix.with_suffix(".html")
+  out["html"].write_text(html_page(title, f"<h1>{html.escape(title)}</h1>{html_table(rows)}{figs_html}"))
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ TSTR / TRTR
@@ -148,7 +155,7 @@ def tstr_headline(c) -> dict | None:
   test = c.get("test") or "real_test"
 
   def auc(d):
-    p = Path(d).expanduser() / "eval" / f"{test}.json"
+    p = paths.path(d) / "eval" / f"{test}.json"
     if not p.is_file():
       raise FileNotFoundError(f"{p}: no evaluation of {test!r} in this classify run (tstr.synthetic / tstr.real "
                               "name `busgen-jax classify` workdirs)")

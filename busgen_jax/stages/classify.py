@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from busgen_jax import paths
 from busgen_jax.data import reader
 from busgen_jax.evaluate import metrics, report as report_lib
 from busgen_jax.train import classifier
@@ -29,7 +30,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   trained = classifier.train(cfg, workdir)
   if not trained["complete"]:
     return {}
-  return evaluate_checkpoint(trained["best_dir"], Path(workdir) / "eval", tests=cfg.test, setup=trained["setup"])
+  return evaluate_checkpoint(trained["best_dir"], paths.path(workdir) / "eval", tests=cfg.test,
+                             setup=trained["setup"])
 
 
 def report(setup: classifier.Setup, params, stats, path: str, split: str, *, indices=(),
@@ -58,7 +60,7 @@ def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: classif
   weights, meta = classifier.load_classifier(directory)
   if setup is None:
     setup = classifier.Setup(ml_collections.ConfigDict(json.loads(meta["config"])), meta["vocab"])
-  out_dir = Path(out_dir)
+  out_dir = paths.path(out_dir)   # local or gs://
   out_dir.mkdir(parents=True, exist_ok=True)
   params = jax.device_put(weights["params"], setup.repl)
   stats = jax.device_put(weights["batch_stats"], setup.repl)
@@ -69,8 +71,8 @@ def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: classif
     res = report(setup, params, stats, path, t.split, indices=t.get("indices", ()))
     rep = {**res["report"], "checkpoint": str(directory), "best": meta.get("best")}
     report_lib.write_classifier_report(out_dir / name, rep, title=f"{name}: {Path(path).name}/{t.split}")
-    np.savez(out_dir / f"{name}.predictions.npz", probs=res["probs"], labels=res["labels"],
-             cases=res["cases"].astype(str))
+    with (out_dir / f"{name}.predictions.npz").open("wb") as f:
+      np.savez(f, probs=res["probs"], labels=res["labels"], cases=res["cases"].astype(str))
     results[name] = rep
   return results
 

@@ -27,7 +27,7 @@ from absl import logging
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.data import box_prior
 from busgen_jax.evaluate import fidelity, metrics, privacy, report
-from busgen_jax import checkpoint, console, generate
+from busgen_jax import checkpoint, console, generate, paths as paths_lib
 from busgen_jax.stages import classify
 from busgen_jax.train import adapt, classifier, diffusion
 
@@ -182,7 +182,7 @@ def _comparison_sheet(path: Path, real: Path, generated: Path, size: int = 48, n
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
-  work = Path(workdir).expanduser()
+  work = paths_lib.local(workdir, "demo's run directory (it converts and generates datasets into it)")
   work.mkdir(parents=True, exist_ok=True)
   times = {}
   step = functools.partial(_step, times)

@@ -350,9 +350,7 @@ def stage_audit(cfg, work: Path, data: dict, generated: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ the run
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  if paths.is_remote(workdir):
-    paths.local(workdir, "experiment workdir (it holds the converted and generated datasets)")
-  work = Path(workdir).expanduser()
+  work = paths.local(workdir, "experiment workdir (it holds the converted and generated datasets)")
   work.mkdir(parents=True, exist_ok=True)
   if cfg.pretrained:
     cfg = adopt_pretrained(cfg, work)

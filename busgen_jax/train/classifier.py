@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 from sklearn import metrics as skm
 
-from busgen_jax import checkpoint, parallel
+from busgen_jax import checkpoint, parallel, paths
 from busgen_jax.data import pipeline, reader
 from busgen_jax.models import classifiers
 from busgen_jax.train import loop, state as train_state, writers
@@ -241,7 +241,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   "setup", "complete" (False after a preemption)}; `busgen_jax.stages.classify.run` evaluates it on the test sets."""
   parallel.maybe_initialize_distributed()
   check_paths(cfg)
-  work = Path(workdir)
+  work = paths.path(workdir)   # local or gs://
   work.mkdir(parents=True, exist_ok=True)
   cfg = _with_task_filters(cfg)
   pipe = pipeline.build(cfg.data)
