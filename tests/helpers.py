@@ -151,3 +151,21 @@ def run_two_processes(mode: str, config_json: str, workdir: Path, out_dir: Path)
   logs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
   return [json.loads((out_dir / f"out{i}.json").read_text()) for i in range(2)]
+
+
+def tensorboard(run_dir) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, int, int]]]]:
+  """A run directory's TensorBoard events read back with TensorBoard's own reader: scalars {tag: [(step, value)]}
+  and images {tag: [(step, width, height)]} (CLU writes both as tensor summaries)."""
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  from tensorboard.util import tensor_util
+  acc = ea.EventAccumulator(str(run_dir), size_guidance={ea.TENSORS: 0})
+  acc.Reload()
+  scalars, images = {}, {}
+  for tag in acc.Tags()["tensors"]:
+    for e in acc.Tensors(tag):
+      a = tensor_util.make_ndarray(e.tensor_proto)
+      if a.ndim == 0:
+        scalars.setdefault(tag, []).append((e.step, float(a)))
+      else:                               # an image summary: [width, height, encoded PNG...]
+        images.setdefault(tag, []).append((e.step, int(a[0]), int(a[1])))
+  return scalars, images

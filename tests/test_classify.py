@@ -190,4 +190,10 @@ def test_multiclass_task_reports_one_vs_rest_aucs(phantom, tmp_path):
     from sklearn.metrics import roc_auc_score
     assert rep["macro_auc"] == pytest.approx(roc_auc_score(z["labels"], z["probs"], multi_class="ovr"), abs=1e-9)
   assert np.array(rep["confusion"]).shape == (len(ds_devices),) * 2
+  from helpers import tensorboard
+  scalars, images = tensorboard(tmp_path)                            # TensorBoard, read back
+  for tag in ("loss", "accuracy", "lr", "grad_norm", "images_per_sec", "val/macro_auc"):
+    assert tag in scalars, tag
+  assert [s for s, _ in scalars["val/macro_auc"]] == [4]
+  assert images["inputs"][0][0] == 0 and images["inputs"][0][1] == 4 * 32      # 16 inputs of 32 px, 4 x 4
   assert (tmp_path / "eval" / "real_test.html").exists()

@@ -176,6 +176,8 @@ def adapted(tmp_path_factory):
   d.data.sources.real.filters.device = ["Phantom-L14", "Phantom-L9"]   # the third device stays new
   d.data.device_vocab = ("Phantom-L14", "Phantom-L9")
   d.optim.update(lr=2e-3, warmup_steps=5, ema_decay=0.9)
+  d.update(sample_every=15, num_samples=4)            # sample grids in TensorBoard (read back below)
+  d.sampler.update(method="multistep", order=2, steps=3)
   diffusion.train(d, root / "base")
   a = adapt_config(root / "base" / "checkpoints", data)
   summary = adapt.adapt(a, root / "adapt")
@@ -263,6 +265,22 @@ def _restore_state(work, cfg):
   frozen_sharded = [x for x in jax.tree.leaves(setup.frozen) if not x.sharding.is_fully_replicated]
   assert frozen_sharded                                       # fsdp=4 shards the frozen base
   return step, state
+
+
+def test_tensorboard_holds_the_scalars_and_sample_grids(adapted):
+  from helpers import tensorboard
+  scalars, images = tensorboard(adapted["root"] / "base")            # pretraining
+  for tag in ("loss", "lr", "grad_norm", "images_per_sec", "steps_per_sec"):
+    assert tag in scalars and all(np.isfinite(v) for _, v in scalars[tag]), tag
+  assert [s for s, _ in scalars["loss"]] == list(range(d := scalars["loss"][0][0], 31, d))
+  lrs = [v for _, v in scalars["lr"]]                                # the schedule: warmup to 2e-3, then decay
+  assert 1e-3 < max(lrs) <= 2e-3 * (1 + 1e-6) and lrs[-1] < max(lrs)
+  assert [s for s, _, _ in images["samples"]] == [15, 30]
+  assert images["samples"][0][1:] == (32, 32)                        # a 2 x 2 grid of 16 px samples
+  scalars, _ = tensorboard(adapted["work"])                          # adaptation
+  for tag in ("loss", "lr", "grad_norm", "images_per_sec", "val_loss", "val_loss/cyst"):
+    assert tag in scalars, tag
+  assert [s for s, _ in scalars["val_loss"]] == [0, 12, 24]          # from the starting point on
 
 
 def test_adaptation_resumes_to_the_same_adapters(adapted, tmp_path):

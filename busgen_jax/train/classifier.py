@@ -82,6 +82,7 @@ class Setup:
     self.graphdef, params, stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     self.init_params, self.init_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     self.tx = train_state.optimizer(cfg.optim, cfg.num_steps)
+    self.lr = train_state.learning_rate(cfg.optim, cfg.num_steps)
     repl = parallel.replicated(self.mesh)
     self.repl = repl
     self.state_shardings = jax.tree.map(lambda _: repl, self.abstract_state())
@@ -128,7 +129,8 @@ class Setup:
            "batch_stats": stats, "opt_state": opt_state, "rng": rng}
     finite = jnp.isfinite(loss)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), "finite": finite}
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"]),
+                 "finite": finite}
 
   def _predict(self, params, stats, images):
     return jax.nn.softmax(self.model(params, stats, train=False)(images), -1)
@@ -261,10 +263,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                     every_steps=cfg.log_every)
   val_path = cfg.val.path or default_real(cfg)
 
+  shown = False
+
   def step_fn(state, local):
+    nonlocal shown
     labels = setup.lut[local[cfg.task.field]]
     if (labels < 0).any():
       raise AssertionError("a batch holds labels outside task.classes (the task filter failed)")
+    if not shown:   # what the model is fed (augmentations, mixing), once per run, without waiting on the device
+      writer.write_images(0, {"inputs": writers.grid(local["image"][:16])})
+      shown = True
     return setup.train_step(state, parallel.global_batch({"image": local["image"], "label": labels}, setup.mesh,
                                                          setup.rules))
 
