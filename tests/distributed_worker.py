@@ -46,5 +46,30 @@ def train(config_json, workdir, out):
              "local_pathology": local["pathology"].tolist(), "loss": metrics["loss"]}, open(out, "w"))
 
 
+def train_preempted(config_json, workdir, out):
+  """Trains; process 1 gets a SIGTERM after its third step (as a spot VM's notice reaches one host)."""
+  import signal
+  from busgen_jax import parallel
+  from busgen_jax.train import diffusion, writers
+  parallel.maybe_initialize_distributed()
+  create = writers.create
+
+  def create_with_notice(*args, **kwargs):
+    writer, progress = create(*args, **kwargs)
+
+    def notify(step):
+      progress(step)
+      if step == 3 and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return writer, notify
+
+  writers.create = create_with_notice
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  diffusion.train(cfg, workdir)
+  from busgen_jax import checkpoint
+  json.dump({"process": jax.process_index(), "latest": checkpoint.Checkpointer(
+      f"{workdir}/checkpoints").latest_step()}, open(out, "w"))
+
+
 if __name__ == "__main__":
-  {"train": train, "generate": generate}[sys.argv[1]](*sys.argv[2:])
+  {"train": train, "generate": generate, "train_preempted": train_preempted}[sys.argv[1]](*sys.argv[2:])

@@ -151,3 +151,20 @@ def test_two_processes_train_checkpoint_and_resume_on_one(phantom, tmp_path):
     a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
     b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(phantom, tmp_path):
+  """A preemption notice reaching one host of two: JAX's preemption sync has both save the same step and exit 0;
+  resumed, the run ends where an uninterrupted one does."""
+  cfg = tiny_config(phantom, num_steps=10, checkpoint_every=100, async_checkpoints=False)
+  cfg.mesh = {"data": 2, "fsdp": 2}
+  out = run_two_processes("train_preempted", cfg.to_json(), tmp_path / "run", tmp_path)
+  saved = {o["latest"] for o in out}
+  assert len(saved) == 1 and 3 <= saved.pop() < 10, out            # one step, after the notice, before the end
+  run_two_processes("train", cfg.to_json(), tmp_path / "run", tmp_path)   # resumed to the end
+  diffusion.train(tiny_config(phantom, num_steps=10, checkpoint_every=100, mesh={"data": 4, "fsdp": 2}),
+                  tmp_path / "one")
+  for which in ("params", "ema"):
+    a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
+    b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
