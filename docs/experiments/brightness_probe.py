@@ -1,15 +1,20 @@
-"""Does offset noise fix the generated images' brightness? Two short pretrainings compared at equal steps.
+"""Where do the generated images' too-bright backgrounds come from? Pure-noise starts against the data's own.
 
+  # a trained model (e.g. the `cpu` preset's), sampled from pure noise and from the terminal marginal's mean:
   python docs/experiments/brightness_probe.py --data /tmp/exp_cpu/data/busbra/1.0.0 --workdir /tmp/brightness \
-      [--steps 400] [--offsets 0,0.1] [--images 64]
+      --checkpoint /tmp/exp_cpu/diffusion/checkpoints [--starts noise,data] [--images 64]
+  # or short pretrainings with and without offset noise at equal steps:
+  python docs/experiments/brightness_probe.py --data /tmp/exp_cpu/data/busbra/1.0.0 --workdir /tmp/brightness \
+      [--steps 400] [--offsets 0,0.1] [--starts noise,data] [--images 64]
 
-Each variant trains the `cpu` preset's diffusion model (configs/experiment.py:cpu, its seed) on the dataset's
-training split for `--steps` steps, with `diffusion.objective.offset_noise` at that value, then generates
-about `--images` images per pathology (spread over the devices) with the preset's sampler and the training split's box prior. The table gives the
-mean grey level (0-255) inside and outside the lesion boxes through the model's own view (the evaluation pipeline
-at the model's image size), against the real training images'. It measures brightness only, far short of the
-full training: it says whether the mean-brightness error is the sampler's (offset noise fixes it at any length)
-or the model's (it shrinks with training), not which recipe classifies best (the recipe study's job).
+Each model (the given checkpoint, or the `cpu` preset's diffusion model trained for `--steps` steps on the
+dataset's training split with `diffusion.objective.offset_noise` at each value) generates about `--images` images
+per pathology (spread over the devices) with the preset's sampler and the training split's box prior, once per
+`sampler.start`: "noise" (pure noise, the official start) and "data" (x_T carries the training images' mean grey
+level, as the forward process does; samplers.sample_from_keys). The table gives the mean grey level (0-255) inside
+and outside the lesion boxes through the model's own view (the evaluation pipeline at the model's image size),
+against the real training images'. It measures brightness only, not which recipe classifies best (the recipe
+study's and the preset's job).
 """
 
 import argparse
@@ -48,6 +53,8 @@ def main():
   p.add_argument("--workdir", required=True)
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--offsets", default="0,0.1")
+  p.add_argument("--checkpoint", default="", help="a trained model's checkpoints (no training)")
+  p.add_argument("--starts", default="noise,data", help="sampler.start values")
   p.add_argument("--images", type=int, default=64, help="generated images per pathology")
   a = p.parse_args()
   work = Path(a.workdir)
@@ -57,23 +64,28 @@ def main():
   prior = box_prior.fit_datasets([a.data], "train", **preset.box_prior.to_dict()).save(work / "box_prior.json")
   devices = [d for d in reader.open_dataset(a.data).vocab("device") if d != "unknown"]
   rows = {"real (training split)": grey(a.data, "train", size)}
-  for offset in (float(x) for x in a.offsets.split(",")):
+  models = {"trained model": (Path(a.checkpoint), work / "checkpoint")} if a.checkpoint else {}
+  for offset in ([] if a.checkpoint else [float(x) for x in a.offsets.split(",")]):
     out = work / f"offset_{offset}"
     d = ml_collections.ConfigDict(preset.diffusion.to_dict())
     d.data.sources.real.update(path=a.data, split="train")
     d.update(seed=preset.seed, num_steps=a.steps, checkpoint_every=a.steps)
     d.objective.offset_noise = offset
     diffusion.train(d, out / "diffusion")
-    g = generate.default_config()
-    g.update(checkpoint=str(out / "diffusion" / "checkpoints"), box_prior=str(prior), pathology=tuple(CLASSES),
-             device=("all",), num_per_condition=max(1, a.images // len(devices)),
-             per_device_batch=preset.generate.per_device_batch,
-             local_devices=preset.generate.local_devices)
-    g.sampler.update(preset.generate.sampler.to_dict())
-    ds = generate.generate(g, out / "generated")
-    rows[f"offset noise {offset}, {a.steps} steps"] = grey(str(ds), "train", size)
+    models[f"offset noise {offset}, {a.steps} steps"] = (out / "diffusion" / "checkpoints", out)
+  for name, (checkpoint, out) in models.items():
+    for start in a.starts.split(","):
+      g = generate.default_config()
+      g.update(checkpoint=str(checkpoint), box_prior=str(prior), pathology=tuple(CLASSES), device=("all",),
+               num_per_condition=max(1, a.images // len(devices)), per_device_batch=preset.generate.per_device_batch,
+               local_devices=preset.generate.local_devices)
+      g.sampler.update(preset.generate.sampler.to_dict())
+      g.sampler.start = start
+      ds = generate.generate(g, out / f"generated_{start}")
+      rows[f"{name}, start from {start}"] = grey(str(ds), "train", size)
+  given = f"--checkpoint {a.checkpoint}" if a.checkpoint else f"--steps {a.steps} --offsets {a.offsets}"
   lines = [f"Command: `python docs/experiments/brightness_probe.py --data {a.data} --workdir {a.workdir} "
-           f"--steps {a.steps} --offsets {a.offsets} --images {a.images}`", "",
+           f"{given} --starts {a.starts} --images {a.images}`", "",
            "| images | benign inside / outside | malignant inside / outside |", "|---|---|---|"]
   for name, g in rows.items():
     lines.append(f"| {name} | {g['benign'][0]} / {g['benign'][1]} | {g['malignant'][0]} / {g['malignant'][1]} |")
