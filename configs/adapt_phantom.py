@@ -2,7 +2,8 @@
 fibroadenoma (the base only knows "benign" for both), 16 images per class.
 
   # after configs/phantom_tiny.py has trained on /tmp/phantom/phantom/1.0.0:
-  busgen-jax adapt --config configs/adapt_phantom.py --workdir /tmp/phantom_adapt
+  busgen-jax adapt --config configs/adapt_phantom.py --workdir /tmp/phantom_adapt \
+      --config.base=/tmp/phantom_tiny/checkpoints --config.data.path=/tmp/phantom/phantom/1.0.0
   busgen-jax sample --workdir /tmp/phantom_adapt_gen --config.checkpoint=/tmp/phantom_adapt/merged \
       --config.box_prior=/tmp/phantom_adapt/box_prior.json --config.device=all --config.sampler.steps=25
 
@@ -14,8 +15,8 @@ from busgen_jax.train import adapt
 
 def get_config(arg: str = ""):
   c = adapt.default_config()
-  c.base = "/tmp/phantom_tiny/checkpoints"
-  c.data.path = "/tmp/phantom/phantom/1.0.0"
+  c.base = ""               # required: --config.base=<a `busgen-jax train` workdir>/checkpoints
+  c.data.path = ""          # required: --config.data.path=<the converted dataset with the shots>
   c.data.shots = 16
   c.data.val_per_class = 32
   c.data.batch_size = 16

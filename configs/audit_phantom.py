@@ -12,5 +12,7 @@ the diffusion model, the TSTR / TRTR headline from the demo's classifiers, and t
 from busgen_jax.stages import demo
 
 
-def get_config(arg: str = "/tmp/busgen_demo"):
-  return demo.audit_config(arg or "/tmp/busgen_demo")
+def get_config(arg: str = ""):
+  if not arg:
+    raise ValueError("configs/audit_phantom.py:DIR needs the demo's workdir (e.g. configs/audit_phantom.py:/tmp/busgen_demo)")
+  return demo.audit_config(arg)

@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
   c.sample_every = 150
   c.num_samples = 8
   c.sampler.steps = 25
-  c.data.sources.real.path = "/tmp/phantom/phantom/1.0.0"
+  c.data.sources.real.path = ""        # required: --config.data.sources.real.path=DIR (a converted dataset)
   c.data.image_size = 32
   c.data.batch_size = 16
   c.data.balance = "subsample"         # BUSGen's class-balanced epochs

@@ -9,5 +9,7 @@ agreement with the requested labels, lesion-box fidelity, and the TSTR / TRTR he
 from busgen_jax.stages import demo
 
 
-def get_config(arg: str = "/tmp/busgen_demo"):
-  return demo.quality_config(arg or "/tmp/busgen_demo")
+def get_config(arg: str = ""):
+  if not arg:
+    raise ValueError("configs/quality_phantom.py:DIR needs the demo's workdir (e.g. configs/quality_phantom.py:/tmp/busgen_demo)")
+  return demo.quality_config(arg)

@@ -14,8 +14,8 @@ from busgen_jax import generate
 
 def get_config(arg: str = ""):
   c = generate.default_config()
-  c.checkpoint = "/tmp/phantom_tiny/checkpoints"
-  c.box_prior = "/tmp/phantom_tiny/box_prior.json"
+  c.checkpoint = ""         # required: --config.checkpoint=DIR (see the command above)
+  c.box_prior = ""          # required: --config.box_prior=FILE (`busgen-jax fit-box-prior`)
   c.pathology = ("benign", "malignant")
   c.device = ("all",)
   c.num_per_condition = 32

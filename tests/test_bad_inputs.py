@@ -167,3 +167,20 @@ def test_stages_that_write_datasets_refuse_a_bucket_at_start():
       fn()
     assert "gs://bucket" in str(e.value), name
   assert not Path("gs:").exists()
+
+
+def test_configs_take_data_by_argument_and_a_missing_one_is_a_clear_error(tmp_path):
+  from busgen_jax import config_files, generate
+  from busgen_jax.train import adapt
+  configs = ROOT / "configs"
+  with pytest.raises(ValueError, match=r"data.sources.real.path is empty"):
+    diffusion.train(config_files.load(configs / "phantom_tiny.py"), tmp_path / "train")
+  with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    adapt.adapt(config_files.load(configs / "adapt_phantom.py"), tmp_path / "adapt")
+  with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    generate.generate(config_files.load(configs / "sample_phantom.py"), tmp_path / "sample")
+  for name in ("audit_phantom", "quality_phantom"):
+    with pytest.raises(ValueError, match="needs the demo's workdir"):
+      config_files.load(configs / f"{name}.py")
+  with pytest.raises(ValueError, match="no dataset path given"):
+    reader.open_dataset("")

@@ -11,7 +11,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for k in (8, 16, 32, 64)],
         "classify": ["", "real=/r", "generated=/g,val=/r", "real=/r,generated=/g,mix=0.3,siteB=/b"],
         "experiment": ["cpu", "ci", "full", "fewshot", "fewshot_curve", "fewshot_ci"], "demo": ["cpu", "ci", "full"],
-        "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"]}
+        "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"],
+        "audit_phantom": ["/tmp/busgen_demo"], "quality_phantom": ["/tmp/busgen_demo"]}
 
 
 def _load(name):

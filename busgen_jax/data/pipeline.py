@@ -215,6 +215,9 @@ def build(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
   if cfg.batch_size % process_count:
     raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
   names = tuple(sorted(cfg.sources.keys()))
+  for n in names:
+    if not cfg.sources[n].path:
+      raise ValueError(f"data.sources.{n}.path is empty: give the dataset (--config.data.sources.{n}.path=DIR)")
   datasets = {n: reader.open_dataset(cfg.sources[n].path) for n in names}
   vocab = global_vocab(datasets, tuple(cfg.device_vocab))
   streams, weights, sources, label_maps = [], [], [], []

@@ -190,6 +190,8 @@ class RecordSource:
 
 
 def open_dataset(path: str | Path) -> Dataset:
+  if not str(path).strip():   # never the current directory by accident
+    raise ValueError("no dataset path given (an empty path): pass the converted dataset's directory")
   return Dataset(path)
 
 
