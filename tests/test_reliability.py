@@ -6,7 +6,6 @@ run 500 steps; `-m slow -k "many_kills or long_run"` kills 9 times and runs 3,00
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -151,8 +150,8 @@ def _memory_over_a_run(run, tmp_path, steps: int) -> list[tuple[int, float]]:
   shutil.copy(run["config"], tmp_path / "config.py")
   proc = _start({**run, "config": tmp_path / "config.py"}, tmp_path / "long")
   assert proc.wait(timeout=3000) == 0, _log(tmp_path / "long")
-  rss = [(int(m[1]), float(m[2])) for m in re.finditer(r"\[(\d+)\] [^\n]*host_rss_gib=([\d.]+)",
-                                                       _log(tmp_path / "long", None))]
+  from helpers import tensorboard   # the trainer's logged host RSS, read back from its TensorBoard events
+  rss = tensorboard(tmp_path / "long")[0]["host_rss_gib"]
   assert [s for s, _ in rss] == list(range(steps // 20, steps + 1, steps // 20)), rss
   return rss
 
