@@ -17,12 +17,11 @@ import time
 
 import tqdm
 
-# Library warnings that tell a user nothing they can act on: the log file only.
+# Library warnings that tell a user nothing they can act on: dropped (quiet_imports), console and log file alike.
 NOISE = (
     "Type handler registry type",                         # Orbax registering jax.Array at import
     "was found in the checkpoint, but could not be restored",   # Orbax: the metadata items we do not restore
     "OpenCV is not installed",                            # TFDS image decoding
-    "All log messages before absl::InitializeLog",
 )
 
 _enabled = False
@@ -77,7 +76,6 @@ def setup(workdir: str | None, stage: str, verbose: bool = False) -> str:
     root.addHandler(handler)
   if not verbose:
     handler.setLevel(logging.WARNING)
-    handler.addFilter(_Quiet())
   to_file = logging.FileHandler(log_path)
   to_file.setLevel(logging.INFO)
   to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))

@@ -285,9 +285,9 @@ class Examples:
 
 def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, image_size: int,
                  prediction: str, mesh: jax.sharding.Mesh, *, protected: bool = False):
-  """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond, start) -> images
-  in [-1, 1] (start: (B, 2), samplers.sample_from_keys'), or (params, index, cond, start, bank) with privacy protection (bank: protect.load_bank's (descriptors,
-  radius), replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
+  """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond, start) ->
+  images in [-1, 1] (start: (B, 2), card.Card.start_rows), or (params, index, cond, start, bank) with privacy
+  protection (bank: protect.load_bank's (descriptors, radius), replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
   sched = schedule.Schedule.from_config(cfg.schedule)
   if sched.T != model_cfg.T:
     raise ValueError(f"schedule.T={sched.T} differs from the model's T={model_cfg.T}")
@@ -343,9 +343,8 @@ class Sampler:
     self.batch = cfg.per_device_batch * len(mine)
     self.size = model.image_size
     self.model_conditions = tuple(model.cfg.conditions)
-    if cfg.sampler.start not in samplers.START:
-      raise ValueError(f"sampler.start must be one of {samplers.START}, got {cfg.sampler.start!r}")
-    self.start = model.card.start if cfg.sampler.start == "data" else (lambda device: (0.0, 0.0))
+    self.card, self.start_mode = model.card, cfg.sampler.start
+    self.card.start_rows((), self.start_mode)   # a bad sampler.start fails here, before any compilation
     if cfg.sampler.start == "data" and not model.card.image_mean:
       logging.info("%s: the model card has no image_mean: sampling starts from pure noise", model.name)
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
@@ -366,7 +365,7 @@ class Sampler:
                               e["mask"].astype(np.float32) for e in pad])[..., None]}
     cond = {k: v for k, v in cond.items() if k in self.model_conditions}
     index = np.array([e["index"] for e in pad], np.int32)
-    start = np.array([self.start(e["device"]) for e in pad], np.float32)
+    start = self.card.start_rows([e["device"] for e in pad], self.start_mode)
     rows = lambda a: jax.make_array_from_process_local_data(self.rows, a)   # this host's rows of the batch
     out = self._sample(self.params, rows(index), jax.tree.map(rows, cond), rows(start), *self.bank)
     shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)

@@ -70,3 +70,12 @@ def test_image_mean_statistics_per_device_with_fallbacks():
   assert site["device"]["GE"] == stats["device"]["GE"] and site["device"]["Toshiba"] == pytest.approx([-0.5, 0, 32])
   assert site["all"] == stats["all"]
   assert card.Card.from_meta(c.to_meta()).image_mean == stats
+
+
+def test_start_rows_by_sampler_start_mode():
+  stats = card.image_mean_stats(np.array([-0.2, -0.4] * 10), np.array(["GE"] * 20, object))
+  c = card.Card(model={}, image_size=64, vocab={}, image_mean=stats)
+  np.testing.assert_allclose(c.start_rows(["GE", "unseen"], "data"), [[-0.3, 0.1], [-0.3, 0.1]], rtol=1e-6)
+  assert not c.start_rows(["GE"], "noise").any() and c.start_rows([], "data").shape == (0, 2)
+  with pytest.raises(ValueError, match="sampler.start must be one of"):
+    c.start_rows(["GE"], "mean")

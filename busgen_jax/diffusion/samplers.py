@@ -497,9 +497,6 @@ def default_config():
   return c
 
 
-START = ("data", "noise")
-
-
 def plan_from_config(betas, c) -> Plan:
   return make_plan(betas, algorithm=c.algorithm, method=c.method, order=c.order, steps=c.steps,
                    skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta)

@@ -61,6 +61,13 @@ class Card:
       stats = self.image_mean.get("all")
     return (float(stats[0]), float(stats[1])) if stats else (0.0, 0.0)
 
+  def start_rows(self, devices, mode: str) -> np.ndarray:
+    """samplers.sample_from_keys' `start` (B, 2) for examples of these device names, by `sampler.start`: "data"
+    (this card's statistics) or "noise" (zeros: pure noise)."""
+    if mode not in START:
+      raise ValueError(f"sampler.start must be one of {START}, got {mode!r}")
+    return np.array([self.start(d) if mode == "data" else (0.0, 0.0) for d in devices], np.float32).reshape(-1, 2)
+
   @classmethod
   def from_meta(cls, meta: dict, directory=None) -> "Card":
     """The card of a checkpoint's metadata, including the layouts written before the card existed."""
@@ -84,6 +91,7 @@ class Card:
 
 
 MIN_START_IMAGES = 16   # fewer images of a device than this: its start uses every device's statistics
+START = ("data", "noise")   # samplers.default_config().start
 
 
 def image_mean_stats(means: np.ndarray, devices: np.ndarray, base: dict | None = None) -> dict:

@@ -291,7 +291,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
   _, _, _, complete = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                                num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
-                               meta=lambda: {**meta, "best": best}, hooks=(loop.Hook(cfg.eval_every, validate),), name="classifier")
+                               meta=lambda: {**meta, "best": best}, hooks=(loop.Hook(cfg.eval_every, validate),),
+                               name="classifier")
   return {"best_dir": best_dir, "best": best, "setup": setup, "complete": complete}
 
 

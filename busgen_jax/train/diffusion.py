@@ -227,7 +227,6 @@ def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
   """EMA samples for the image summaries: the configured sampler with guidance, conditions from the batch."""
   n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
   plan = samplers.plan_from_config(setup.sched.betas, cfg.sampler)
-  start = model_card.start if cfg.sampler.start == "data" else (lambda device: (0.0, 0.0))
 
   @jax.jit
   def run(ema, cond, start, key):
@@ -238,7 +237,7 @@ def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
 
   def sample(ema, local_batch, step):
     cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
-    first = np.array([start(devices[d]) for d in local_batch["device"][:n]], np.float32)
+    first = model_card.start_rows([devices[d] for d in local_batch["device"][:n]], cfg.sampler.start)
     return np.asarray(run(ema, cond, first, jax.random.PRNGKey(step)))
 
   return sample
