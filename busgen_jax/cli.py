@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
       with cfg.unlocked():
         for key, entries in added.items():
           cfg[key].update(entries)
-    stage.main(cfg, FLAGS.workdir, args)
+    try:
+      stage.main(cfg, FLAGS.workdir, args)
+    finally:
+      console.finish()
 
   app.run(stage_main, argv=stage_argv, flags_parser=_parse_flags)
 

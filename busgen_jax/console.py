@@ -25,6 +25,7 @@ NOISE = (
 )
 
 _enabled = False
+_pending_copy: tuple[str, str, str] | None = None   # (local log, gs:// run directory, stage) for `finish`
 
 
 class _Quiet(logging.Filter):
@@ -58,17 +59,18 @@ def quiet_imports() -> None:
 def setup(workdir: str | None, stage: str, verbose: bool = False) -> str:
   """Routes logging for a CLI run: the console gets WARNING and above (everything with `verbose`), the log file
   everything from INFO. The file is <workdir>/logs/<stage>.log for a local workdir, else a local temporary file
-  (Python's logging writes local files; a gs:// run directory gets its copy at exit). Returns its path."""
-  global _enabled
+  (Python's logging writes local files) that `finish` copies into the gs:// run directory. Returns its path."""
+  global _enabled, _pending_copy
   from absl import logging as absl_logging
   from busgen_jax import paths
   remote = workdir and paths.is_remote(workdir)
   if workdir and not remote:
     folder = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "logs")
+    os.makedirs(folder, exist_ok=True)
+    log_path = os.path.join(folder, f"{stage}.log")
   else:
-    folder = os.path.join(tempfile.gettempdir(), "busgen_jax_logs")
-  os.makedirs(folder, exist_ok=True)
-  log_path = os.path.join(folder, f"{stage}.log")
+    fd, log_path = tempfile.mkstemp(prefix=f"busgen_jax_{stage}_", suffix=".log")
+    os.close(fd)
   absl_logging.set_verbosity(absl_logging.INFO)
   root = logging.getLogger()
   handler = absl_logging.get_absl_handler()
@@ -81,23 +83,29 @@ def setup(workdir: str | None, stage: str, verbose: bool = False) -> str:
   to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   root.addHandler(to_file)
   root.setLevel(logging.INFO)
-  if remote:
-    import atexit
-    atexit.register(_copy_log, log_path, workdir, stage)
+  _pending_copy = (log_path, workdir, stage) if remote else None
   _enabled = not verbose
   return log_path
 
 
-def _copy_log(log_path: str, workdir: str, stage: str) -> None:
+def finish() -> None:
+  """The end of a CLI run (the CLI calls it in a `finally`): a gs:// run directory gets its copy of the log file.
+  Not at exit: by then the cloud file systems have closed their sessions."""
+  global _pending_copy
+  if _pending_copy is None:
+    return
+  (log_path, workdir, stage), _pending_copy = _pending_copy, None
   from busgen_jax import paths
   for h in logging.getLogger().handlers:
     h.flush()
   try:
     out = paths.path(workdir) / "logs"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stage}.log").write_text(open(log_path).read())
-  except Exception as e:  # noqa: BLE001  (exit path: say so, never raise)
-    print(f"busgen-jax: could not copy the log to {workdir}/logs: {e}", file=sys.stderr)
+    with open(log_path) as f:
+      (out / f"{stage}.log").write_text(f.read())
+    os.remove(log_path)
+  except Exception as e:  # noqa: BLE001  (the end of a run: say so, never raise over the run's own error)
+    print(f"busgen-jax: could not copy the log {log_path} to {workdir}/logs: {e}", file=sys.stderr)
 
 
 def enabled() -> bool:

@@ -136,7 +136,7 @@ def conditions(cfg: ml_collections.ConfigDict, vocab: dict, task: dict | None = 
   refused by name."""
   untrained = {f: set(v) for f, v in (untrained or {}).items()}
   if cfg.condition_file:
-    p = Path(cfg.condition_file)
+    p = paths.path(cfg.condition_file)   # local or gs://
     try:
       items = json.loads(p.read_text())
       assert isinstance(items, list) and all(isinstance(x, dict) for x in items)

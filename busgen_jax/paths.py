@@ -1,8 +1,13 @@
 """Paths that may be local or in the cloud (gs://...): run directories, checkpoints, reports.
 
-Checkpoints (Orbax, through tensorstore), metrics (CLU writers, through tf.io.gfile) and the JSON we write go
-through etils.epath, so `--workdir gs://bucket/runs/x` works on a TPU VM. Dataset shards do not: ArrayRecord
-0.8.6 opens local files only, so buckets holding datasets are mounted with gcsfuse (`launch/tpu.sh mount`).
+Checkpoints (Orbax: etils.epath and tensorstore), TensorBoard events (staged locally and copied,
+train/writers.BucketMirror), reports, figures, model cards and logs go through etils.epath, so
+`--workdir gs://bucket/runs/x` works on a TPU VM. Dataset shards do not: ArrayRecord 0.8.6 opens local files
+only, so buckets holding datasets are mounted with gcsfuse (`launch/tpu.sh mount`), and a stage that writes or
+reads shards refuses a gs:// dataset path before any work (`local`).
+
+Tests point all of it at a GCS emulator on 127.0.0.1 (tests/test_gcs.py): STORAGE_EMULATOR_HOST for epath's
+gcsfs backend (EPATH_USE_TF=false), TENSORSTORE_GCS_HTTP_URL for Orbax's array data.
 """
 
 from __future__ import annotations

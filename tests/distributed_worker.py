@@ -1,4 +1,4 @@
-"""One process of the 2-process jax.distributed tests: `train` (tests/test_train.py) and `generate`
+"""One process of the 2-process jax.distributed tests: `train_preempted` (tests/test_train.py) and `generate`
 (tests/test_sampling.py) each run two of these."""
 
 import json
@@ -25,10 +25,13 @@ def generate(config_json, workdir, out):
   json.dump({"process": jax.process_index(), "dataset": str(ds)}, open(out, "w"))
 
 
-def train(config_json, workdir, out):
-  from busgen_jax import parallel
+def train_preempted(config_json, workdir, out):
+  """The global batch from both processes' pipeline slices, then training in which process 1 gets a SIGTERM after
+  its third step (as a spot VM's notice reaches one host)."""
+  import signal
+  from busgen_jax import checkpoint, parallel
   from busgen_jax.data import pipeline
-  from busgen_jax.train import diffusion
+  from busgen_jax.train import diffusion, writers
   parallel.maybe_initialize_distributed()
   cfg = ml_collections.ConfigDict(json.loads(config_json))
   assert jax.process_count() == 2 and jax.device_count() == 4
@@ -40,18 +43,7 @@ def train(config_json, workdir, out):
   it.close()
   batch = parallel.global_batch({"image": local["image"], "pathology": local["pathology"]}, mesh, rules)
   mine = [np.asarray(s.data) for s in batch["pathology"].addressable_shards]
-  metrics = diffusion.train(cfg, workdir)
-  json.dump({"process": jax.process_index(), "global_shape": list(batch["image"].shape),
-             "local_rows": int(local["image"].shape[0]), "mine": np.concatenate(mine).tolist(),
-             "local_pathology": local["pathology"].tolist(), "loss": metrics["loss"]}, open(out, "w"))
 
-
-def train_preempted(config_json, workdir, out):
-  """Trains; process 1 gets a SIGTERM after its third step (as a spot VM's notice reaches one host)."""
-  import signal
-  from busgen_jax import parallel
-  from busgen_jax.train import diffusion, writers
-  parallel.maybe_initialize_distributed()
   create = writers.create
 
   def create_with_notice(*args, **kwargs):
@@ -64,12 +56,12 @@ def train_preempted(config_json, workdir, out):
     return writer, notify
 
   writers.create = create_with_notice
-  cfg = ml_collections.ConfigDict(json.loads(config_json))
-  diffusion.train(cfg, workdir)
-  from busgen_jax import checkpoint
-  json.dump({"process": jax.process_index(), "latest": checkpoint.Checkpointer(
-      f"{workdir}/checkpoints").latest_step()}, open(out, "w"))
+  metrics = diffusion.train(cfg, workdir)
+  json.dump({"process": jax.process_index(), "global_shape": list(batch["image"].shape),
+             "local_rows": int(local["image"].shape[0]), "mine": np.concatenate(mine).tolist(),
+             "local_pathology": local["pathology"].tolist(), "loss": metrics.get("loss"),
+             "latest": checkpoint.Checkpointer(f"{workdir}/checkpoints").latest_step()}, open(out, "w"))
 
 
 if __name__ == "__main__":
-  {"train": train, "generate": generate, "train_preempted": train_preempted}[sys.argv[1]](*sys.argv[2:])
+  {"generate": generate, "train_preempted": train_preempted}[sys.argv[1]](*sys.argv[2:])

@@ -32,12 +32,25 @@ def module_name(path: pathlib.Path) -> str:
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def parse(path: pathlib.Path) -> ast.Module:
+  """ast.parse, retried: CPython 3.11 keeps one AST recursion counter per interpreter, so a parse that overlaps
+  one on another thread (left running by an earlier test in this worker) fails with "AST constructor recursion
+  depth mismatch" (gh-106905) although the file is fine."""
+  for attempt in range(5):
+    try:
+      return ast.parse(path.read_text(), str(path))
+    except SystemError:
+      if attempt == 4:
+        raise
+  raise AssertionError("unreachable")
+
+
 def imports(path: pathlib.Path) -> set[str]:
   """busgen_jax modules a file imports anywhere in it (a `from pkg import mod` names the module)."""
   mod = module_name(path)
   package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
   out = set()
-  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+  for node in ast.walk(parse(path)):
     if isinstance(node, ast.Import):
       out |= {a.name for a in node.names if a.name.startswith("busgen_jax")}
     elif isinstance(node, ast.ImportFrom):

@@ -4,7 +4,6 @@ unknown keys, bad model settings, impossible meshes. Each is a clear error namin
 loses data silently."""
 
 import errno
-import json
 import os
 import shutil
 import subprocess

@@ -127,43 +127,28 @@ def test_classifier_free_dropout_modes():
   assert (np.asarray(out["box"])[~kept] == 0).all() and (np.asarray(out["box"])[kept] == 1).all()
 
 
-def test_two_processes_train_checkpoint_and_resume_on_one(phantom, tmp_path):
-  """2 CPU processes x 2 devices with jax.distributed: a global batch from both processes' slices, a few
-  sharded training steps, one checkpoint with each process's data-iterator state. Then one process on another
-  mesh (data 4 x fsdp 2) resumes it; the data goes on at the next global batch, so the result is a 1-process
-  run's (to float tolerance: the two meshes reduce in different orders)."""
-  cfg = tiny_config(phantom, num_steps=2)
-  cfg.mesh = {"data": 2, "fsdp": 2}
-  out = run_two_processes("train", cfg.to_json(), tmp_path / "run", tmp_path)
-  assert all(o["global_shape"] == [8, 16, 16, 3] and o["local_rows"] == 4 for o in out)
-  for o in out:  # each process holds its own rows of the global batch
-    assert o["mine"] == o["local_pathology"]
-  assert out[0]["loss"] == out[1]["loss"]
-  step = tmp_path / "run" / "checkpoints" / "2"
-  assert (step / "state").is_dir()
-  assert len(list((step / "data").iterdir())) >= 2   # one iterator state per process
-
-  cfg = tiny_config(phantom, num_steps=4, mesh={"data": 4, "fsdp": 2})
-  diffusion.train(cfg, tmp_path / "run")
-  diffusion.train(cfg, tmp_path / "one")
-  assert checkpoint.load_meta(tmp_path / "run" / "checkpoints")[1]["data_offset"] == 2
-  for which in ("params", "ema"):
-    a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
-    b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
-
-
-def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(phantom, tmp_path):
-  """A preemption notice reaching one host of two: JAX's preemption sync has both save the same step and exit 0;
-  resumed, the run ends where an uninterrupted one does."""
+def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes_on_one(phantom, tmp_path):
+  """2 CPU processes x 2 devices with jax.distributed: a global batch from both processes' slices and sharded
+  training steps, until a preemption notice reaches one host of the two: JAX's preemption sync has both save the
+  same step (with each process's data-iterator state) and exit 0. One process on another mesh (data 4 x fsdp 2)
+  then resumes it; the data goes on at the next global batch, so the run ends where an uninterrupted 1-process
+  run does (to float tolerance: the two meshes reduce in different orders)."""
   cfg = tiny_config(phantom, num_steps=10, checkpoint_every=100, async_checkpoints=False)
   cfg.mesh = {"data": 2, "fsdp": 2}
   out = run_two_processes("train_preempted", cfg.to_json(), tmp_path / "run", tmp_path)
+  assert all(o["global_shape"] == [8, 16, 16, 3] and o["local_rows"] == 4 for o in out)
+  for o in out:  # each process holds its own rows of the global batch
+    assert o["mine"] == o["local_pathology"]
   saved = {o["latest"] for o in out}
-  assert len(saved) == 1 and 3 <= saved.pop() < 10, out            # one step, after the notice, before the end
-  run_two_processes("train", cfg.to_json(), tmp_path / "run", tmp_path)   # resumed to the end
-  diffusion.train(tiny_config(phantom, num_steps=10, checkpoint_every=100, mesh={"data": 4, "fsdp": 2}),
-                  tmp_path / "one")
+  assert len(saved) == 1, out
+  step = saved.pop()
+  assert 3 <= step < 10, out                                        # after the notice, before the end
+  assert len(list((tmp_path / "run" / "checkpoints" / str(step) / "data").iterdir())) >= 2   # one per process
+
+  one = tiny_config(phantom, num_steps=10, checkpoint_every=100, mesh={"data": 4, "fsdp": 2})
+  diffusion.train(one, tmp_path / "run")                            # resumed on one process
+  assert checkpoint.load_meta(tmp_path / "run" / "checkpoints")[1]["data_offset"] == step   # where 2 processes stopped
+  diffusion.train(one, tmp_path / "one")
   for which in ("params", "ema"):
     a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
     b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)

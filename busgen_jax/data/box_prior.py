@@ -20,6 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from busgen_jax import paths
+
 FEATURES = ("cx", "cy", "aspect", "area")
 FORMAT = "busgen-box-prior"
 
@@ -81,7 +83,6 @@ class BoxPrior:
   # ---------------------------------------------------------------------------------------------- storage
 
   def save(self, path: str | Path) -> Path:
-    from busgen_jax import paths
     path = paths.path(path)   # local or gs://
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
@@ -98,10 +99,10 @@ class BoxPrior:
 
   @classmethod
   def load(cls, path: str | Path) -> "BoxPrior":
-    path = Path(path)
+    path = paths.path(path)   # local or gs://
     try:
       if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
           meta = json.loads(str(z["__meta__"]))
           groups = {k.removeprefix("group/"): np.asarray(z[k], np.float64) for k in z.files if k != "__meta__"}
       else:
@@ -158,9 +159,9 @@ def fit_datasets(paths: Sequence[str], split: str = "train", **kw) -> BoxPrior:
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> Path:
   if not cfg.dataset:
     raise ValueError("--config.dataset (a dataset directory) is required")
-  out = Path(cfg.output or (Path(workdir) / "box_prior.json" if workdir else ""))
-  if not str(out):
+  if not (cfg.output or workdir):
     raise ValueError("--workdir or --config.output is required")
+  out = paths.path(cfg.output or f"{workdir}/box_prior.json")   # local or gs://
   prior = fit_datasets([p for p in cfg.dataset.split(",") if p], cfg.split, bandwidth=cfg.bandwidth,
                        by_device=cfg.by_device, min_group_size=cfg.min_group_size)
   prior.save(out)

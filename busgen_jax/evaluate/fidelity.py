@@ -23,6 +23,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from busgen_jax import paths
 from busgen_jax.data import reader
 from busgen_jax.evaluate import metrics, quality, report as report_lib
 
@@ -108,7 +109,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   for name in ("real", "generated", "encoder"):
     if not cfg[name]:
       raise ValueError(f"--config.{name} is required")
-  work = Path(workdir).expanduser()
+  work = paths.path(workdir)   # local or gs://
   work.mkdir(parents=True, exist_ok=True)
   enc = encoder_lib.ClassifierEncoder(cfg.encoder)
   real = enc(cfg.real, cfg.real_split)

@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from busgen_jax import paths
 from busgen_jax.data import reader, writer
 from busgen_jax.evaluate import membership, neighbours
 from busgen_jax.evaluate.report import tstr_config
@@ -99,8 +100,10 @@ def near_copy_sheet(path: Path, rows: Sequence[dict], size: int = 96) -> Path:
     draw.text((pad, y), row["caption"], fill=0)
     for k, im in enumerate((g, t, diff)):
       sheet.paste(Image.fromarray(im), (pad + k * (size + pad), y + cap))
+  path = paths.path(path)   # local or gs://
   path.parent.mkdir(parents=True, exist_ok=True)
-  sheet.save(path)
+  with path.open("wb") as f:
+    sheet.save(f, format="PNG")
   return path
 
 
@@ -176,7 +179,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   filtered dataset with --config.filter_output). Returns the report."""
   from busgen_jax.evaluate import report as report_lib
   t0 = time.time()
-  work = Path(workdir).expanduser()
+  work = paths.path(workdir)   # local or gs://; the filtered copy is a dataset, so local (checked before any work)
+  if cfg.filter_output:
+    paths.local(cfg.filter_output, "filtered dataset (--config.filter_output)")
   work.mkdir(parents=True, exist_ok=True)
   for name in ("generated", "train"):
     if not cfg[name]:

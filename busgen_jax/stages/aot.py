@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from busgen_jax import paths
+
 GiB = 1024 ** 3
 
 
@@ -279,7 +281,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
   if workdir:
-    out = Path(workdir)
+    out = paths.path(workdir)   # local or gs://
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot.json").write_text(json.dumps(report, indent=1))
     (out / "aot.md").write_text(markdown(report))
@@ -287,7 +289,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
   fitting = [p for p in report["programs"] if p["program"] == "train" and p["fits"]]
   report["best_train_batch"] = max((p["global_batch"] for p in fitting), default=None)
   if workdir:
-    out = Path(workdir)
+    out = paths.path(workdir)   # local or gs://
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot.json").write_text(json.dumps(report, indent=1))
     (out / "aot.md").write_text(markdown(report))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import ml_collections
 
+from busgen_jax import paths
+
 # Published dense bf16 peaks of GPUs (FLOP/s), matched as substrings of jax's device_kind; TPUs' are aot.CHIPS'
 # (keyed by their exact device_kind). The MFU denominator.
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
@@ -254,7 +256,7 @@ def _child(name: str, case: dict, data: str, out: Path, timeout: float) -> dict:
 def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   from absl import logging
   from busgen_jax.data import convert
-  work = Path(workdir)
+  work = paths.local(workdir, "bench workdir (it holds the converted phantom dataset the pipeline cases read)")
   work.mkdir(parents=True, exist_ok=True)
   names = [n for n in cfg.only.split(",") if n] or list(cfg.cases.keys())
   unknown = sorted(set(names) - set(cfg.cases.keys()))

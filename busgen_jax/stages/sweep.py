@@ -30,6 +30,7 @@ import json
 import math
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -133,8 +134,11 @@ def run_local(cfg, workdir: str, runs: list[dict], *, log=print) -> list[dict]:
     argv = [sys.executable, "-m", "busgen_jax.cli", *command(cfg, r, workdir)]
     log(f"[{i + 1}/{len(runs)}] {r['name']}: {shlex.join(argv[2:])}")
     t = time.time()
-    with (run_dir / "sweep.log").open("w") as f:
+    # Through a local file: a child needs a real file descriptor, and the run directory may be gs://.
+    with tempfile.TemporaryFile("w+") as f:
       status = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+      f.seek(0)
+      (run_dir / "sweep.log").write_text(f.read())
     rec = {"name": r["name"], "values": r["values"], "overrides": r["overrides"], "status": status,
            "seconds": round(time.time() - t, 1), "command": shlex.join(["busgen-jax", *argv[3:]])}
     done.write_text(json.dumps(rec, indent=1))

