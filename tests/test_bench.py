@@ -1,9 +1,12 @@
 """`busgen-jax bench` end to end on a micro case (its own process, as every case runs): every figure present and
 plausible, bench.md written, and a docs file's generated section replaced without touching the rest."""
 
+import pytest
+
 from busgen_jax.stages import bench
 
 
+@pytest.mark.slow   # a performance tool: `pytest -m slow tests/test_bench.py`
 def test_bench_micro_case_and_docs_section(tmp_path):
   docs = tmp_path / "BENCHMARKS.md"
   docs.write_text(f"# Benchmarks\n\nhand-written\n\n{bench.BEGIN}\nold figures\n{bench.END}\n\nmore hand-written\n")

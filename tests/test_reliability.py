@@ -124,6 +124,7 @@ def test_many_kills(run, tmp_path):
   _kill_and_resume(run, tmp_path / "killed", kills=9, seed=1)
 
 
+@pytest.mark.slow   # the CLI's SIGTERM path; CI covers preemption with two processes (test_train)
 def test_sigterm_saves_the_next_step_and_exits_cleanly(run, tmp_path):
   workdir = tmp_path / "preempted"
   proc = _start(run, workdir)
@@ -162,6 +163,7 @@ def _assert_flat(rss, limit_gib: float = 0.15):
   assert max(settled) - settled[0] < limit_gib, rss
 
 
+@pytest.mark.slow   # 500 steps; every run's host memory is in its TensorBoard events (host_rss_gib)
 def test_host_memory_is_flat_over_a_run(run, tmp_path):
   _assert_flat(_memory_over_a_run(run, tmp_path, 500))
 
