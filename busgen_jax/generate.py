@@ -294,6 +294,8 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
   plan = samplers.plan_from_config(sched.betas, cfg.sampler)
   graphdef = nnx.graphdef(unet.abstract(model_cfg))
   seed, scale, clip = cfg.seed, cfg.sampler.guidance_scale, cfg.sampler.clip_x0 or None
+  interval = tuple(cfg.sampler.guidance_interval)
+  samplers.guided_rows(plan, interval)   # a bad interval fails here, before any compilation
 
   pc = cfg.protect
 
@@ -304,7 +306,8 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
     transform = None if bank is None else functools.partial(
         protect.protected, bank=bank[0], sched=sched, radius=bank[1], scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
-                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform, start=start)
+                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform, start=start,
+                                     guidance_interval=interval)
 
   repl = parallel.replicated(mesh)
   rows = parallel.rows(mesh)

@@ -85,7 +85,9 @@ def test_train_and_sample_compile_with_per_chip_figures(report):
   assert train["mfu"] == pytest.approx(compute_mfu) if train["bound_by"] == "compute" else train["mfu"] < compute_mfu
   # Sampling runs per host, over that host's 4 chips, params replicated.
   assert sample["fits"] and sample["mesh"] == {"data": 4} and sample["call_batch"] == 8 and sample["scope"] == "host"
-  assert sample["network_evals"] == 50 and sample["model_flops"] == pytest.approx(fwd * 2 * 2 * 50)
+  # 50 solver steps, each on the doubled (guided) batch: 100 network evaluations per image.
+  assert sample["solver_steps"] == 50 and sample["network_evals"] == 100
+  assert sample["model_flops"] == pytest.approx(fwd * 2 * 100)
   saved = json.loads((work / "aot.json").read_text())
   assert saved["programs"][0]["hbm_bytes"] == train["hbm_bytes"]
   md = (work / "aot.md").read_text()

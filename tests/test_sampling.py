@@ -164,6 +164,48 @@ def test_guidance_is_one_batched_call_and_the_official_combination():
   assert calls[-1] == 3   # scale 1: the conditional pass only
 
 
+
+def test_guidance_in_a_limited_interval_of_noise_levels():
+  """Guidance only where low < sigma/alpha <= high (Kynkäänniemi et al. 2024): those steps combine the two
+  predictions, the rest take the conditional one from the single batch, and the count of network evaluations
+  says so. Checked against the plan run with a per-timestep guidance scale in one scan."""
+  batches = []
+
+  def eps_fn(x, t, cond):   # depends on x, t and the condition, so every combination shows in the result
+    batches.append(x.shape[0])
+    return jnp.tanh(x * (1 + t[:, None] / 500.0) + cond[:, None])
+
+  plan = samplers.make_plan(BETAS, algorithm="dpmsolver++", method="multistep", order=2, steps=12)
+  level = plan.sigma / plan.alpha
+  interval = (float(np.sort(level)[3]), float(np.sort(level)[8]))          # the 5 middle steps of 12
+  rows = samplers.guided_rows(plan, interval)
+  assert rows.sum() == 5 and not rows[0] and not rows[-1]                    # neither the noisiest nor the last
+  assert samplers.network_evals(plan, 2.8, interval) == 12 + 5
+  assert samplers.network_evals(plan, 2.8) == 24 and samplers.network_evals(plan, 1.0, interval) == 12
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 16))
+  cond, uncond = jnp.array([0.5, -1.0, 2.0]), jnp.zeros(3)
+  out = samplers.run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=2.8, guidance_interval=interval)
+  assert sorted(set(batches)) == [3, 6]   # unguided segments on the single batch, guided on the doubled one
+
+  scale_at = jnp.ones(500).at[jnp.asarray(plan.t_index[rows])].set(2.8)
+
+  def per_step(x, t, c):    # the reference: both predictions at every step, mixed by the step's own scale
+    ec, eu = eps_fn(x, t, cond), eps_fn(x, t, uncond)
+    return eu + scale_at[t][:, None] * (ec - eu)
+
+  ref = samplers.run(plan, per_step, x_T, cond=cond)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+  assert not np.allclose(np.asarray(out), np.asarray(samplers.run(plan, eps_fn, x_T, cond=cond, uncond=uncond,
+                                                                 guidance_scale=2.8)), atol=1e-3)
+  # An interval holding every level is the official sampler, to the bit.
+  everywhere = (0.0, float(level.max()) + 1)
+  np.testing.assert_array_equal(
+      np.asarray(samplers.run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=2.8,
+                              guidance_interval=everywhere)),
+      np.asarray(samplers.run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=2.8)))
+  with pytest.raises(ValueError, match="low < high"):
+    samplers.guided_rows(plan, (2.0, 1.0))
+
 # ------------------------------------------------------------------------------------------------ box prior
 
 def test_box_prior_fit_sample_and_storage(tmp_path):

@@ -394,18 +394,42 @@ def ddpm_plan(betas, *, steps: int | None = None) -> Plan:
 
 # ------------------------------------------------------------------------------------------------ running a plan
 
+def guided_rows(plan: Plan, interval=()) -> np.ndarray:
+  """(J,) bool: the evaluations that get classifier-free guidance. interval (low, high): only where
+  low < sigma_t / alpha_t <= high, the noise level in EDM's units (Kynkäänniemi et al. 2024, "Applying guidance in
+  a limited interval"); elsewhere the conditional prediction alone, one network evaluation instead of two.
+  () guides every evaluation (official)."""
+  if not interval:
+    return np.ones(plan.num_evals, bool)
+  low, high = (float(v) for v in interval)
+  if not 0 <= low < high:
+    raise ValueError(f"guidance_interval must be (low, high) with 0 <= low < high, got {tuple(interval)}")
+  level = plan.sigma / plan.alpha
+  return (level > low) & (level <= high)
+
+
+def network_evals(plan: Plan, guidance_scale: float, interval=()) -> int:
+  """Network evaluations per image: two where guidance applies (conditional and unconditional), else one."""
+  if guidance_scale == 1.0:
+    return plan.num_evals
+  return int(plan.num_evals + guided_rows(plan, interval).sum())
+
+
 def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None, guidance_scale: float = 1.0,
-        keys: jax.Array | None = None, clip_x0: float | None = None, eps_transform: Callable | None = None
-        ) -> jax.Array:
+        keys: jax.Array | None = None, clip_x0: float | None = None, eps_transform: Callable | None = None,
+        guidance_interval=()) -> jax.Array:
   """Runs a plan: `eps_fn(x, t_index, cond)` on batches of x_T (any layout; batch first).
 
   keys: one PRNG key per example for ancestral noise (noise of example b at evaluation j comes from
   fold_in(keys[b], j), so it does not depend on how the batch is split across devices). clip_x0 clips the
   x0 predictions of x0 plans to [-clip_x0, clip_x0]. eps_transform wraps the guided prediction eps(x, t) (e.g.
-  diffusion/protect.py's privacy protection)."""
-  eps_g = guided(eps_fn, cond, uncond, guidance_scale)
-  if eps_transform is not None:
-    eps_g = eps_transform(eps_g)
+  diffusion/protect.py's privacy protection). guidance_interval: see guided_rows; the plan then runs as one scan
+  per contiguous run of guided or unguided evaluations (the unguided ones on the single batch)."""
+  guide = uncond is not None and guidance_scale != 1.0
+  eps_fns = {}
+  for g in (True, False):
+    e = guided(eps_fn, cond, uncond, guidance_scale if g and guide else 1.0)
+    eps_fns[g] = e if eps_transform is None else eps_transform(e)
   dt = x_T.dtype
   B = x_T.shape[0]
   tab = {k: jnp.asarray(getattr(plan, k), dt) for k in ("alpha", "sigma", "in_x", "in_m", "out_x", "out_m", "noise")}
@@ -417,28 +441,33 @@ def run(plan: Plan, eps_fn: Callable, x_T: jax.Array, *, cond=None, uncond=None,
   x0_plan = plan.predict == "x0"
   comb = lambda c, buf: jnp.tensordot(c, buf, axes=1)
 
-  def body(carry, r):
-    x, buf = carry
-    x_in = r["in_x"] * x + comb(r["in_m"], buf)
-    eps = eps_g(x_in, jnp.full((B,), r["t"], jnp.int32)).astype(dt)
-    m = (x_in - r["sigma"] * eps) / r["alpha"] if x0_plan else eps
-    if x0_plan and clip_x0 is not None:
-      m = jnp.clip(m, -clip_x0, clip_x0)
-    buf = jnp.concatenate([buf[1:], m[None]])
-    x = r["out_x"] * x + comb(r["out_m"], buf)
-    if noisy:
-      z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, r["j"]), x.shape[1:], dt))(keys)
-      x = x + r["noise"] * z
-    return (x, buf), None
+  def body(eps_g):
+    def step(carry, r):
+      x, buf = carry
+      x_in = r["in_x"] * x + comb(r["in_m"], buf)
+      eps = eps_g(x_in, jnp.full((B,), r["t"], jnp.int32)).astype(dt)
+      m = (x_in - r["sigma"] * eps) / r["alpha"] if x0_plan else eps
+      if x0_plan and clip_x0 is not None:
+        m = jnp.clip(m, -clip_x0, clip_x0)
+      buf = jnp.concatenate([buf[1:], m[None]])
+      x = r["out_x"] * x + comb(r["out_m"], buf)
+      if noisy:
+        z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, r["j"]), x.shape[1:], dt))(keys)
+        x = x + r["noise"] * z
+      return (x, buf), None
+    return step
 
-  buf = jnp.zeros((K, *x_T.shape), dt)
-  (x, _), _ = jax.lax.scan(body, (x_T, buf), tab)
-  return x
+  rows = guided_rows(plan, guidance_interval) if guide else np.zeros(plan.num_evals, bool)
+  cuts = [0, *(np.flatnonzero(np.diff(rows)) + 1).tolist(), plan.num_evals]
+  carry = (x_T, jnp.zeros((K, *x_T.shape), dt))
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    carry, _ = jax.lax.scan(body(eps_fns[bool(rows[a])]), carry, jax.tree.map(lambda v: v[a:b], tab))
+  return carry[0]
 
 
 def sample_from_keys(plan: Plan, eps_fn: Callable, keys: jax.Array, image_shape: tuple[int, ...], *, cond,
                      guidance_scale: float, clip_x0: float | None = None, eps_transform: Callable | None = None,
-                     start: jax.Array | None = None) -> jax.Array:
+                     start: jax.Array | None = None, guidance_interval=()) -> jax.Array:
   """Images from one PRNG key per example: its x_T and its ancestral noise come from its own key, and
   guidance is against the null condition (every condition zero), so an image does not depend on the batch
   it is sampled in.
@@ -454,7 +483,7 @@ def sample_from_keys(plan: Plan, eps_fn: Callable, keys: jax.Array, image_shape:
     x_T = x_T + (float(plan.alpha[0]) * m).reshape((-1,) + (1,) * len(image_shape)).astype(x_T.dtype)
   uncond = jax.tree.map(jnp.zeros_like, cond)
   return run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=guidance_scale, keys=keys,
-             clip_x0=clip_x0, eps_transform=eps_transform)
+             clip_x0=clip_x0, eps_transform=eps_transform, guidance_interval=guidance_interval)
 
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")
@@ -489,6 +518,9 @@ def default_config():
   c.lower_order_final = True
   c.eta = 0.0                   # DDIM
   c.guidance_scale = 2.8        # official: w + 1 = 2.8
+  # (low, high): guidance only where low < sigma_t / alpha_t <= high, elsewhere the conditional prediction alone
+  # (one network evaluation, not two; Kynkäänniemi et al. 2024). (): every step (official).
+  c.guidance_interval = ()
   c.clip_x0 = 0.0               # > 0: clip x0 predictions to [-clip_x0, clip_x0] (x0 plans)
   # "data": x_T carries the training images' mean grey level as the forward process does (alpha_T * m, m from
   # the model card's image_mean; sample_from_keys). "noise": pure noise (official). Cards without image_mean

@@ -217,7 +217,7 @@ def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.Co
           for k in cfg.model.conditions}
   index = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)
   start = jax.ShapeDtypeStruct((B, 2), jnp.float32, sharding=rows)
-  return sample.lower(params, index, cond, start), dict(mesh.shape), B, plan.num_evals
+  return sample.lower(params, index, cond, start), dict(mesh.shape), B, plan
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -230,6 +230,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
   training batches) are tried in turn; the largest that fits is `best_train_batch`. Raises DoesNotFit (after
   writing the report) when no training batch fits or the sampler does not."""
   from busgen_jax import generate
+  from busgen_jax.diffusion import samplers
   from busgen_jax.models import unet
   devices, chip = topology(topology_name, num_slices)
   hosts = sorted({d.process_index for d in devices})
@@ -260,12 +261,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
     entry = {"program": "sample", "sampler": scfg.sampler.to_dict(), "scope": scope}
     t = time.perf_counter()
     try:
-      lowered, mesh, B, evals = sample_program(cfg, scfg, per_host if scope == "host" else devices)
-      guided = 2 if scfg.sampler.guidance_scale != 1 else 1
-      entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=evals)
+      lowered, mesh, B, plan = sample_program(cfg, scfg, per_host if scope == "host" else devices)
+      # Network evaluations per image: two per guided solver step (the doubled batch), one per unguided one.
+      nfe = samplers.network_evals(plan, scfg.sampler.guidance_scale, tuple(scfg.sampler.guidance_interval))
+      evals = plan.num_evals
+      entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=nfe,
+                   solver_steps=evals)
       compiled = _compile(lowered, effort)
-      # The scan body (one network evaluation on the guided batch) is counted once by XLA: scale by the evals.
-      model = fwd * guided * scfg.per_device_batch * evals
+      # The scan body (one solver step) is counted once by XLA: scale by the steps.
+      model = fwd * scfg.per_device_batch * nfe
       a = analyse(compiled, chip, model_flops=model, utilisation=utilisation)
       a["compiled_flops_per_eval"] = a["compiled_flops"]
       a["hbm_traffic_bytes"] *= evals

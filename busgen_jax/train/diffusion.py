@@ -233,7 +233,7 @@ def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
     return samplers.sample_from_keys(plan, setup.eps_fn(ema), jax.random.split(key, n),
                                      (cfg.data.image_size, cfg.data.image_size, 3), cond=cond,
                                      guidance_scale=cfg.sampler.guidance_scale, clip_x0=cfg.sampler.clip_x0 or None,
-                                     start=start)
+                                     start=start, guidance_interval=tuple(cfg.sampler.guidance_interval))
 
   def sample(ema, local_batch, step):
     cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
