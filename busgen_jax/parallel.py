@@ -34,8 +34,10 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None) -> None:
   """`jax.distributed.initialize` when launched multi-host (TPU pod slices, or explicit arguments/env).
 
-  On a Cloud TPU VM slice with several hosts the arguments are discovered; on one CPU machine give them
-  (or set BUSGEN_COORDINATOR, BUSGEN_NUM_PROCESSES, BUSGEN_PROCESS_ID)."""
+  On a Cloud TPU VM, or a GKE TPU pod (TPU_WORKER_HOSTNAMES), JAX discovers the arguments itself; on one CPU
+  machine give them (or set BUSGEN_COORDINATOR, BUSGEN_NUM_PROCESSES, BUSGEN_PROCESS_ID). The distributed
+  client is what JAX's preemption sync and Orbax's multi-host commits use, so a TPU VM always gets one (a
+  single-host VM: one process)."""
   coordinator = coordinator or os.environ.get("BUSGEN_COORDINATOR")
   if num_processes is None and "BUSGEN_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["BUSGEN_NUM_PROCESSES"])
@@ -46,13 +48,21 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   if coordinator:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
-  elif _tpu_pod_worker_count() > 1:
+  elif _tpu_pod_worker_count() > 1 or _on_cloud_tpu_vm():
     jax.distributed.initialize()
 
 
 def _tpu_pod_worker_count() -> int:
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")   # GKE sets it; a Cloud TPU VM's workers are in metadata
   return len(hosts.split(",")) if hosts else 0
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """JAX's own finding at `import jax` (libtpu and TPU chips on this machine), unless JAX is told to run on
+  other devices (JAX_PLATFORMS=cpu, as the tests do on any machine)."""
+  from jax._src import cloud_tpu_init   # the pinned jax's flag; no public equivalent before the backend starts
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  return bool(cloud_tpu_init.running_in_cloud_tpu_vm) and (not platforms or "tpu" in platforms)
 
 
 # ------------------------------------------------------------------------------------------------ meshes

@@ -44,3 +44,39 @@ def test_global_batch_is_sharded_over_the_data_axes():
   np.testing.assert_array_equal(np.asarray(out["pathology"]), local["pathology"])
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
     parallel.global_batch({"pathology": np.arange(12, dtype=np.int32)}, mesh, rules)
+
+
+def test_distributed_initialisation_is_discovered_on_tpu_vms_and_gke_pods(monkeypatch):
+  """A Cloud TPU VM names its workers in instance metadata, not in the environment (only GKE sets
+  TPU_WORKER_HOSTNAMES): JAX's own finding at import must be enough to start the distributed client, which the
+  preemption sync needs. Explicit coordinates win; JAX_PLATFORMS=cpu (tests on a TPU VM) and a plain machine
+  start none. jax.distributed.initialize is recorded, not run: discovery itself needs a TPU slice."""
+  from jax._src import cloud_tpu_init
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  for var in ("BUSGEN_COORDINATOR", "BUSGEN_NUM_PROCESSES", "BUSGEN_PROCESS_ID", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+
+  def started(*, tpu_vm: bool, platforms: str | None, **env) -> list:
+    calls.clear()
+    monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", tpu_vm)
+    if platforms is None:
+      monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    else:
+      monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    for k, v in env.items():
+      monkeypatch.setenv(k, v)
+    parallel.maybe_initialize_distributed()
+    for k in env:
+      monkeypatch.delenv(k)
+    return list(calls)
+
+  assert started(tpu_vm=True, platforms=None) == [{}]              # discovered by JAX from the VM's metadata
+  assert started(tpu_vm=True, platforms="tpu") == [{}]
+  assert started(tpu_vm=True, platforms="cpu") == []
+  assert started(tpu_vm=False, platforms=None) == []
+  assert started(tpu_vm=False, platforms=None, TPU_WORKER_HOSTNAMES="w-0,w-1") == [{}]   # GKE
+  assert started(tpu_vm=False, platforms="cpu", BUSGEN_COORDINATOR="localhost:1234", BUSGEN_NUM_PROCESSES="2",
+                 BUSGEN_PROCESS_ID="1") == [{"coordinator_address": "localhost:1234", "num_processes": 2,
+                                             "process_id": 1}]
