@@ -3,6 +3,9 @@
   # a trained model (e.g. the `cpu` preset's), sampled from pure noise and from the terminal marginal's mean:
   python docs/experiments/brightness_probe.py --data /tmp/exp_cpu/data/busbra/1.0.0 --workdir /tmp/brightness \
       --checkpoint /tmp/exp_cpu/diffusion/checkpoints [--starts noise,data] [--images 64]
+  # or repositories already generated (e.g. the recipe study's guidance variants), measured as they are:
+  python docs/experiments/brightness_probe.py --data /tmp/exp_cpu/data/busbra/1.0.0 --workdir /tmp/brightness \
+      --datasets "guidance 1.5=/tmp/study/guidance/guidance_1.5/generated/data/generated/1.0.0,..."
   # or short pretrainings with and without offset noise at equal steps:
   python docs/experiments/brightness_probe.py --data /tmp/exp_cpu/data/busbra/1.0.0 --workdir /tmp/brightness \
       [--steps 400] [--offsets 0,0.1] [--starts noise,data] [--images 64]
@@ -56,6 +59,8 @@ def main():
   p.add_argument("--checkpoint", default="", help="a trained model's checkpoints (no training)")
   p.add_argument("--starts", default="noise,data", help="sampler.start values")
   p.add_argument("--images", type=int, default=64, help="generated images per pathology")
+  p.add_argument("--datasets", default="", help="NAME=DIR,...: generated datasets to measure as they are "
+                 "(their train split), instead of generating")
   a = p.parse_args()
   work = Path(a.workdir)
   preset = cpu_preset()
@@ -64,6 +69,11 @@ def main():
   prior = box_prior.fit_datasets([a.data], "train", **preset.box_prior.to_dict()).save(work / "box_prior.json")
   devices = [d for d in reader.open_dataset(a.data).vocab("device") if d != "unknown"]
   rows = {"real (training split)": grey(a.data, "train", size)}
+  if a.datasets:
+    for item in a.datasets.split(","):
+      name, _, path = item.partition("=")
+      rows[name] = grey(path, "train", size)
+    return report(a, rows, f"--datasets '{a.datasets}'")
   models = {"trained model": (Path(a.checkpoint), work / "checkpoint")} if a.checkpoint else {}
   for offset in ([] if a.checkpoint else [float(x) for x in a.offsets.split(",")]):
     out = work / f"offset_{offset}"
@@ -84,8 +94,13 @@ def main():
       ds = generate.generate(g, out / f"generated_{start}")
       rows[f"{name}, start from {start}"] = grey(str(ds), "train", size)
   given = f"--checkpoint {a.checkpoint}" if a.checkpoint else f"--steps {a.steps} --offsets {a.offsets}"
+  report(a, rows, f"{given} --starts {a.starts} --images {a.images}")
+
+
+def report(a, rows: dict, given: str) -> None:
+  work = Path(a.workdir)
   lines = [f"Command: `python docs/experiments/brightness_probe.py --data {a.data} --workdir {a.workdir} "
-           f"{given} --starts {a.starts} --images {a.images}`", "",
+           f"{given}`", "",
            "| images | benign inside / outside | malignant inside / outside |", "|---|---|---|"]
   for name, g in rows.items():
     lines.append(f"| {name} | {g['benign'][0]} / {g['benign'][1]} | {g['malignant'][0]} / {g['malignant'][1]} |")
