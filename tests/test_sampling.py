@@ -16,7 +16,7 @@ from PIL import Image
 from busgen_jax import generate, sampling
 from busgen_jax.data import convert, pipeline, reader, schema, writer
 from busgen_jax.data import box_prior
-from busgen_jax.diffusion import samplers
+from busgen_jax.diffusion import plans, samplers
 from busgen_jax.train import diffusion
 from helpers import convert_config, run_two_processes, tiny_diffusion_config
 
@@ -79,9 +79,9 @@ def test_every_dpm_solver_variant_converges_to_the_exact_ode_solution():
 def test_plans_have_the_official_evaluation_counts_and_lower_orders():
   p = samplers.dpm_solver_plan(BETAS, steps=50, order=3, method="singlestep")
   assert p.num_evals == 50 and p.predict == "x0"
-  assert samplers._singlestep_orders(50, 3) == [3] * 16 + [2]
-  assert samplers._singlestep_orders(51, 3) == [3] * 16 + [2, 1]
-  assert samplers._singlestep_orders(7, 2) == [2, 2, 2, 1]
+  assert plans._singlestep_orders(50, 3) == [3] * 16 + [2]
+  assert plans._singlestep_orders(51, 3) == [3] * 16 + [2, 1]
+  assert plans._singlestep_orders(7, 2) == [2, 2, 2, 1]
   p = samplers.dpm_solver_plan(BETAS, steps=20, order=2, method="multistep", algorithm="dpmsolver")
   assert p.num_evals == 20 and p.predict == "eps"
   assert samplers.dpm_solver_plan(BETAS, steps=5, order=3, method="multistep", denoise_to_zero=True).num_evals == 6
