@@ -264,16 +264,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
       lowered, mesh, B, plan = sample_program(cfg, scfg, per_host if scope == "host" else devices)
       # Network evaluations per image: two per guided solver step (the doubled batch), one per unguided one.
       nfe = samplers.network_evals(plan, scfg.sampler.guidance_scale, tuple(scfg.sampler.guidance_interval))
-      evals = plan.num_evals
+      steps = plan.num_evals
       entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=nfe,
-                   solver_steps=evals)
+                   solver_steps=steps)
       compiled = _compile(lowered, effort)
-      # The scan body (one solver step) is counted once by XLA: scale by the steps.
       model = fwd * scfg.per_device_batch * nfe
       a = analyse(compiled, chip, model_flops=model, utilisation=utilisation)
+      # The scan body (one solver step) is counted once by XLA: scale its traffic by the steps.
       a["compiled_flops_per_eval"] = a["compiled_flops"]
-      a["hbm_traffic_bytes"] *= evals
-      a["time_bounds_s"]["hbm"] *= evals
+      a["hbm_traffic_bytes"] *= steps
+      a["time_bounds_s"]["hbm"] *= steps
       a["step_time_s"] = max(a["time_bounds_s"].values())
       a["bound_by"] = max(a["time_bounds_s"], key=a["time_bounds_s"].get)
       a["mfu"] = model / (a["step_time_s"] * chip.bf16_flops)

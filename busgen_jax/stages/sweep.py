@@ -30,8 +30,8 @@ import json
 import math
 import shlex
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any

@@ -66,14 +66,14 @@ def main():
   preset = cpu_preset()
   size = preset.diffusion.data.image_size
   work.mkdir(parents=True, exist_ok=True)
-  prior = box_prior.fit_datasets([a.data], "train", **preset.box_prior.to_dict()).save(work / "box_prior.json")
-  devices = [d for d in reader.open_dataset(a.data).vocab("device") if d != "unknown"]
   rows = {"real (training split)": grey(a.data, "train", size)}
-  if a.datasets:
+  if a.datasets:   # measured as they are: no box prior, no generation
     for item in a.datasets.split(","):
       name, _, path = item.partition("=")
       rows[name] = grey(path, "train", size)
     return report(a, rows, f"--datasets '{a.datasets}'")
+  prior = box_prior.fit_datasets([a.data], "train", **preset.box_prior.to_dict()).save(work / "box_prior.json")
+  devices = [d for d in reader.open_dataset(a.data).vocab("device") if d != "unknown"]
   models = {"trained model": (Path(a.checkpoint), work / "checkpoint")} if a.checkpoint else {}
   for offset in ([] if a.checkpoint else [float(x) for x in a.offsets.split(",")]):
     out = work / f"offset_{offset}"
