@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert a dataset (phantom, BUSI, BUS-BRA, manifest) to ArrayRecord shards"),
     "train": ("train", "train (or resume) the BUSGen diffusion model: --config configs/<...>.py --workdir DIR"),
     "adapt": ("adapt", "few-shot LoRA adaptation of a pretrained model to a new task (new label rows, k shots)"),
+    "distill": ("distill", "distil a trained diffusion model into a few-step student (guidance distillation, then "
+                           "progressive rounds): --config.teacher=CKPT"),
     "fit-box-prior": ("fit_box_prior", "fit per-pathology lesion-box densities (KDE) on a dataset: "
                                        "--config.dataset=DIR"),
     "sample": ("sample", "generate a synthetic dataset from a checkpoint (sharded, resumable)"),

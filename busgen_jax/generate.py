@@ -93,6 +93,8 @@ def _shown(tree, record_paths: bool):
     return tree
   if isinstance(tree, dict):
     return {k: (_short(v) if k in _PATH_KEYS and isinstance(v, str) else _shown(v, False)) for k, v in tree.items()}
+  if isinstance(tree, list):   # e.g. a student's lineage of teachers
+    return [_shown(v, False) for v in tree]
   return tree
 
 
@@ -110,6 +112,15 @@ def load_model(cfg: ml_collections.ConfigDict) -> card.Model:
   """The sample config's model, through the one loader (models/card.py)."""
   return card.load(cfg.checkpoint, which=cfg.which, step=None if cfg.step < 0 else cfg.step, adapters=cfg.adapters,
                    image_size=cfg.image_size, device_names=tuple(cfg.device_names))
+
+
+def for_model(cfg: ml_collections.ConfigDict, model: card.Model) -> ml_collections.ConfigDict:
+  """cfg with the sampler `model` runs: a distilled student's own plan (samplers.for_student)."""
+  if not model.card.student:
+    return cfg
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.sampler = samplers.for_student(cfg.sampler, model.card.student, model.name)
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ conditions
@@ -226,30 +237,6 @@ def _masks(cfg, image_size: int) -> dict[str, list[np.ndarray]] | None:
   return out
 
 
-def _deform(mask: np.ndarray, rng: np.random.Generator, c) -> np.ndarray:
-  """A random affine deformation (rotation, scale, shift about the lesion centre) of a boolean mask."""
-  from PIL import Image
-  h, w = mask.shape
-  ys, xs = np.nonzero(mask)
-  cy, cx = ys.mean(), xs.mean()
-  a = np.deg2rad(rng.uniform(-c.max_rotate, c.max_rotate))
-  s = rng.uniform(c.min_scale, c.max_scale)
-  ty, tx = rng.uniform(-c.max_shift, c.max_shift, 2) * (h, w)
-  # PIL maps output (x, y) to input: inverse of "scale+rotate about the centre, then shift".
-  cos, sin = np.cos(a) / s, np.sin(a) / s
-  ox, oy = cx + tx, cy + ty
-  coeffs = (cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy)
-  out = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).transform((w, h), Image.Transform.AFFINE, coeffs,
-                                                                         Image.Resampling.NEAREST)) > 127
-  return out if out.any() else mask
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-  ys, xs = np.nonzero(mask)
-  h, w = mask.shape
-  return np.array([[xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]], np.float32)
-
-
 class Examples:
   """Example i -> (condition, boxes, mask), reproducibly from (seed, i)."""
 
@@ -270,8 +257,8 @@ class Examples:
       pool = self.masks.get(c["pathology"]) or self.masks["*"]
       mask = pool[rng.integers(len(pool))]
       if self.cfg.mask.deform:
-        mask = _deform(mask, rng, self.cfg.mask)
-      boxes = _mask_box(mask)
+        mask = transforms.deform_mask(mask, rng, self.cfg.mask)
+      boxes = transforms.mask_box(mask)
     elif "boxes" in c:
       boxes = np.asarray(c["boxes"], np.float32)
     elif self.prior is not None and (c["pathology"] in schema.LESION_PATHOLOGIES or self.prior.has(c["pathology"])):
@@ -296,6 +283,7 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
   seed, scale, clip = cfg.seed, cfg.sampler.guidance_scale, cfg.sampler.clip_x0 or None
   interval = tuple(cfg.sampler.guidance_interval)
   samplers.guided_rows(plan, interval)   # a bad interval fails here, before any compilation
+  student = bool(model_cfg.get("guidance_embed", False))   # the scale is the network's input: one evaluation
 
   pc = cfg.protect
 
@@ -303,11 +291,13 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
     net = nnx.merge(graphdef, params)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(index)
     eps = lambda x, t, c: objectives.eps_from_prediction(net(x, t, c), x, t, sched, prediction)
+    if student:
+      eps = samplers.with_guidance_input(eps, scale)
     transform = None if bank is None else functools.partial(
         protect.protected, bank=bank[0], sched=sched, radius=bank[1], scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
-                                     guidance_scale=scale, clip_x0=clip, eps_transform=transform, start=start,
-                                     guidance_interval=interval)
+                                     guidance_scale=1.0 if student else scale, clip_x0=clip, eps_transform=transform,
+                                     start=start, guidance_interval=interval)
 
   repl = parallel.replicated(mesh)
   rows = parallel.rows(mesh)
@@ -337,6 +327,7 @@ class Sampler:
   [-1, 1]. `batch` is this host's rows per call; in slice scope every host must call it equally often."""
 
   def __init__(self, cfg, model: card.Model, bank: tuple[np.ndarray, float] | None = None):
+    cfg = for_model(cfg, model)
     self.scope = resolve_scope(cfg.scope, jax.devices())
     if self.scope == "slice" and cfg.local_devices:
       raise ValueError("--config.local_devices applies to scope=host only")
@@ -353,6 +344,9 @@ class Sampler:
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
     self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh,
                                            protected=bank is not None)
+    self.network_evals = samplers.network_evals(   # a student: one per step, the scale an input
+        self.plan, 1.0 if model.cfg.get("guidance_embed", False) else cfg.sampler.guidance_scale,
+        tuple(cfg.sampler.guidance_interval))
     self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), parallel.replicated(self.mesh))
     self.bank = () if bank is None else (
         jax.device_put((bank[0], np.float32(bank[1])), parallel.replicated(self.mesh)),)
@@ -405,6 +399,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
   data_dir = paths.local(cfg.output or f"{os.fspath(workdir)}/data",
                          "generated dataset's folder (--config.output, default the workdir's data/)")
   model = load_model(cfg)
+  cfg = for_model(cfg, model)
   task = model.task
   conds = conditions(cfg, model.vocab, task, model.card.untrained)
   classes = set(task["classes"]) if task else set()
@@ -432,6 +427,8 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
                 "sampler": cfg.sampler.to_dict(), "image_size": model.image_size, "adapters": cfg.adapters,
                 "task": task, "protect": bank and {**cfg.protect.to_dict(), "bank_images": len(bank[0]) // 2,
                                                    "radius_used": round(bank[1], 6)}}
+  if model.card.student:
+    provenance["student"] = model.card.student
   fingerprint = hashlib.sha256(json.dumps(
       [provenance, conds, cfg.box, {k: v.tolist() for k, v in prior.groups.items()} if prior else None,
        cfg.mask.to_dict(), cfg.examples_per_shard, cfg.name, cfg.split], sort_keys=True,
@@ -490,7 +487,8 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after_
       sheets = contact_sheets(ds, examples, cfg)
       writer.write_json(ds / "generation.json", {
           "provenance": shown, "conditions": conds, "num_examples": report["converted"],
-          "sheets": [str(s.name) for s in sheets], "seconds_this_run": time.time() - t_start,
+          "sheets": [str(s.name) for s in sheets], "network_evals_per_image": sampler.network_evals,
+          "seconds_this_run": time.time() - t_start,
           "images_per_sec_this_run": done / max(time.time() - t0, 1e-9)})
     else:
       logging.info("this host's shards are done; the dataset is merged when every host has finished")

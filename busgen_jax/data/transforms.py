@@ -105,3 +105,27 @@ def depth_attenuation(image: np.ndarray, rng: np.random.Generator, max_db: float
 
 
 US_AUGMENTATIONS = {"gain": gain, "speckle": speckle, "depth_attenuation": depth_attenuation}
+
+
+def deform_mask(mask: np.ndarray, rng: np.random.Generator, c) -> np.ndarray:
+  """A random affine deformation (rotation, scale, shift about the lesion centre) of a boolean mask."""
+  h, w = mask.shape
+  ys, xs = np.nonzero(mask)
+  cy, cx = ys.mean(), xs.mean()
+  a = np.deg2rad(rng.uniform(-c.max_rotate, c.max_rotate))
+  s = rng.uniform(c.min_scale, c.max_scale)
+  ty, tx = rng.uniform(-c.max_shift, c.max_shift, 2) * (h, w)
+  # PIL maps output (x, y) to input: inverse of "scale+rotate about the centre, then shift".
+  cos, sin = np.cos(a) / s, np.sin(a) / s
+  ox, oy = cx + tx, cy + ty
+  coeffs = (cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy)
+  out = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).transform((w, h), Image.Transform.AFFINE, coeffs,
+                                                                         Image.Resampling.NEAREST)) > 127
+  return out if out.any() else mask
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+  """(1, 4) the normalised box around a boolean mask's pixels."""
+  ys, xs = np.nonzero(mask)
+  h, w = mask.shape
+  return np.array([[xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]], np.float32)

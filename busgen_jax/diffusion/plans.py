@@ -347,13 +347,25 @@ def dpm_solver_plan(betas, *, steps: int = 20, order: int = 2, skip_type: str = 
   return sv.b.build()
 
 
-def ddim_plan(betas, *, steps: int = 50, eta: float = 0.0) -> Plan:
-  """DDIM over `steps` evenly spaced integer timesteps T-1 .. 0 (eta=1: ancestral DDPM posterior sampling)."""
-  ab = np.cumprod(1.0 - np.asarray(betas, np.float64))
-  T = len(ab)
+def ddim_grid(T: int, steps: int) -> np.ndarray:
+  """`steps` evenly spaced integer timesteps T-1 .. 0."""
   if not 1 <= steps <= T:
     raise ValueError(f"steps must be in [1, {T}], got {steps}")
-  ts = np.linspace(T - 1, 0, steps).round().astype(np.int32)
+  return np.linspace(T - 1, 0, steps).round().astype(np.int32)
+
+
+def ddim_plan(betas, *, steps: int = 50, eta: float = 0.0, grid=()) -> Plan:
+  """DDIM over `steps` evenly spaced integer timesteps T-1 .. 0 (eta=1: ancestral DDPM posterior sampling), or over
+  `grid`, strictly decreasing timesteps (a progressive-distillation student's own)."""
+  ab = np.cumprod(1.0 - np.asarray(betas, np.float64))
+  T = len(ab)
+  if len(grid):
+    ts = np.asarray(grid, np.int32)
+    if ts.ndim != 1 or ts.min() < 0 or ts.max() >= T or np.any(np.diff(ts) >= 0):
+      raise ValueError(f"a DDIM grid must be strictly decreasing timesteps in [0, {T}), got {list(grid)}")
+    steps = len(ts)
+  else:
+    ts = ddim_grid(T, steps)
   b = _Builder("x0")
   for i, t in enumerate(ts):
     a_t, a_p = ab[t], (ab[ts[i + 1]] if i + 1 < steps else 1.0)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from busgen_jax.diffusion.plans import (  # noqa: F401  (plans are part of the sampling API)
-    K, SKIP_TYPES, Plan, VPSchedule, ddim_plan, ddpm_plan, dpm_solver_plan)
+    K, SKIP_TYPES, Plan, VPSchedule, ddim_grid, ddim_plan, ddpm_plan, dpm_solver_plan)
 
 
 def guided(eps_fn: Callable, cond, uncond, scale: float) -> Callable:
@@ -132,17 +132,17 @@ ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")
 
 def make_plan(betas, *, algorithm: str = "dpmsolver++", method: str = "singlestep", order: int = 3,
               steps: int | None = None, skip_type: str = "time_uniform", lower_order_final: bool = True,
-              eta: float = 0.0) -> Plan:
+              eta: float = 0.0, grid=()) -> Plan:
   """The plan of any sampler by name (official defaults: DPM-Solver++ single-step order 3, 50 steps).
   steps=None: 50, or every timestep for DDPM. method, order, skip_type and lower_order_final are
-  DPM-Solver's; eta is DDIM's."""
+  DPM-Solver's; eta and grid (explicit timesteps) are DDIM's."""
   if steps is None or steps <= 0:
     steps = len(betas) if algorithm == "ddpm" else 50
   if algorithm in ("dpmsolver", "dpmsolver++"):
     return dpm_solver_plan(betas, steps=steps, order=order, skip_type=skip_type, method=method,
                            algorithm=algorithm, lower_order_final=lower_order_final)
   if algorithm == "ddim":
-    return ddim_plan(betas, steps=steps, eta=eta)
+    return ddim_plan(betas, steps=steps, eta=eta, grid=grid)
   if algorithm == "ddpm":
     return ddpm_plan(betas, steps=steps)
   raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -158,6 +158,7 @@ def default_config():
   c.skip_type = "time_uniform"  # time_uniform | logSNR | time_quadratic
   c.lower_order_final = True
   c.eta = 0.0                   # DDIM
+  c.grid = ()                   # DDIM: explicit decreasing timesteps (a progressive student's card sets them)
   c.guidance_scale = 2.8        # official: w + 1 = 2.8
   # (low, high): guidance only where low < sigma_t / alpha_t <= high, elsewhere the conditional prediction alone
   # (one network evaluation, not two; Kynkäänniemi et al. 2024). (): every step (official).
@@ -167,12 +168,46 @@ def default_config():
   # the model card's image_mean; sample_from_keys). "noise": pure noise (official). Cards without image_mean
   # (official imports) start from pure noise either way.
   c.start = "data"
+  # A distilled student (busgen-jax distill): "card" samples with the plan its card names (the steps it was
+  # distilled for, one evaluation each, the guidance scale as an input); "config" with this config's plan.
+  c.student_plan = "card"
   return c
+
+
+PLAN_KEYS = ("algorithm", "method", "order", "steps", "skip_type", "lower_order_final", "eta", "grid")
+
+
+def for_student(c, student: dict | None, name: str = "the model"):
+  """The sampler config a model samples with: a distilled student's card (`student["sampler"]`, PLAN_KEYS) replaces
+  the plan unless c.student_plan == "config"; the guidance scale stays the config's. Idempotent."""
+  import ml_collections
+  from absl import logging
+  if not student:
+    return c
+  lo, hi = student["guidance_range"]
+  if not lo <= c.guidance_scale <= hi:
+    logging.warning("%s was distilled for guidance scales in [%g, %g]; %g is outside", name, lo, hi, c.guidance_scale)
+  mode = c.get("student_plan", "card")
+  if mode not in ("card", "config"):
+    raise ValueError(f"sampler.student_plan must be 'card' or 'config', got {mode!r}")
+  out = ml_collections.ConfigDict(c.to_dict())
+  if mode == "card":
+    for k, v in student["sampler"].items():
+      out[k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def with_guidance_input(eps_fn: Callable, scale) -> Callable:
+  """A guidance-distilled student's eps(x, t, cond) at guidance `scale`: one evaluation, the scale an input."""
+  def eps(x, t, cond):
+    return eps_fn(x, t, {**cond, "guidance": jnp.full((x.shape[0],), scale, jnp.float32)})
+  return eps
 
 
 def plan_from_config(betas, c) -> Plan:
   return make_plan(betas, algorithm=c.algorithm, method=c.method, order=c.order, steps=c.steps,
-                   skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta)
+                   skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta,
+                   grid=tuple(c.get("grid", ())))
 
 
 def sample_with_eps_fn(eps_fn: Callable, x_T: jax.Array, *, betas, cond=None, uncond=None,

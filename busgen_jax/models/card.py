@@ -49,6 +49,9 @@ class Card:
   # The training images' mean grey level (model range): {"all": [mean, std, n], "device": {name: [...]}}. Sampling
   # starts from the forward process's terminal marginal with it (samplers.default_config().start); {}: pure noise.
   image_mean: dict = dataclasses.field(default_factory=dict)
+  # A distilled student (busgen-jax distill): kind, teacher (name, step, card source), guidance_range, and the
+  # sampler plan it was distilled for (samplers.PLAN_KEYS), which `sample` runs unless told otherwise.
+  student: dict | None = None
 
   def to_meta(self) -> dict:
     return {"card": dataclasses.asdict(self)}

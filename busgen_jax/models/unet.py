@@ -45,6 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.remat = False              # rematerialise each res block in the backward pass
   c.attention = "auto"         # "dense" | "chunked" (memory-efficient) | "cudnn" (GPU) | "auto"
   c.attention_chunk = 1024     # query rows per chunk for chunked attention
+  # A guidance-distilled student (busgen-jax distill): the guidance scale is an input ("guidance" in cond, (B,)
+  # floats), embedded like the time and added to it (Meng et al. 2023), so one evaluation replaces the
+  # conditional + unconditional pair. Zero-initialised: a fresh student is its teacher's conditional model.
+  c.guidance_embed = False
   return c
 
 
@@ -77,6 +81,20 @@ def _torch_uniform(rng: np.random.Generator, fan_in: int):
   """PyTorch's default conv/linear init (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+
+
+def _zeros(key, shape, dtype=jnp.float32):
+  return jnp.zeros(shape, dtype)
+
+
+GUIDANCE_SCALE = 100.0   # guidance scales (about 1-8) times this span the sinusoids' periods as timesteps do
+
+
+def guidance_features(w: jax.Array, d: int) -> jax.Array:
+  """(B,) guidance scales -> (B, d) interleaved sinusoids, the time table's initial rows at t = 100 w."""
+  freqs = jnp.exp(-jnp.arange(0, d, 2) / d * math.log(10000.0))
+  ang = (GUIDANCE_SCALE * w.astype(jnp.float32))[:, None] * freqs[None, :]
+  return jnp.stack([jnp.sin(ang), jnp.cos(ang)], -1).reshape(w.shape[0], d)
 
 
 def sinusoid_table(T: int, d: int) -> np.ndarray:
@@ -257,6 +275,10 @@ class UNet(nnx.Module):
     self.pathology_table = Embedding(cfg.num_pathology, ch, None, rng)
     self.device_table = Embedding(cfg.num_devices, ch, None, rng)
     self.cond_1, self.cond_2 = _dense(2 * ch, tdim, rng, dtype), _dense(tdim, tdim, rng, dtype)
+    if cfg.get("guidance_embed", False):   # cards written before the option lack the key
+      self.guidance_1 = _dense(ch, tdim, rng, dtype)
+      self.guidance_2 = nnx.Linear(tdim, tdim, dtype=dtype, rngs=nnx.Rngs(0), kernel_init=_zeros, bias_init=_zeros,
+                                   kernel_metadata={"axes": DENSE_AXES}, bias_metadata={"axes": ("channels",)})
     self.in_channels = 3 + ("box" in cfg.conditions) + ("mask" in cfg.conditions)
     self.head = _conv(self.in_channels, ch, 3, rng, dtype=dtype)
 
@@ -290,11 +312,17 @@ class UNet(nnx.Module):
 
   def __call__(self, x, t, cond: Mapping[str, Any], *, rngs: nnx.Rngs | None = None, train: bool = False):
     """x (B,H,W,3) in [-1,1]-ish, t (B,) integer steps in [0,T), cond: "pathology"/"device" (B,) ints (0 = null),
-    "box"/"mask" (B,H,W,1) channels (all zero = unconditional). Returns the noise prediction (B,H,W,3)."""
+    "box"/"mask" (B,H,W,1) channels (all zero = unconditional), and for a guidance-distilled student "guidance"
+    (B,) scales. Returns the noise prediction (B,H,W,3)."""
     cfg = self.cfg
     dtype = x.dtype if cfg.dtype == "float32" else jnp.dtype(cfg.dtype)
     B = x.shape[0]
     temb = self.time_2(nnx.swish(self.time_1(self.time_table(t))))
+    if cfg.get("guidance_embed", False):
+      if "guidance" not in cond:
+        raise ValueError("this model is a guidance-distilled student: cond needs 'guidance' (B,) scales")
+      g = guidance_features(cond["guidance"], cfg.ch)
+      temb = temb + self.guidance_2(nnx.swish(self.guidance_1(g)))
     zeros = jnp.zeros((B,), jnp.int32)
     pathology = cond["pathology"] if "pathology" in cfg.conditions else zeros
     device = cond["device"] if "device" in cfg.conditions else zeros
@@ -357,7 +385,7 @@ def flops_per_image(cfg: ml_collections.ConfigDict, size: int, *, backward: bool
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   cond = {"pathology": t, "device": t, "box": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
-          "mask": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)}
+          "mask": jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32), "guidance": jax.ShapeDtypeStruct((1,), jnp.float32)}
   fwd = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c))
   cost = fwd.lower(params, x, t, cond).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -66,7 +66,6 @@ def make_train_step(graphdef, sched: schedule.Schedule, cfg: ml_collections.Conf
 
   `frozen` (LoRA adaptation) is the rest of the model's state, merged with the trained `state["params"]` (the
   adapters) inside the step: passed in, never differentiated, updated or copied."""
-  lr = train_state.learning_rate(cfg.optim, cfg.num_steps)
 
   def loss_fn(params, batch, key, frozen):
     model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
@@ -78,6 +77,14 @@ def make_train_step(graphdef, sched: schedule.Schedule, cfg: ml_collections.Conf
     with lora.dropout(jax.random.fold_in(k_drop, 1)):
       return objectives.diffusion_loss(eps_fn, batch["image"], cond, k_loss, sched, cfg.objective)
 
+  return make_update_step(loss_fn, cfg, tx)
+
+
+def make_update_step(loss_fn, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """The optimizer step around `loss_fn(params, batch, key, frozen) -> loss`: gradient accumulation over
+  cfg.accum_steps micro-batches, the optax update, EMA, and no change at all when the loss or gradients are not
+  finite. `frozen` is passed through untouched (adaptation's base, distillation's teacher)."""
+  lr = train_state.learning_rate(cfg.optim, cfg.num_steps)
   grad_fn = jax.value_and_grad(loss_fn)
 
   def step(state, batch, frozen=None):
@@ -140,12 +147,17 @@ class Setup:
     self.abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                        abstract_state, self.state_shardings)
     self.batch_keys = ("image", *cfg.model.conditions)
-    self.batch_shardings = batch_sh = {
+    self.batch_shardings = {
         k: parallel.batch_sharding(self.mesh, self.rules, 1 if k in ("pathology", "device") else 4)
         for k in self.batch_keys}
-    self.train_step = jax.jit(make_train_step(self.graphdef, self.sched, cfg, self.tx),
-                              in_shardings=(self.state_shardings, batch_sh),
-                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.train_step = self.jit_step(make_train_step(self.graphdef, self.sched, cfg, self.tx))
+
+  def jit_step(self, step, *extra_shardings):
+    """step(state, batch, *extra) under jax.jit: the state donated, the batch over the data axes, `extra` (a
+    frozen teacher or base) in `extra_shardings`."""
+    repl = parallel.replicated(self.mesh)
+    return jax.jit(step, in_shardings=(self.state_shardings, self.batch_shardings, *extra_shardings),
+                   out_shardings=(self.state_shardings, repl), donate_argnums=0)
 
   def init_state(self, seed: int, params=None) -> dict:
     """Fresh state, created directly in its shardings. `params` (host arrays) replace the initial weights."""
@@ -200,7 +212,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
                                     every_steps=cfg.log_every)
 
   def step_fn(state, local):
-    _check_labels(local, cfg.model)
+    check_labels(local, cfg.model)
     return setup.train_step(state, parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh,
                                                          setup.rules))
 
@@ -215,7 +227,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   return last
 
 
-def _check_labels(local, model_cfg):
+def check_labels(local, model_cfg):
   for field, rows in (("pathology", model_cfg.num_pathology), ("device", model_cfg.num_devices)):
     if field in model_cfg.conditions and local[field].max(initial=0) >= rows:
       raise ValueError(f"a batch has {field} index {local[field].max()} but model.num_{field}"
