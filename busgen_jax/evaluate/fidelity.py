@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.real_split = "train"
   c.generated = ""              # generated dataset directory
   c.generated_split = "train"
+  c.generated_limit = 0         # > 0: a seeded random subset of this many generated images (FD depends on the count)
   c.encoder = ""                # `busgen-jax classify` <workdir>/best, trained on real data (required)
   c.classifiers = ()            # more `classify` <workdir>/best checkpoints (e.g. one with task.field=device): each
                                 # adds the conditional accuracy of its own label field
@@ -113,7 +114,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   work.mkdir(parents=True, exist_ok=True)
   enc = encoder_lib.ClassifierEncoder(cfg.encoder)
   real = enc(cfg.real, cfg.real_split)
-  gen = enc(cfg.generated, cfg.generated_split)
+  gen_idx = reader.subsample(reader.open_dataset(cfg.generated).splits.get(cfg.generated_split, 0),
+                             cfg.get("generated_limit", 0), cfg.seed)
+  gen = enc(cfg.generated, cfg.generated_split, indices=gen_idx)
   label = lambda d: ["/".join(d[f][i] for f in cfg.conditions) for i in range(len(d["index"]))] \
       if cfg.conditions else ["all"] * len(d["index"])
   kw = dict(k=cfg.k, bootstrap_samples=cfg.bootstrap, kid_subsets=cfg.kid_subsets,
@@ -129,10 +132,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   more = []
   for d in cfg.classifiers:
     e = encoder_lib.ClassifierEncoder(d)
-    more.append(agreement(e, e(cfg.real, cfg.real_split), e(cfg.generated, cfg.generated_split)))
+    more.append(agreement(e, e(cfg.real, cfg.real_split), e(cfg.generated, cfg.generated_split, indices=gen_idx)))
   boxes = {}
-  for key, path, split in (("generated", cfg.generated, cfg.generated_split), ("real", cfg.real, cfg.real_split)):
-    d = reader.read_images(path, split)
+  for key, path, split, idx in (("generated", cfg.generated, cfg.generated_split, gen_idx),
+                                ("real", cfg.real, cfg.real_split, None)):
+    d = reader.read_images(path, split, idx)
     boxes[key] = box_fidelity(d["images"], d["boxes"], ring=cfg.box_ring, seed=cfg.seed)
   gen_ds = reader.open_dataset(cfg.generated)
   rep = {"real": {"dataset": str(reader.open_dataset(cfg.real).dir), "split": cfg.real_split},
