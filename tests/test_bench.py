@@ -12,17 +12,21 @@ def test_bench_micro_case_and_docs_section(tmp_path):
   docs.write_text(f"# Benchmarks\n\nhand-written\n\n{bench.BEGIN}\nold figures\n{bench.END}\n\nmore hand-written\n")
   cfg = bench.default_config()
   with cfg.unlocked():
-    cfg.cases = {"micro": bench.case("tiny", 16, 2, steps=1, sample_batch=2, sample_steps=2, pipeline_batches=2,
-                                      compare_attention=True)}
+    cfg.cases = {"micro": bench.case("tiny", 16, 2, steps=1, sample_batch=2, sample_steps=2, official_steps=3,
+                                      student_steps=2, pipeline_batches=2, compare_attention=True)}
   cfg.pipeline_images, cfg.docs = 16, str(docs)
   report = bench.run(cfg, tmp_path / "work")
   r = report["cases"]["micro"]
   assert r["matmul_peak_gflop_per_s"] > 1 and r["train_images_per_s"] > 0 and r["gflop_per_image"] > 0.01
   assert 0 < r["train_fraction_of_matmul_peak"] < 1.5 and r["sample_images_per_s"] > 0
-  assert r["sample_network_evals"] == 2 and r["train_compile_s"] > 0
+  assert r["sample_network_evals"] == 4 and r["train_compile_s"] > 0   # 2 steps on a doubled batch
+  rows = r["samplers"]
+  assert {k: v["network_evals"] for k, v in rows.items()} == {"official": 6, "solver": 4, "student": 2}
+  assert all(v["images_per_s"] > 0 for v in rows.values())
   assert r["temp_gib_dense_attention"] > 0 and r["temp_gib_chunked_attention"] > 0
   assert r["pipeline_images_per_s_2_workers"] > 0 and 0.1 < r["peak_host_memory_gib"] < 20
   text = docs.read_text()
   assert "hand-written" in text and "more hand-written" in text and "old figures" not in text
   assert "| micro (tiny, 16 px, batch 2, float32) |" in text and text.count(bench.BEGIN) == 1
+  assert "| micro (batch 2) | guidance student, DPM-Solver++ 2M, 2 steps | 2 |" in text
   assert (tmp_path / "work" / "bench.md").read_text() in text

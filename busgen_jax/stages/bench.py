@@ -10,8 +10,8 @@ peak (best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) be
 machines drift (fractions are of the higher); the train step's cold compile time, step time, images/s, model
 FLOPs (XLA's cost analysis, forward x 3) and their fraction of the measured peak, and on an accelerator the MFU
 against the chip's published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and
-memory-efficient (chunked) attention; the guided sampler's images/s (DPM-Solver++ multistep, one doubled batch per
-step); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step
+memory-efficient (chunked) attention; generation's images/s and network evaluations per image for the official
+sampler, the case's solver setting and a guidance-distilled student (_samplers); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step
 consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between
 `<!-- bench:begin -->` and `<!-- bench:end -->` of that file. The CPU cases took 11 minutes on 2 cores.
 """
@@ -37,22 +37,24 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, pipeline_batches=0, dtype="float32",
-         attention="auto", compare_attention=False) -> dict:
+def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, official_steps=0, student_steps=0,
+         pipeline_batches=0, dtype="float32", attention="auto", compare_attention=False) -> dict:
   """One bench case: the model ("tiny": configs/phantom_tiny.py's, or "official"), image size and train batch,
-  timed train steps, sampler batch and steps (0: no sampling), pipeline batches (0: none), compute dtype,
-  attention implementation, and whether to compare dense with chunked attention's memory."""
+  timed train steps, sampler batch and steps (0: no sampling), the official sampler's steps and a guidance
+  student's (0: no such row; _samplers), pipeline batches (0: none), compute dtype, attention implementation, and
+  whether to compare dense with chunked attention's memory."""
   return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
-              pipeline_batches=pipeline_batches, dtype=dtype, attention=attention,
-              compare_attention=compare_attention)
+              official_steps=official_steps, student_steps=student_steps, pipeline_batches=pipeline_batches,
+              dtype=dtype, attention=attention, compare_attention=compare_attention)
 
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.cases = ml_collections.ConfigDict({
-      "tiny_32px": case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, pipeline_batches=40),
-      "official_64px": case("official", 64, 4, sample_batch=2, sample_steps=10, pipeline_batches=20,
-                             compare_attention=True),
+      "tiny_32px": case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, official_steps=50,
+                        student_steps=8, pipeline_batches=40),
+      "official_64px": case("official", 64, 4, sample_batch=2, sample_steps=10, official_steps=50, student_steps=8,
+                             pipeline_batches=20, compare_attention=True),
       "official_128px": case("official", 128, 1, steps=2, pipeline_batches=10, compare_attention=True),
   })
   c.only = ""                 # comma-separated case names ("" = all)
@@ -140,33 +142,59 @@ def _train(cfg, case: dict, fwd_flops: float) -> dict:
   return out
 
 
+def _samplers(case: dict) -> dict[str, tuple[str, dict, bool]]:
+  """Generation rows of a case: name -> (label, sampler overrides, a guidance student?). The official sampler
+  (DPM-Solver++ single-step order 3, guided), the case's solver setting (DPM-Solver++ 2M, guided) and a
+  guidance-distilled student (`busgen-jax distill`: the scale an input, one evaluation per step)."""
+  rows = {}
+  if case.get("official_steps"):
+    rows["official"] = (f"official: DPM-Solver++ 3S, {case['official_steps']} steps, guided",
+                        {"method": "singlestep", "order": 3, "steps": case["official_steps"]}, False)
+  rows["solver"] = (f"DPM-Solver++ 2M, {case['sample_steps']} steps, guided",
+                    {"method": "multistep", "order": 2, "steps": case["sample_steps"]}, False)
+  if case.get("student_steps"):
+    rows["student"] = (f"guidance student, DPM-Solver++ 2M, {case['student_steps']} steps",
+                       {"method": "multistep", "order": 2, "steps": case["student_steps"]}, True)
+  return rows
+
+
 def _sample(cfg, case: dict, fwd_flops: float) -> dict:
-  """The production sampling program (generate.make_sampler) at the case's batch, steps and guidance 2.8."""
+  """The production sampling program (generate.make_sampler) at the case's batch and guidance 2.8, for each of
+  _samplers(case); the case's solver row also fills the top-level sample_* figures."""
   import jax
   import numpy as np
   from flax import nnx
   from busgen_jax import generate, parallel
+  from busgen_jax.diffusion import samplers
   from busgen_jax.models import unet
   B, S = case["sample_batch"], case["size"]
-  scfg = generate.default_config()
-  scfg.schedule = ml_collections.ConfigDict(cfg.schedule.to_dict())
-  scfg.sampler.update(method="multistep", order=2, steps=case["sample_steps"], guidance_scale=2.8)
   mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-  sample, plan = generate.make_sampler(scfg, cfg.model, S, cfg.objective.prediction, mesh)
-  params = nnx.to_pure_dict(nnx.state(unet.create(cfg.model, 0), nnx.Param))
   batch = _batch(B, S)
-  args = (params, np.arange(B, dtype=np.int32), {k: batch[k] for k in cfg.model.conditions},
-          np.tile(np.float32([[-0.3, 0.25]]), (B, 1)))
-  t = time.perf_counter()
-  fn = sample.lower(*args).compile()
-  compile_s = time.perf_counter() - t
-  jax.block_until_ready(fn(*args))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  dt = time.perf_counter() - t
-  flops = 2 * plan.num_evals * fwd_flops * B          # guidance: every evaluation is on a doubled batch
-  return {"sample_steps": case["sample_steps"], "sample_network_evals": plan.num_evals, "sample_compile_s": compile_s,
-          "sample_images_per_s": B / dt, "sample_gflop_per_s": flops / dt / 1e9}
+  out = {"samplers": {}}
+  for name, (label, overrides, student) in _samplers(case).items():
+    scfg = generate.default_config()
+    scfg.schedule = ml_collections.ConfigDict(cfg.schedule.to_dict())
+    scfg.sampler.update(guidance_scale=2.8, **overrides)
+    model_cfg = ml_collections.ConfigDict({**cfg.model.to_dict(), "guidance_embed": student})
+    sample, plan = generate.make_sampler(scfg, model_cfg, S, cfg.objective.prediction, mesh)
+    params = nnx.to_pure_dict(nnx.state(unet.create(model_cfg, 0), nnx.Param))
+    args = (params, np.arange(B, dtype=np.int32), {k: batch[k] for k in cfg.model.conditions},
+            np.tile(np.float32([[-0.3, 0.25]]), (B, 1)))
+    t = time.perf_counter()
+    fn = sample.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    dt = time.perf_counter() - t
+    evals = samplers.network_evals(plan, 1.0 if student else 2.8)
+    out["samplers"][name] = {"label": label, "steps": overrides["steps"], "network_evals": evals,
+                             "images_per_s": B / dt, "gflop_per_s": evals * fwd_flops * B / dt / 1e9,
+                             "compile_s": compile_s}
+  r = out["samplers"]["solver"]
+  out.update(sample_steps=r["steps"], sample_network_evals=r["network_evals"], sample_compile_s=r["compile_s"],
+             sample_images_per_s=r["images_per_s"], sample_gflop_per_s=r["gflop_per_s"])
+  return out
 
 
 def _pipeline(case: dict, data: str) -> dict:
@@ -316,13 +344,15 @@ def markdown(report: dict) -> str:
       _f(r["train_images_per_s"]), _f(r["gflop_per_image"], "{:.1f}"), _f(r["train_gflop_per_s"], "{:.1f}"),
       _f(r["train_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("train_mfu"), "{:.1%}"),
       _f(r["train_compile_s"], "{:.0f}"), _f(r["peak_host_memory_gib"], "{:.2f}")])
-  lines += _table(cases, "sample_images_per_s", [
-      "case", "sampler", "images/s", "GFLOP/s", "of peak", "MFU", "compile s"], lambda n, r: [
-      f"{n} (batch {r['case']['sample_batch']})",
-      f"DPM-Solver++ multistep, {r['sample_steps']} steps, guidance 2.8 ({r['sample_network_evals']} evaluations "
-      f"of a doubled batch)", _f(r["sample_images_per_s"]), _f(r["sample_gflop_per_s"], "{:.1f}"),
-      _f(r["sample_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("sample_mfu"), "{:.1%}"),
-      _f(r["sample_compile_s"], "{:.0f}")])
+  rows = {f"{n}/{k}": {**r, **v, "name": n} for n, r in cases.items() for k, v in r.get("samplers", {}).items()}
+  lines += _table(rows, "images_per_s", [
+      "case", "sampler (guidance 2.8)", "network evaluations / image", "images/s", "GFLOP/s", "of peak", "MFU",
+      "compile s"], lambda n, r: [
+      f"{r['name']} (batch {r['case']['sample_batch']})", r["label"], str(r["network_evals"]),
+      _f(r["images_per_s"]), _f(r["gflop_per_s"], "{:.1f}"),
+      _f(r["gflop_per_s"] / max(r["matmul_peak_gflop_per_s"], r["matmul_peak_after_gflop_per_s"]), "{:.1%}"),
+      _f(r["gflop_per_s"] * 1e9 / (r["bf16_peak_tflop_per_s_published"] * 1e12)
+         if r.get("bf16_peak_tflop_per_s_published") else None, "{:.1%}"), _f(r["compile_s"], "{:.0f}")])
   lines += _table(cases, "temp_gib_dense_attention", [
       "case", "XLA temporary memory of the train step: dense attention", "chunked (memory-efficient)"],
       lambda n, r: [n, f"{_f(r['temp_gib_dense_attention'], '{:.2f}')} GiB",
