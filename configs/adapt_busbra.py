@@ -5,8 +5,10 @@ accelerators).
       --config.split.val_fold=2           # a validation fold for adapter selection; fold 1 stays the test set
   busgen-jax train --config configs/busbra_pretrain.py --workdir /ckpt/busbra_pretrain \
       --config.data.sources.real.path=/data/busbra/busbra/1.0.0
-  busgen-jax adapt --config configs/adapt_busbra.py:task=birads,k=16 --workdir /ckpt/adapt_birads_k16
-  busgen-jax adapt --config configs/adapt_busbra.py:task=histology,k=64 --workdir /ckpt/adapt_histology_k64
+  busgen-jax adapt --config configs/adapt_busbra.py:task=birads,k=16 --workdir /ckpt/adapt_birads_k16 \
+      --config.base=/ckpt/busbra_pretrain/checkpoints --config.data.path=/data/busbra/busbra/1.0.0
+  busgen-jax adapt --config configs/adapt_busbra.py:task=histology,k=64 --workdir /ckpt/adapt_histology_k64 \
+      --config.base=/ckpt/busbra_pretrain/checkpoints --config.data.path=/data/busbra/busbra/1.0.0
 
 task: birads (BI-RADS 2, 3, 4, 5: four new pathology rows) or histology (fibroadenoma, cyst, fibrocystic
 changes, invasive ductal carcinoma); k: 8, 16, 32 or 64 images per class, drawn by case from the train folds.
@@ -29,8 +31,8 @@ def get_config(arg: str = "task=birads,k=16"):
   if task not in TASKS or k not in (8, 16, 32, 64):
     raise ValueError(f"adapt_busbra.py:task=birads|histology,k=8|16|32|64, got {arg!r}")
   c = adapt.default_config()
-  c.base = "/ckpt/busbra_pretrain/checkpoints"
-  c.data.path = "/data/busbra/busbra/1.0.0"
+  c.base = ""                          # required: --config.base=<pretraining run>/checkpoints
+  c.data.path = ""                     # required: --config.data.path=<converted BUS-BRA>
   c.data.shots = k
   c.data.val_per_class = 48
   c.data.batch_size = min(64, 4 * k)

@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.data.batch_size = 64
   c.data.balance = "subsample"
   c.data.worker_count = 4
-  c.data.sources.real.path = "/data/busbra/busbra/1.0.0"
+  c.data.sources.real.path = ""        # required: --config.data.sources.real.path=DATASET (see above)
   c.data.sources.real.filters.pathology = ["benign", "malignant"]
   c.model.num_devices = 5      # null + BUS-BRA's 4 scanners
   c.model.dtype = "bfloat16"

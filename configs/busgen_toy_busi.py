@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
   c.data.batch_size = 32
   c.data.balance = "subsample"
   c.data.device_vocab = TOY_DEVICES
-  c.data.sources.real.path = "/data/busi/busi/1.0.0"
+  c.data.sources.real.path = ""        # required: --config.data.sources.real.path=DATASET (see above)
   c.data.sources.real.filters.pathology = ["benign", "malignant"]
   c.model.num_devices = len(TOY_DEVICES) + 1
   return c

@@ -197,6 +197,9 @@ class Setup:
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
+    if not cfg.base or not cfg.data.path:
+      raise ValueError("--config.base (the pretrained model's checkpoints) and --config.data.path (the converted "
+                       "dataset the shots come from) are required")
     base = card.load(cfg.base, which=cfg.which, step=None if cfg.step < 0 else cfg.step,
                      device_names=tuple(cfg.device_names), image_size=cfg.data.image_size)
     self.base = base
