@@ -170,12 +170,16 @@ def test_stages_that_write_datasets_refuse_a_bucket_at_start():
 
 def test_configs_take_data_by_argument_and_a_missing_one_is_a_clear_error(tmp_path):
   from busgen_jax import config_files, generate
-  from busgen_jax.train import adapt
+  from busgen_jax.train import adapt, distill
   configs = ROOT / "configs"
-  with pytest.raises(ValueError, match=r"data.sources.real.path is empty"):
-    diffusion.train(config_files.load(configs / "phantom_tiny.py"), tmp_path / "train")
-  with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-    adapt.adapt(config_files.load(configs / "adapt_phantom.py"), tmp_path / "adapt")
+  for name in ("phantom_tiny", "busbra_pretrain", "busgen_toy_busi"):
+    with pytest.raises(ValueError, match=r"data.sources.real.path is empty"):
+      diffusion.train(config_files.load(configs / f"{name}.py"), tmp_path / "train")
+  for name in ("adapt_phantom", "adapt_busbra"):
+    with pytest.raises(ValueError, match=r"--config.base .* are required"):
+      adapt.adapt(config_files.load(configs / f"{name}.py"), tmp_path / "adapt")
+  with pytest.raises(ValueError, match="--config.teacher is required"):
+    distill.distill(config_files.load(configs / "distill.py"), tmp_path / "distill")
   with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
     generate.generate(config_files.load(configs / "sample_phantom.py"), tmp_path / "sample")
   for name in ("audit_phantom", "quality_phantom"):

@@ -12,6 +12,7 @@ ARGS = {"adapt_busbra": [f"task={t},k={k}" for t in ("birads", "histology") for 
         "classify": ["", "real=/r", "generated=/g,val=/r", "real=/r,generated=/g,mix=0.3,siteB=/b"],
         "experiment": ["cpu", "ci", "full", "fewshot", "fewshot_curve", "fewshot_ci"], "demo": ["cpu", "ci", "full"],
         "convert": ["phantom", "busbra", "busi", "manifest"], "bench": ["cpu", "accelerator"],
+        "distill": ["guidance", "progressive", "ci"],
         "audit_phantom": ["/tmp/busgen_demo"], "quality_phantom": ["/tmp/busgen_demo"]}
 
 
