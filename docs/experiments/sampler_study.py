@@ -15,8 +15,9 @@ prior, seed 0, guidance 2.8) and is scored on:
                                  generated data; its AUC on the real **validation** fold (which also selects its
                                  checkpoint) with a case-level bootstrap CI.
 The base row is the base run's own repository (a seeded random 1x subset of it for FD, its nested 1x classifier).
-The test fold is read once, for the base and the fewest-evaluation variant whose validation AUC and FD lie within the
-base's CIs (the decision this study makes), and for no other row. Finished variants are reused.
+With --docs (the decision this study makes, among the rows run), the test fold is read once, for the base and the
+fewest-evaluation variant whose validation AUC and FD lie within the base's CIs, and for no other row. Finished
+variants are reused; --variants runs some (e.g. "guidance student|8 steps, guided").
 """
 
 import argparse
@@ -190,17 +191,18 @@ def main():
   p.add_argument("--student", required=True, help="a guidance student's checkpoints (busgen-jax distill)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--variants", default="", help="|-separated substrings: run only these (and the base)")
-  p.add_argument("--docs", default="", help="a Markdown file whose sampler-study section to rewrite")
+  p.add_argument("--docs", default="", help="a Markdown file whose sampler-study section to rewrite: the decision "
+                 "(the test fold is read only then)")
   a = p.parse_args()
   base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
   work.mkdir(parents=True, exist_ok=True)
   rows = [run_variant(base, work, a.student, name, spec) for name, spec in VARIANTS.items()
           if spec is None or not a.variants or any(v in name for v in a.variants.split("|"))]
   # The decision: the fewest evaluations within the reference's CIs. Its test fold (and the reference's) once.
-  # Only a run of every variant decides (a --variants run just fills its rows in).
+  # The decision is made when the table is written (--docs), among the rows run: only then is the test fold read.
   chosen = min((r for r in rows[1:] if within(r, rows[0])), key=lambda r: r["evals"], default=None)
   test = {}
-  for r in ([rows[0]] + ([chosen] if chosen else [])) if not a.variants else ():
+  for r in ([rows[0]] + ([chosen] if chosen else [])) if a.docs else ():
     f = Path(r["dir"]) / "test.json"
     if not f.exists():
       best = (Path(a.base) / "classify" / "generated_x1" / "best") if r is rows[0] else \
@@ -212,7 +214,7 @@ def main():
   md = markdown(rows, test)
   (work / "study.md").write_text(md)
   print(md)
-  if a.docs and not a.variants:
+  if a.docs:
     plot(rows, Path(a.docs).with_name("sampler_study.png"))
     report.write_section(Path(a.docs), md, BEGIN, END, "Sampler study")
 
