@@ -114,12 +114,18 @@ def load_model(cfg: ml_collections.ConfigDict) -> card.Model:
                    image_size=cfg.image_size, device_names=tuple(cfg.device_names))
 
 
+def batch_guidance(cfg: ml_collections.ConfigDict, model_cfg) -> float:
+  """The guidance scale applied by a doubled (conditional + unconditional) batch: none (1.0) for a guidance student,
+  whose scale is the network's input."""
+  return 1.0 if model_cfg.get("guidance_embed", False) else cfg.sampler.guidance_scale
+
+
 def for_model(cfg: ml_collections.ConfigDict, model: card.Model) -> ml_collections.ConfigDict:
   """cfg with the sampler `model` runs: a distilled student's own plan (samplers.for_student)."""
   if not model.card.student:
     return cfg
   out = ml_collections.ConfigDict(cfg.to_dict())
-  out.sampler = samplers.for_student(cfg.sampler, model.card.student, model.name)
+  out.sampler = samplers.for_student(cfg.sampler, model.card.student)
   return out
 
 
@@ -283,7 +289,7 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
   seed, scale, clip = cfg.seed, cfg.sampler.guidance_scale, cfg.sampler.clip_x0 or None
   interval = tuple(cfg.sampler.guidance_interval)
   samplers.guided_rows(plan, interval)   # a bad interval fails here, before any compilation
-  student = bool(model_cfg.get("guidance_embed", False))   # the scale is the network's input: one evaluation
+  student = bool(model_cfg.get("guidance_embed", False))
 
   pc = cfg.protect
 
@@ -296,8 +302,8 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
     transform = None if bank is None else functools.partial(
         protect.protected, bank=bank[0], sched=sched, radius=bank[1], scale=pc.scale, resolution=pc.resolution)
     return samplers.sample_from_keys(plan, eps, keys, (image_size, image_size, 3), cond=cond,
-                                     guidance_scale=1.0 if student else scale, clip_x0=clip, eps_transform=transform,
-                                     start=start, guidance_interval=interval)
+                                     guidance_scale=batch_guidance(cfg, model_cfg), clip_x0=clip,
+                                     eps_transform=transform, start=start, guidance_interval=interval)
 
   repl = parallel.replicated(mesh)
   rows = parallel.rows(mesh)
@@ -344,9 +350,13 @@ class Sampler:
     prediction = model.train_config.get("objective", {}).get("prediction", "eps")
     self._sample, self.plan = make_sampler(cfg, model.cfg, self.size, prediction, self.mesh,
                                            protected=bank is not None)
-    self.network_evals = samplers.network_evals(   # a student: one per step, the scale an input
-        self.plan, 1.0 if model.cfg.get("guidance_embed", False) else cfg.sampler.guidance_scale,
-        tuple(cfg.sampler.guidance_interval))
+    self.network_evals = samplers.network_evals(self.plan, batch_guidance(cfg, model.cfg),
+                                                tuple(cfg.sampler.guidance_interval))
+    if model.card.student:
+      lo, hi = model.card.student["guidance_range"]
+      if not lo <= cfg.sampler.guidance_scale <= hi:
+        logging.warning("%s was distilled for guidance scales in [%g, %g]; %g is outside", model.name, lo, hi,
+                        cfg.sampler.guidance_scale)
     self.params = jax.device_put(jax.tree.map(jnp.asarray, model.params), parallel.replicated(self.mesh))
     self.bank = () if bank is None else (
         jax.device_put((bank[0], np.float32(bank[1])), parallel.replicated(self.mesh)),)

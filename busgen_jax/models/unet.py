@@ -83,25 +83,25 @@ def _torch_uniform(rng: np.random.Generator, fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
 
 
-def _zeros(key, shape, dtype=jnp.float32):
-  return jnp.zeros(shape, dtype)
-
-
 GUIDANCE_SCALE = 100.0   # guidance scales (about 1-8) times this span the sinusoids' periods as timesteps do
 
 
+def sinusoids(positions, d: int, xp=np):
+  """(n,) positions -> (n, d) rows [sin(p f0), cos(p f0), sin(p f1), cos(p f1), ...], f_i = 10000^(-2i/d), in
+  NumPy (xp=np) or jax.numpy."""
+  freqs = xp.exp(-xp.arange(0, d, 2) / d * math.log(10000.0))
+  ang = positions[:, None] * freqs[None, :]
+  return xp.stack([xp.sin(ang), xp.cos(ang)], -1).reshape(positions.shape[0], d)
+
+
 def guidance_features(w: jax.Array, d: int) -> jax.Array:
-  """(B,) guidance scales -> (B, d) interleaved sinusoids, the time table's initial rows at t = 100 w."""
-  freqs = jnp.exp(-jnp.arange(0, d, 2) / d * math.log(10000.0))
-  ang = (GUIDANCE_SCALE * w.astype(jnp.float32))[:, None] * freqs[None, :]
-  return jnp.stack([jnp.sin(ang), jnp.cos(ang)], -1).reshape(w.shape[0], d)
+  """(B,) guidance scales -> (B, d): the time table's initial rows at t = 100 w."""
+  return sinusoids(GUIDANCE_SCALE * w.astype(jnp.float32), d, jnp)
 
 
 def sinusoid_table(T: int, d: int) -> np.ndarray:
-  """Rows t of [sin(t f0), cos(t f0), sin(t f1), cos(t f1), ...], f_i = 10000^(-2i/d) (official init)."""
-  freqs = np.exp(-np.arange(0, d, 2) / d * math.log(10000.0))
-  ang = np.arange(T)[:, None] * freqs[None, :]
-  return np.stack([np.sin(ang), np.cos(ang)], -1).reshape(T, d).astype(np.float32)
+  """The time table's initial rows t = 0 .. T-1 (official init), computed in float64."""
+  return sinusoids(np.arange(T), d).astype(np.float32)
 
 
 class Embedding(nnx.Module):
@@ -277,7 +277,8 @@ class UNet(nnx.Module):
     self.cond_1, self.cond_2 = _dense(2 * ch, tdim, rng, dtype), _dense(tdim, tdim, rng, dtype)
     if cfg.get("guidance_embed", False):   # cards written before the option lack the key
       self.guidance_1 = _dense(ch, tdim, rng, dtype)
-      self.guidance_2 = nnx.Linear(tdim, tdim, dtype=dtype, rngs=nnx.Rngs(0), kernel_init=_zeros, bias_init=_zeros,
+      zeros = nnx.initializers.zeros_init()
+      self.guidance_2 = nnx.Linear(tdim, tdim, dtype=dtype, rngs=nnx.Rngs(0), kernel_init=zeros, bias_init=zeros,
                                    kernel_metadata={"axes": DENSE_AXES}, bias_metadata={"axes": ("channels",)})
     self.in_channels = 3 + ("box" in cfg.conditions) + ("mask" in cfg.conditions)
     self.head = _conv(self.in_channels, ch, 3, rng, dtype=dtype)

@@ -263,7 +263,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
     try:
       lowered, mesh, B, plan = sample_program(cfg, scfg, per_host if scope == "host" else devices)
       # Network evaluations per image: two per guided solver step (the doubled batch), one per unguided one.
-      nfe = samplers.network_evals(plan, scfg.sampler.guidance_scale, tuple(scfg.sampler.guidance_interval))
+      nfe = samplers.network_evals(plan, generate.batch_guidance(scfg, cfg.model),
+                                   tuple(scfg.sampler.guidance_interval))
       steps = plan.num_evals
       entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=nfe,
                    solver_steps=steps)

@@ -108,13 +108,13 @@ def run_config(cfg, teacher: card.Model) -> ml_collections.ConfigDict:
   return rc
 
 
-def student_card(cfg, rc, teacher: card.Model, vocab: dict) -> card.Card:
+def student_card(cfg, rc, teacher: card.Model, vocab: dict, grid) -> card.Card:
+  """grid: the teacher's DDIM grid a progressive round halves (None for guidance distillation)."""
   kind = cfg.kind
   if kind == "guidance":
-    plan = {k: cfg.sampler[k] for k in samplers.PLAN_KEYS if k != "grid"}
-    plan["grid"] = ()
+    plan = {k: cfg.sampler[k] for k in samplers.PLAN_KEYS}
   else:
-    grid = distill_lib.student_grid(teacher_grid(cfg, teacher))
+    grid = distill_lib.student_grid(grid)
     plan = {"algorithm": "ddim", "method": "singlestep", "order": 1, "steps": len(grid), "skip_type": "time_uniform",
             "lower_order_final": True, "eta": 0.0, "grid": grid.tolist()}
   lineage = (teacher.card.student or {}).get("lineage", []) + [{
@@ -188,7 +188,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: 
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=rc.keep_checkpoints, every=rc.checkpoint_every,
                                  async_save=rc.async_checkpoints, catch_sigterm=True)
   state, it = ckpt.restore_or_init(setup.abstract_state, pipe, init)
-  model_card = student_card(cfg, rc, teacher, teacher.vocab)
+  model_card = student_card(cfg, rc, teacher, teacher.vocab, grid)
   meta = model_card.to_meta()
   writer, progress = writers.create(str(workdir), rc.num_steps, process_index=jax.process_index(),
                                     every_steps=rc.log_every)

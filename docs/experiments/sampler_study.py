@@ -79,11 +79,8 @@ def run_generate(base: Path, out: Path, checkpoint: str, overrides: dict) -> dic
 
 
 def base_experiment_config(base: Path) -> ml_collections.ConfigDict:
-  from importlib import util
-  spec = util.spec_from_file_location("recipe_study", Path(__file__).with_name("recipe_study.py"))
-  mod = util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.base_config(base)
+  from recipe_study import base_config   # this script's neighbour (its folder is on sys.path when run)
+  return base_config(base)
 
 
 def tests(base: Path, with_test: bool) -> ml_collections.ConfigDict:
