@@ -162,6 +162,8 @@ def save_params(directory: str | Path, params: Any, meta: dict | None = None, *,
   """A params-only checkpoint (the directory keeps only this step), e.g. an imported model or the best
   classifier so far. "params" holds the weights, and "ema" the same ones unless as_ema=False."""
   ck = Checkpointer(directory, keep=1, async_save=False)
+  if step in ck.manager.all_steps():   # a rewrite (a rerun's export, a newer best classifier) replaces it
+    ck.manager.delete(step)
   ck.save(step, {"params": params, **({"ema": params} if as_ema else {})}, meta=meta, force=True)
   ck.close()
 

@@ -6,8 +6,9 @@
   busgen-jax demo --config configs/demo.py:ci --workdir /tmp/demo_ci         # the reduced run the tests use
 
 convert -> box prior -> tiny BUSGen -> synthetic repository -> classifiers on real / generated / mixed ->
-evaluation on the held-out real split; then LoRA adaptation to a new task (histology: cyst vs fibroadenoma, k
-shots per class) -> its synthetic repository -> classifiers on the shots / adapted-generated / both ->
+evaluation on the held-out real split; then a new site (a phantom scanner the corpus never had): k shots per class
+-> LoRA adaptation with a new device row -> the site's repositories (adapted and un-adapted model) -> classifiers
+on the shots / shots + un-adapted / shots + adapted / adapted alone -> the site's test images ->
 <workdir>/report.html and report.md.
 """
 

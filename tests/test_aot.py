@@ -33,7 +33,7 @@ def micro_config(batch: int = 16, size: int = 16):
 def report(tmp_path_factory):
   work = tmp_path_factory.mktemp("aot")
   return aot.run(micro_config(), work, topology_name="v5e:2x2", num_slices=2, batch_sizes=[16, 32],
-                 sample_per_device_batch=2, effort=-1), work
+                 sample_per_device_batch=2, effort=-1, programs=("train", "sample", "student")), work
 
 
 def test_multislice_mesh_keeps_fsdp_inside_a_slice():
@@ -63,7 +63,7 @@ def test_sampling_scope_follows_the_chip():
 def test_train_and_sample_compile_with_per_chip_figures(report):
   rep, work = report
   assert rep["chips"] == 8 and rep["hosts"] == 2 and rep["num_slices"] == 2
-  train, train32, sample = rep["programs"]
+  train, train32, sample, student = rep["programs"]
   assert train32["fits"] and rep["best_train_batch"] == 32   # the largest batch that fits
   assert train["program"] == "train" and train["fits"] and train["mesh"] == {"data": 4, "fsdp": 2}
   hbm = train["hbm_bytes"]
@@ -88,10 +88,15 @@ def test_train_and_sample_compile_with_per_chip_figures(report):
   # 50 solver steps, each on the doubled (guided) batch: 100 network evaluations per image.
   assert sample["solver_steps"] == 50 and sample["network_evals"] == 100
   assert sample["model_flops"] == pytest.approx(fwd * 2 * 100)
+  # Its guidance-distilled student: the default 8-step plan, one evaluation per step (the scale is an input).
+  assert student["program"] == "student" and student["fits"] and student["sampler"]["steps"] == 8
+  assert student["solver_steps"] == 8 and student["network_evals"] == 8
+  assert student["model_flops"] == pytest.approx(fwd * 2 * 8, rel=0.01)   # + the tiny guidance embedding
   saved = json.loads((work / "aot.json").read_text())
   assert saved["programs"][0]["hbm_bytes"] == train["hbm_bytes"]
   md = (work / "aot.md").read_text()
   assert "v5e:2x2 x 2 slices (8 v5e chips, 2 hosts)" in md and "| train | 16 / 2 |" in md and "| train | 32 / 4 (best) |" in md
+  assert "| student | 8 per host / 2 |" in md
 
 
 def test_collective_parser_on_async_and_combined_ops():

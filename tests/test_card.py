@@ -79,3 +79,12 @@ def test_start_rows_by_sampler_start_mode():
   assert not c.start_rows(["GE"], "noise").any() and c.start_rows([], "data").shape == (0, 2)
   with pytest.raises(ValueError, match="sampler.start must be one of"):
     c.start_rows(["GE"], "mean")
+
+
+def test_a_params_only_checkpoint_written_again_replaces_the_old_one(tmp_path):
+  # A finished `adapt` run again re-exports its merged model: the rewrite must replace, not fail on the step.
+  from busgen_jax import checkpoint
+  checkpoint.save_params(tmp_path / "m", {"w": np.zeros(3, np.float32)}, {"v": 1})
+  checkpoint.save_params(tmp_path / "m", {"w": np.ones(3, np.float32)}, {"v": 2})
+  assert np.array_equal(checkpoint.load_params(tmp_path / "m")["w"], np.ones(3))
+  assert checkpoint.load_meta(tmp_path / "m") == (0, {"v": 2})

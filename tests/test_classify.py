@@ -148,17 +148,23 @@ def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   md = (work / "report.md").read_text()
   for section in ("## 1. Data", "## 2. Diffusion model", "## 3. Generated repository", "## 4. Classifiers",
                   "trained on real", "trained on generated", "trained on mixed", "generated − real",
-                  "## What the numbers mean", "TSTR / TRTR", "## 5. Few-shot adaptation to a new task",
-                  "trained on few-shot real", "trained on adapted generated", "trained on few-shot mixed",
+                  "## What the numbers mean", "TSTR / TRTR", "## 5. Few-shot adaptation to a new site: Phantom-L7",
+                  "trained on shots", "trained on shots + un-adapted", "trained on shots + adapted",
+                  "trained on adapted", "shots + adapted − shots",
                   "## 6. Quality and privacy", "Privacy audit:", "membership-inference AUC"):
     assert section in md, section
   page = (work / "report.html").read_text()
   assert page.count("data:image/png;base64") == 6 and "<table>" in page
   a = json.loads((work / "report.json").read_text())["adaptation"]
-  assert a["summary"]["shots_per_class"] == 4 and a["images"] > 0
-  assert set(a["classifiers"]) == {"few-shot real", "adapted generated", "few-shot mixed"}
-  ds = reader.open_dataset(a["dataset"])
-  assert ds.vocab("histology") == ["unknown", "cyst", "fibroadenoma"]
+  assert a["shots_per_class"] == 4 and a["images"] > 0 and a["device"] == ["Phantom-L7"]
+  assert set(a["classifiers"]) == {"shots", "shots + un-adapted", "shots + adapted", "adapted"}
+  assert a["summary"]["new_rows"] == {"pathology": 0, "device": 1}   # the new scanner got its own row
+  site = reader.open_dataset(a["site"]["dataset"])
+  pretrain = reader.open_dataset(work / "data" / "phantom" / "1.0.0")
+  assert "Phantom-L7" not in pretrain.vocab("device") and site.vocab("device") == ["unknown", "Phantom-L7"]
+  assert not set(site.case_ids("site")) & set(pretrain.case_ids("train"))   # the site's own patients
+  for arm, r in a["classifiers"].items():          # every arm is tested on the same images of the site
+    assert r["n"] == a["classifiers"]["shots"]["n"]
   rep = json.loads((work / "report.json").read_text())
   assert set(rep["classifiers"]) == {"real", "generated", "mixed"}
   for variant, r in rep["classifiers"].items():   # each AUC is the one its saved test predictions give

@@ -83,3 +83,10 @@ def test_learnable_but_not_trivial():
 def test_bad_phantom_config_is_a_clear_error():
   with pytest.raises(ValueError, match="num_devices"):
     phantom.PhantomSource(num_devices=99)
+  with pytest.raises(ValueError, match="first_device=5"):
+    phantom.PhantomSource(first_device=5, num_devices=2)
+
+
+def test_another_sites_scanners_come_from_first_device():
+  src = phantom.PhantomSource(num_examples=6, size=32, seed=1, first_device=3, num_devices=1)
+  assert src.plan().vocab.device == ("unknown", "Phantom-L7") and {src.example(i).device for i in range(6)} == {"Phantom-L7"}

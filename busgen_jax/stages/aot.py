@@ -199,7 +199,7 @@ def train_program(cfg: ml_collections.ConfigDict, devices: Sequence, batch_size:
 
 
 def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.ConfigDict, devices: Sequence):
-  """generate.make_sampler's whole guided sampling loop on `devices` (params replicated)."""
+  """generate.make_sampler's whole sampling loop for `cfg.model` on `devices` (params replicated)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -218,6 +218,26 @@ def sample_program(cfg: ml_collections.ConfigDict, sample_cfg: ml_collections.Co
   index = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows)
   start = jax.ShapeDtypeStruct((B, 2), jnp.float32, sharding=rows)
   return sample.lower(params, index, cond, start), dict(mesh.shape), B, plan
+
+
+SAMPLE_PROGRAMS = ("sample", "student")
+
+
+def sample_configs(cfg: ml_collections.ConfigDict, program: str):
+  """(model config, `busgen-jax sample` config) of a sampling program: "sample" is the config's model with the
+  default guided sampler; "student" is its guidance-distilled student (`busgen-jax distill`: the scale an input)
+  with the plan a student's card names by default, one network evaluation per step."""
+  from busgen_jax import generate
+  from busgen_jax.diffusion import samplers
+  from busgen_jax.train import distill
+  scfg = generate.default_config()
+  if program == "sample":
+    return cfg, scfg
+  student = ml_collections.ConfigDict(cfg.to_dict())
+  student.model.guidance_embed = True
+  plan = distill.default_config().sampler
+  scfg.sampler = samplers.for_student(scfg.sampler, {"sampler": {k: plan[k] for k in samplers.PLAN_KEYS}})
+  return student, scfg
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -253,17 +273,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
       entry.update(fits=False, error=str(e))
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
-  if "sample" in programs:
-    scfg = generate.default_config()
+  for program in [p for p in SAMPLE_PROGRAMS if p in programs]:
+    pcfg, scfg = sample_configs(cfg, program)
     if sample_per_device_batch:
       scfg.per_device_batch = sample_per_device_batch
     scope = generate.resolve_scope(scfg.scope, devices)
-    entry = {"program": "sample", "sampler": scfg.sampler.to_dict(), "scope": scope}
+    entry = {"program": program, "sampler": scfg.sampler.to_dict(), "scope": scope}
     t = time.perf_counter()
     try:
-      lowered, mesh, B, plan = sample_program(cfg, scfg, per_host if scope == "host" else devices)
-      # Network evaluations per image: two per guided solver step (the doubled batch), one per unguided one.
-      nfe = samplers.network_evals(plan, generate.batch_guidance(scfg, cfg.model),
+      lowered, mesh, B, plan = sample_program(pcfg, scfg, per_host if scope == "host" else devices)
+      # Network evaluations per image: two per guided solver step (the doubled batch), one per unguided one and
+      # one per step of a guidance student (the scale is its input).
+      nfe = samplers.network_evals(plan, generate.batch_guidance(scfg, pcfg.model),
                                    tuple(scfg.sampler.guidance_interval))
       steps = plan.num_evals
       entry.update(mesh=mesh, call_batch=B, per_chip_batch=scfg.per_device_batch, network_evals=nfe,
@@ -299,7 +320,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
     (out / "aot.json").write_text(json.dumps(report, indent=1))
     (out / "aot.md").write_text(markdown(report))
   bad = [p for p in report["programs"] if not p["fits"]]
-  if any(p["program"] == "sample" for p in bad) or ("train" in programs and not fitting):
+  if any(p["program"] in SAMPLE_PROGRAMS for p in bad) or ("train" in programs and not fitting):
     raise DoesNotFit("; ".join(f"{p['program']} (batch {p.get('global_batch', p.get('call_batch'))}): "
                                + (p.get("error") or f"{p['hbm_bytes']['total'] / GiB:.1f} GiB per chip > "
                                   f"{chip.hbm_bytes / GiB:.0f} GiB") for p in bad))
@@ -335,9 +356,11 @@ def markdown(report: dict) -> str:
         f"{'' if p['fits'] else ' **does not fit**'} | {p['model_flops'] / 1e12:.3g} | {p['compiled_flops'] / 1e12:.3g} "
         f"| {coll or 'none'} | {p['step_time_s'] * 1e3:.1f} ms | {p['bound_by']} | {p['mfu']:.0%} "
         f"| {p['images_per_s']:.0f} | {p['compile_s']:.0f} s |")
-  lines += ["", "Sampling rows: one whole guided sampling run (every network evaluation) per batch, on one host's "
-            "chips (each host independently) or, in slice scope, on every chip at once; XLA counts the sampling "
-            "loop's body once, so its compiled FLOPs are per evaluation.", ""]
+  lines += ["", "Sampling rows: one whole sampling run (every network evaluation) per batch, on one host's chips "
+            "(each host independently) or, in slice scope, on every chip at once; XLA counts the sampling loop's "
+            "body once, so its compiled FLOPs are per evaluation. `sample` is the guided sampler (two evaluations "
+            "per guided step); `student` is the model's guidance-distilled student (`busgen-jax distill`) on its "
+            "default few-step plan, one evaluation per step.", ""]
   return "\n".join(lines)
 
 
@@ -354,7 +377,8 @@ def define_flags() -> None:
   from absl import flags
   flags.DEFINE_string("topology", None, "TPU slice to compile for: v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2 ...")
   flags.DEFINE_list("batch_sizes", [], "global train batch sizes to compile (default: the config's data.batch_size)")
-  flags.DEFINE_list("programs", ["train", "sample"], "train and/or sample")
+  flags.DEFINE_list("programs", ["train", "sample"], "train, sample (the guided sampler) and/or student (a "
+                    "guidance-distilled student of the model with its default few-step plan)")
   flags.DEFINE_integer("sample_batch", 0, "sampling batch per chip (default: `busgen-jax sample`'s)")
   flags.DEFINE_float("utilisation", 0.5, "fraction of the bf16 peak assumed for the step-time estimate")
   flags.DEFINE_integer("num_slices", 1, "multi-slice: this many copies of the topology over the data-centre network")
@@ -372,9 +396,9 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, argv) -> None:
     jax.config.update("jax_platforms", "cpu")
   if not F.topology:
     raise app.UsageError("--topology is required (e.g. v5p:4x4x4)")
-  bad = set(F.programs) - {"train", "sample"}
+  bad = set(F.programs) - {"train", *SAMPLE_PROGRAMS}
   if bad:
-    raise app.UsageError(f"--programs takes train and/or sample, got {sorted(bad)}")
+    raise app.UsageError(f"--programs takes train, sample and/or student, got {sorted(bad)}")
   try:
     report = run(cfg, workdir, topology_name=F.topology, batch_sizes=[int(b) for b in F.batch_sizes],
                  programs=F.programs, sample_per_device_batch=F.sample_batch, utilisation=F.utilisation,

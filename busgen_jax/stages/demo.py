@@ -3,9 +3,10 @@
   convert the phantom corpus (several devices) -> fit lesion-box priors -> pretrain a tiny BUSGen on pathology
   labels -> sample a labelled synthetic repository -> train classifiers on real only, generated only, and real +
   generated -> evaluate each on the held-out real test split;
-  then few-shot: adapt the pretrained model with LoRA to a task it never saw (histology: cyst vs fibroadenoma,
-  k images per class) -> generate that task's repository -> classifiers on the k real shots only, adapted-generated
-  only, and both -> the same held-out evaluation -> DIR/report.html and DIR/report.md
+  then few-shot: a new site (a phantom scanner the corpus never had, its own patients) -> k shots per class ->
+  LoRA adaptation with a new device row -> the site's repositories from the adapted and the un-adapted model ->
+  classifiers on the shots, shots + un-adapted, shots + adapted, adapted alone -> the site's test images (the
+  experiment's few-shot arm, stages/fewshot.py, one draw) -> DIR/report.html and DIR/report.md
 
 Every stage writes under DIR and resumes: running the command again after an interruption continues where
 it stopped (conversion, training and generation skip finished work; classifiers resume from checkpoints).
@@ -27,12 +28,11 @@ from absl import logging
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.data import box_prior
 from busgen_jax.evaluate import fidelity, metrics, privacy, report
-from busgen_jax import checkpoint, console, generate, paths as paths_lib
-from busgen_jax.stages import classify
+from busgen_jax import console, generate, paths as paths_lib
+from busgen_jax.stages import classify, fewshot
 from busgen_jax.train import adapt, classifier, diffusion
 
 VARIANTS = ("real", "generated", "mixed")
-ADAPT_VARIANTS = ("few-shot real", "adapted generated", "few-shot mixed")
 
 
 def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
@@ -72,16 +72,15 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
   c.classifier = k
   c.mixed_weight_generated = 0.5     # share of generated images in the mixed training stream
 
-  a = adapt.default_config()         # few-shot adaptation to a task the pretrained model never saw
-  a.task.update(field="histology", classes=("cyst", "fibroadenoma"),
-                pathology=(("cyst", "benign"), ("fibroadenoma", "benign")))
-  a.data.update(shots=16, val_per_class=16, batch_size=16)
-  a.num_steps, a.eval_every, a.log_every, a.checkpoint_every = 120, 30, 30, 60
-  a.lora.update(rank=8, dropout=0.05)
-  a.optim.lr = 2e-3
-  c.adapt = a
-  c.adapt_positive = "cyst"
-  c.adapt_generate_per_class = 150
+  # 5. few-shot adaptation to a new site: a scanner the corpus never had (its own patients, seed 1), k shots per
+  # class; the experiment's few-shot arm (stages/fewshot.py), one draw
+  c.site = ml_collections.ConfigDict({"num_examples": 400, "seed": 1, "first_device": 3, "num_devices": 1})
+  f = fewshot.default_config()
+  f.update(device="all", k=(16,), draws=1, generated_per_class=150)
+  f.adapt.update(num_steps=200, eval_every=50, log_every=50, checkpoint_every=100)
+  f.adapt.lora.update(rank=8, dropout=0.05)
+  f.adapt.optim.lr = 5e-3          # 2e-3 for 120 steps barely moved the validation loss (0.066 -> 0.059)
+  c.fewshot = f
   # 6. quality (FD/KID/precision/recall per condition, conditioning) and the privacy audit of the repository
   c.quality = ml_collections.ConfigDict({"conditions": ("pathology", "device"), "min_count": 10, "bootstrap": 100})
   c.audit_mia_per_group = 256
@@ -97,9 +96,11 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 10, 5, 5
     c.classifier.data.image_size, c.classifier.data.batch_size = 16, 16
     c.classifier.n_bootstrap = 100
-    c.adapt.data.update(shots=4, val_per_class=4, batch_size=8)
-    c.adapt.num_steps, c.adapt.eval_every, c.adapt.log_every, c.adapt.checkpoint_every = 4, 2, 2, 4
-    c.adapt_generate_per_class = 8
+    c.site.num_examples = 96
+    c.fewshot.update(k=(4,), val_fraction=0.25, min_test_per_class=2, generated_per_class=8)
+    c.fewshot.adapt.update(num_steps=4, eval_every=2, log_every=2, checkpoint_every=4)
+    c.fewshot.adapt.data.batch_size = 8
+    c.fewshot.adapt.lora.rank = 2
     c.quality.update(conditions=("pathology",), min_count=4, bootstrap=10)
     c.audit_mia_per_group = 32
   elif scale == "full":
@@ -115,11 +116,12 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.classifier.data.image_size, c.classifier.data.batch_size = 128, 128
     c.classifier.model.name = "resnet18"
     c.classifier.data.ultrasound_augment = ("gain", "speckle", "depth_attenuation")
-    c.adapt.data.update(shots=64, val_per_class=64, batch_size=64)
-    c.adapt.num_steps, c.adapt.eval_every, c.adapt.checkpoint_every = 3000, 250, 500
-    c.adapt.lora.rank = 16
-    c.adapt.optim.lr = 5e-4
-    c.adapt_generate_per_class = 5000
+    c.site.num_examples = 4000
+    c.fewshot.update(k=(64,), draws=3, generated_per_class=5000)
+    c.fewshot.adapt.update(num_steps=3000, eval_every=250, checkpoint_every=500)
+    c.fewshot.adapt.data.batch_size = 64
+    c.fewshot.adapt.lora.rank = 16
+    c.fewshot.adapt.optim.lr = 5e-4
   elif scale != "cpu":
     raise ValueError(f"demo scale must be cpu, ci or full, got {scale!r}")
   return c
@@ -127,17 +129,13 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ stages
 
-def _classifier_config(cfg, real: Path, generated: Path, variant: str, task: dict | None = None,
-                       real_indices=()) -> ml_collections.ConfigDict:
-  """variant: real | generated | mixed; `task` replaces the classifier's, `real_indices` restricts the real
-  training images (the few shots)."""
+def _classifier_config(cfg, real: Path, generated: Path, variant: str) -> ml_collections.ConfigDict:
+  """variant: real | generated | mixed."""
   k = ml_collections.ConfigDict(cfg.classifier.to_dict())
-  if task:
-    k.task.update(task)
   src = dict(k.data.sources.real.to_dict())
   sources = {}
   if variant in ("real", "mixed"):
-    sources["real"] = {**src, "path": str(real), "split": "train", "indices": tuple(int(i) for i in real_indices),
+    sources["real"] = {**src, "path": str(real), "split": "train",
                        "weight": 1.0 - (cfg.mixed_weight_generated if variant == "mixed" else 0.0)}
   if variant in ("generated", "mixed"):
     sources["generated"] = {**src, "path": str(generated), "split": "train",
@@ -169,10 +167,10 @@ def _grid(ds_dir: Path, split: str, per_class: int, size: int, field: str = "pat
   return rows
 
 
-def _comparison_sheet(path: Path, real: Path, generated: Path, size: int = 48, n: int = 8, **classes) -> Path:
+def _comparison_sheet(path: Path, datasets: list[tuple[str, Path, str]], size: int = 48, n: int = 8) -> Path:
+  """One row per class of each (label, dataset, split): its first `n` images."""
   from PIL import Image
-  rows = [(f"real {k}", im) for k, im in _grid(real, "train", n, size, **classes)] + \
-         [(f"generated {k}", im) for k, im in _grid(generated, "train", n, size, **classes)]
+  rows = [(f"{label} {k}", im) for label, ds_dir, split in datasets for k, im in _grid(ds_dir, split, n, size)]
   width = max(im.shape[1] for _, im in rows)
   sheet = np.zeros((len(rows) * (size + 4), width), np.uint8)
   for r, (_, im) in enumerate(rows):
@@ -220,25 +218,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   # 6b. how faithful and how private the repository is: the quality report and the privacy audit
   assessment = assess(cfg, work, ds_dir, gen_dir, times)
 
-  # 7. few-shot adaptation to a new task, 8. its synthetic repository, 9. its classifiers
-  with step("adapt"):
-    acfg = ml_collections.ConfigDict(cfg.adapt.to_dict())
-    acfg.base, acfg.data.path = str(work / "diffusion" / "checkpoints"), str(ds_dir)
-    adapted = adapt.adapt(acfg, work / "adapt")
-  with step("generate_adapted"):
-    adapted_dir = generate.generate(sample_config(cfg, ds, adapted=adapted), work / "adapted_generated")
-  task = {"field": acfg.task.field, "classes": tuple(acfg.task.classes), "positive": cfg.adapt_positive}
-  _, ameta = checkpoint.load_meta(adapted["adapters"])
-  shots = np.concatenate([np.asarray(v, np.int64) for v in ameta["data"]["shots"].values()])
-  aresults, apreds = {}, {}
-  for name, variant in zip(ADAPT_VARIANTS, VARIANTS):
-    with step(f"classify_adapted_{variant}"):
-      out = work / "classify_adapted" / variant
-      aresults[name] = classify.run(_classifier_config(cfg, ds_dir, adapted_dir, variant, task, shots),
-                                    out)["real_test"]
-      with np.load(out / "eval" / "real_test.predictions.npz") as z:
-        apreds[name] = {k: z[k] for k in z.files}
-  adaptation = {"summary": adapted, "dataset": adapted_dir, "task": task, "results": aresults, "preds": apreds}
+  # 7. few-shot adaptation to a new site: its k shots -> LoRA -> the site's repositories -> four classifiers
+  with step("new_site"):
+    fcfg = fewshot_config(cfg, convert_site(cfg, work))
+    site = fewshot.stage_site(fcfg, work, {"dataset": str(ds_dir)})
+  key = next(iter(site["draws"]))
+  with console.stage(f"demo: few-shot {key}"):
+    draw = fewshot.run_draw(fcfg, work, site, key, work / "diffusion", {})
+  if draw is None:
+    raise RuntimeError(f"the few-shot trainers stopped early (a preemption notice): run the demo again on {work} "
+                       "to continue")
+  times.update({f"fewshot {name}": t for name, t in draw["times_s"].items()})
+  adaptation = {"site": site, "key": key, "draw": draw, "config": fcfg}
 
   t = time.time()
   paths = write_report(work, cfg, summary, sheet, ds_dir, gen_dir, last, results, preds, times, adaptation,
@@ -250,6 +241,27 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
                          DOCS_BEGIN, DOCS_END, "Demo figures")
   print(f"demo done in {total:.0f}s: {paths['html']} and {paths['md']}")
   return work
+
+
+def convert_site(cfg, work: Path) -> Path:
+  """The new site's images: phantom scanners the corpus never had (`cfg.site`), its own patients."""
+  sc = ml_collections.ConfigDict(cfg.data.to_dict())
+  sc.phantom.update(cfg.site.to_dict())
+  sc.update(name="phantom_site", output=str(work / "site_data"))
+  return convert.run(sc)
+
+
+def fewshot_config(cfg, site_dir: Path) -> ml_collections.ConfigDict:
+  """The experiment-shaped config that the few-shot arm (stages/fewshot.py) reads, from the demo's."""
+  f = ml_collections.ConfigDict(cfg.fewshot.to_dict())
+  f.dataset = str(site_dir)
+  g = cfg.generate
+  return ml_collections.ConfigDict({
+      "seed": 0, "fewshot": f, "classifier": cfg.classifier.to_dict(),
+      "generate": {"pathology": tuple(cfg.classifier.task.classes), "per_device_batch": g.per_device_batch,
+                   "local_devices": g.local_devices,
+                   "sampler": {"steps": g.steps, "method": g.method, "order": g.order,
+                               "guidance_scale": g.guidance_scale}}})
 
 
 @contextlib.contextmanager
@@ -264,17 +276,12 @@ def _step(times: dict, key: str):
 DOCS_BEGIN, DOCS_END = "<!-- demo:begin -->", "<!-- demo:end -->"
 
 
-def sample_config(cfg, ds: reader.Dataset, checkpoint_dir: str = "", box_prior_path: str = "", *,
-                  adapted: dict | None = None) -> ml_collections.ConfigDict:
-  """The demo's generation config: the pretrained model's repository (pathology x device), or with `adapted`
-  (adapt.adapt's summary) the adapted model's task repository."""
+def sample_config(cfg, ds: reader.Dataset, checkpoint_dir: str, box_prior_path: str) -> ml_collections.ConfigDict:
+  """The demo's generation config: the pretrained model's repository, pathology x device."""
   devices = [d for d in ds.vocab("device") if d != "unknown"]
-  per_class = cfg.adapt_generate_per_class if adapted else cfg.generate.num_per_class
   g = generate.default_config()
-  g.update(checkpoint=adapted["merged"] if adapted else checkpoint_dir, device=("all",),
-           box_prior=adapted["box_prior"] if adapted else box_prior_path,
-           pathology=() if adapted else g.pathology, name="phantom_adapted" if adapted else "phantom_generated",
-           num_per_condition=max(1, per_class // max(1, len(devices))), examples_per_shard=256,
+  g.update(checkpoint=checkpoint_dir, device=("all",), box_prior=box_prior_path, name="phantom_generated",
+           num_per_condition=max(1, cfg.generate.num_per_class // max(1, len(devices))), examples_per_shard=256,
            per_device_batch=cfg.generate.per_device_batch, local_devices=cfg.generate.local_devices)
   g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
                    guidance_scale=cfg.generate.guidance_scale)
@@ -291,10 +298,12 @@ def docs_summary(rep: dict, total_s: float, workdir: str) -> str:
           f"{total_s:.0f} s in all (slowest stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in slow) + ").\n\n"
           f"- Held-out real test split (n = {c['real']['n']}): trained on real {auc(c['real'])}, on generated only "
           f"{auc(c['generated'])} (TSTR/TRTR {rep['tstr_over_trtr']:.2f}), on both {auc(c['mixed'])}.\n"
-          f"- Few-shot adaptation ({a['summary']['shots_per_class']} shots per class, n = "
-          f"{a['classifiers']['few-shot real']['n']} test images): shots only {auc(a['classifiers']['few-shot real'])}, "
-          f"adapted generated only {auc(a['classifiers']['adapted generated'])} (DeLong p against the shots "
-          f"{a['delong']['adapted generated']['p_value']:.2g}), both {auc(a['classifiers']['few-shot mixed'])}.\n")
+          f"- Few-shot adaptation to a new site ({', '.join(a['device'])}; {a['shots_per_class']} shots per class, "
+          f"n = {a['classifiers']['shots']['n']} test images of the site): "
+          + ", ".join(f"{arm} {auc(a['classifiers'][arm])}" + (f" (DeLong p against the shots "
+                                                               f"{a['delong'][arm]['p_value']:.2g})"
+                                                               if arm in a["delong"] else "")
+                      for arm in fewshot.ARMS) + ".\n")
 
 
 def quality_config(work: str | Path) -> ml_collections.ConfigDict:
@@ -359,12 +368,61 @@ def _delong_rows(delong: dict, against: str) -> list[list[str]]:
   return rows
 
 
+def _fewshot_section(work: Path, cfg, adaptation: dict) -> tuple[tuple, list, dict]:
+  """Section 5 (the new site): its text and images, its tables, and its part of report.json."""
+  site, key, draw, fcfg = (adaptation[k] for k in ("site", "key", "draw", "config"))
+  summary = json.loads((work / "fewshot" / key / "adapt" / adapt.SUMMARY).read_text())
+  reps, preds = {}, {}
+  for arm in fewshot.ARMS:
+    out = fewshot.classifier_dir(work, key, arm) / "eval"
+    reps[arm] = json.loads((out / f"{fewshot.SITE}.json").read_text())
+    with np.load(out / f"{fewshot.SITE}.predictions.npz") as z:
+      preds[arm] = {k: z[k] for k in z.files}
+  classes, positive = list(cfg.classifier.task.classes), cfg.classifier.task.positive
+  delong = _delong(preds, classes, positive, fewshot.ARMS)
+  repos = draw["repositories"]
+  sheet = _comparison_sheet(work / "site_real_vs_generated.png", [
+      ("site", site["dataset"], fewshot.SITE), ("adapted", repos["adapted"], "train"),
+      ("un-adapted", repos["base"], "train")])
+  roc = report.roc_plot(work / "roc_site.png", {arm: {**reps[arm]["roc_curve"], **reps[arm]} for arm in fewshot.ARMS},
+                        f"the new site's test images ({site['device']})")
+  device = reader.open_dataset(site["dataset"]).vocab("device")[1:]
+  d = site["draws"][key]
+  n_gen = reader.open_dataset(repos["adapted"]).report["converted"]
+  text = [
+      f"The new site is a scanner the pretraining corpus never had ({', '.join(device)}), with its own patients: "
+      f"{site['n']} images of {site['cases']} cases {site['counts']}, converted to `{site['source']}`. A fixed "
+      f"validation set of its cases ({site['val_counts']}) selects the adapters and every classifier; "
+      f"**{d['k']} shots per class** (whole cases) are the only labelled images of the site any model sees; the "
+      f"test images are the site's other {len(d['test'])}.",
+      f"LoRA adapters (rank {fcfg.fewshot.adapt.lora.rank}, {summary['adapter_params']:,} parameters = "
+      f"{100 * summary['adapter_params'] / summary['frozen_params']:.1f}% of the frozen "
+      f"{summary['frozen_params']:,}) and a new device row for the scanner were trained on the shots for "
+      f"{fcfg.fewshot.adapt.num_steps} steps; the validation denoising loss went from {summary['val_loss_start']:.4f} "
+      f"to {summary['val_loss_best']:.4f} (step {summary['best_step']}). Each repository holds {n_gen} images with "
+      "lesion boxes from a prior fitted on the shots: one from the adapted model (the new scanner's row), one from "
+      "the un-adapted model (the null device row). Rows of the sheet: the site's real benign and malignant images, "
+      "then the adapted and the un-adapted model's.",
+      f"Classifiers ({positive} positive) on the shots alone, shots + un-adapted, shots + adapted (the shots "
+      f"{fcfg.fewshot.shots_weight:.0%} of the stream) and the adapted repository alone; tested on the site's test "
+      "images."]
+  section = (f"5. Few-shot adaptation to a new site: {', '.join(device)}", text,
+             [(sheet, "new site: real vs generated", 640), (roc, "ROC (new site)", None)])
+  tables = [report.binary_rows({f"trained on {arm}": reps[arm] for arm in fewshot.ARMS}), _delong_rows(delong, "shots")]
+  keys = ("auc", "auc_ci95", "balanced_accuracy", "sensitivity", "specificity", "ece", "n")
+  out = {"summary": summary, "site": {k: site[k] for k in ("source", "dataset", "n", "cases", "counts", "val_counts")},
+         "device": device, "shots_per_class": d["k"], "repositories": repos, "images": n_gen,
+         "classifiers": {arm: {k: reps[arm][k] for k in keys} for arm in fewshot.ARMS}, "delong": delong}
+  return section, tables, out
+
+
 def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusion, results, preds, times,
                  adaptation: dict | None = None, assessment: dict | None = None) -> dict:
   import html as _html
   conv = reader.open_dataset(ds_dir).report
   gen = reader.open_dataset(gen_dir).report
-  comparison = _comparison_sheet(work / "real_vs_generated.png", ds_dir, gen_dir)
+  comparison = _comparison_sheet(work / "real_vs_generated.png", [("real", ds_dir, "train"),
+                                                                   ("generated", gen_dir, "train")])
   curves = {v: {**results[v]["roc_curve"], **results[v]} for v in VARIANTS}
   roc = report.roc_plot(work / "roc.png", curves, "held-out real test split")
   cal = report.reliability_plot(work / "calibration.png", results, "calibration")
@@ -393,34 +451,8 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
   ]
   adapt_json = None
   if adaptation:
-    a, task = adaptation["summary"], adaptation["task"]
-    ares, apreds = adaptation["results"], adaptation["preds"]
-    field, classes = task["field"], list(task["classes"])
-    asheet = _comparison_sheet(work / "adapted_real_vs_generated.png", ds_dir, adaptation["dataset"], field=field,
-                               classes=classes)
-    aroc = report.roc_plot(work / "roc_adapted.png", {v: {**ares[v]["roc_curve"], **ares[v]} for v in ADAPT_VARIANTS},
-                           f"{' vs '.join(classes)}, held-out real test split")
-    adelong = _delong(apreds, classes, task["positive"], ADAPT_VARIANTS)
-    tables["5."] = [report.binary_rows({f"trained on {v}": ares[v] for v in ADAPT_VARIANTS}),
-                    _delong_rows(adelong, "few-shot real")]
-    agen = reader.open_dataset(adaptation["dataset"]).report
-    sections.append((
-        f"5. Few-shot adaptation to a new task: {field} {' vs '.join(classes)}",
-        [f"The pretrained model only knows pathology (benign / malignant). LoRA adapters (rank "
-         f"{cfg.adapt.lora.rank}, {a['adapter_params']:,} parameters = "
-         f"{100 * a['adapter_params'] / a['frozen_params']:.1f}% of the frozen {a['frozen_params']:,}) and "
-         f"{a['new_rows']['pathology']} new label rows were trained on **{a['shots_per_class']} real images per "
-         f"class** for {cfg.adapt.num_steps} steps; the validation loss on {a['val_images']} held-out images "
-         f"(other cases) went from {a['val_loss_start']:.4f} to {a['val_loss_best']:.4f} (step {a['best_step']}).",
-         f"`{adaptation['dataset']}`: {agen['converted']} generated images of the new classes, lesion boxes from a "
-         f"prior fitted on the shots. Rows: real {', real '.join(classes)}, generated {', generated '.join(classes)}.",
-         f"Classifiers for {task['positive']} (positive) vs the rest, trained on the "
-         f"{a['shots_per_class'] * len(classes)} real shots only, on the adapted model's images only, and on both."],
-        [(asheet, "adapted: real vs generated", 640), (aroc, "ROC (adapted task)", None)]))
-    adapt_json = {"summary": a, "dataset": str(adaptation["dataset"]), "images": agen["converted"],
-                  "classifiers": {v: {k: r[k] for k in ("auc", "auc_ci95", "balanced_accuracy", "sensitivity",
-                                                        "specificity", "ece", "n")} for v, r in ares.items()},
-                  "delong": adelong}
+    section, tables["5."], adapt_json = _fewshot_section(work, cfg, adaptation)
+    sections.append(section)
   if assessment:
     q, a = assessment["quality"], assessment["audit"]
     qa, cond, box = q["fidelity"]["all"], q["conditional_accuracy"], q["box_fidelity"]
@@ -463,10 +495,11 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
         "`busgen-jax audit --config.filter_output=DIR` writes the repository without flagged images.")
   if adaptation:
     meaning.append(
-        "**Few-shot adaptation** (section 5) is BUSGen's claim for new clinical tasks: the pretrained model stays "
-        "frozen, small adapters and new label rows learn the task from a few labelled images, and the adapted "
-        "model then generates as many labelled images as wanted. Compare *adapted generated* and *few-shot mixed* "
-        "with *few-shot real*: all three saw the same real images (the shots) and nothing else that is labelled.")
+        "**Few-shot adaptation** (section 5) is BUSGen's claim for a new site: the pretrained model stays frozen, "
+        "small adapters and a new scanner row learn the site from a few labelled images, and the adapted model "
+        "then generates as many labelled images of that site as wanted. Compare each arm with *shots*: every arm "
+        "saw the same real images of the site (the shots, or none) and nothing else of it that is labelled; "
+        "*shots + un-adapted* tells what the pretrained model gives without adaptation.")
 
   inline = report.inline
   md = ["# busgen-jax demo report", "", f"Stage times: {timing}.", ""]

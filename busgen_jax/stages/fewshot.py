@@ -193,7 +193,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   for arm in ARMS:
     t = time.time()
     k = classifier_config(cfg, arm, site, draw, repos, external)
-    res = classify.run(k, out / "classify" / arm.replace(" + ", "_").replace("-", ""))
+    res = classify.run(k, classifier_dir(work, key, arm))
     if not res:
       return None
     results[arm] = {name: _brief(r) for name, r in res.items()}
@@ -203,6 +203,11 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   return {"k": draw["k"], "draw": draw["draw"], "adapt": {x: summary[x] for x in ("val_loss_start", "val_loss_best",
                                                                                   "best_step", "new_rows")},
           "repositories": repos, "results": results, "times_s": times}
+
+
+def classifier_dir(work: Path, key: str, arm: str) -> Path:
+  """Where one draw's classifier of an arm lives (its `eval/<test set>.json|predictions.npz` too)."""
+  return work / "fewshot" / key / "classify" / arm.replace(" + ", "_").replace("-", "")
 
 
 def classifier_config(cfg, arm: str, site: dict, draw: dict, repos: dict, external: dict):

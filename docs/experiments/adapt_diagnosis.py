@@ -1,7 +1,7 @@
 """Does an adapted model carry its classes apart? The diagnosis behind docs/EXPERIMENTS.md's few-shot section.
 
-  python docs/experiments/adapt_diagnosis.py --adapt DIR/adapt [--generated DIR/adapted_generated] [--json OUT]
-  # the demo:  --adapt /tmp/demo/adapt --generated /tmp/demo/adapted_generated
+  python docs/experiments/adapt_diagnosis.py --adapt DIR/adapt [--generated DIR/generated_adapted] [--json OUT]
+  # the demo (its new site):  --adapt /tmp/demo/fewshot/k16_d0/adapt --generated /tmp/demo/fewshot/k16_d0/generated_adapted
   # a few-shot draw of the experiment:  --adapt /tmp/fs/fewshot/k32_d0/adapt --generated /tmp/fs/fewshot/k32_d0/generated_adapted
   # grey levels alone, of any datasets (a dataset or a `sample` workdir, optionally :split; default train):
   python docs/experiments/adapt_diagnosis.py --grey /tmp/exp_cpu/generated /tmp/exp_cpu/data:val [--size 64]

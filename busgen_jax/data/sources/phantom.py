@@ -239,18 +239,25 @@ class PhantomSource:
   size: int = 128
   seed: int = 0
   num_devices: int = 3
+  first_device: int = 0          # devices DEVICES[first_device:first_device + num_devices]: another site's scanners
   views_per_case: int = 2
   malignant_fraction: float = 0.4
   normal_fraction: float = 0.0
   name: str = "phantom"
 
   def __post_init__(self):
-    if not 1 <= self.num_devices <= len(DEVICES):
-      raise ValueError(f"phantom.num_devices must be in 1..{len(DEVICES)}, got {self.num_devices}")
+    if self.num_devices < 1 or self.first_device < 0 or self.first_device + self.num_devices > len(DEVICES):
+      raise ValueError(f"phantom.num_devices >= 1 devices from phantom.first_device must lie within the "
+                       f"{len(DEVICES)} phantom devices, got num_devices={self.num_devices}, "
+                       f"first_device={self.first_device}")
     if self.views_per_case < 1 or self.num_examples < 0 or self.size < 16:
       raise ValueError("phantom needs views_per_case >= 1, num_examples >= 0 and size >= 16")
     if not 0 <= self.malignant_fraction + self.normal_fraction <= 1:
       raise ValueError("phantom.malignant_fraction + phantom.normal_fraction must lie in [0, 1]")
+
+  @property
+  def devices(self) -> tuple[Device, ...]:
+    return DEVICES[self.first_device:self.first_device + self.num_devices]
 
   def case_labels(self, case: int) -> tuple[str, int]:
     """(pathology, device index): a cheap draw, so plans (and splits) need no rendering."""
@@ -268,7 +275,7 @@ class PhantomSource:
       items.append(base.Item(key=key, source_file="", case_id=f"phantom-{self.seed}-case{case:07d}",
                              pathology=pathology, payload={"index": i, "case": case, "device": dev}))
     return base.Plan(items=items, vocab=schema.Vocab.from_values(
-        devices=[d.name for d in DEVICES[:self.num_devices]],
+        devices=[d.name for d in self.devices],
         histologies=["cyst", "fibroadenoma", "invasive ductal carcinoma", "invasive lobular carcinoma"]))
 
   def example(self, index: int) -> schema.Example:
@@ -276,13 +283,13 @@ class PhantomSource:
     pathology, dev = self.case_labels(case)
     case_rng = np.random.default_rng([self.seed, case, 2])
     d = draw_case(case_rng, pathology)
-    image, mask = render(case_rng, np.random.default_rng([self.seed, index, 3]), self.size, DEVICES[dev], d)
+    image, mask = render(case_rng, np.random.default_rng([self.seed, index, 3]), self.size, self.devices[dev], d)
     boxes = base.boxes_from_mask(mask, per_component=False)
     if pathology != "normal" and not len(boxes):
       raise base.Reject("empty_mask", f"phantom example {index}: lesion fell outside the image")
     return schema.Example(
         id=f"phantom-{self.seed}-{index:08d}", image=image, mask=mask, boxes=boxes, pathology=pathology,
-        device=DEVICES[dev].name, birads=birads_of(d), histology=histology_of(d),
+        device=self.devices[dev].name, birads=birads_of(d), histology=histology_of(d),
         case_id=f"phantom-{self.seed}-case{case:07d}", source_dataset=self.name)
 
   def load(self, item: base.Item):
