@@ -147,19 +147,18 @@ def _classifier_config(cfg, real: Path, generated: Path, variant: str) -> ml_col
   return k
 
 
-def _grid(ds_dir: Path, split: str, per_class: int, size: int, field: str = "pathology",
-          classes=("benign", "malignant")) -> list[tuple[str, np.ndarray]]:
-  """The first images of each class of a split, resized to `size`."""
+def _grid(ds_dir: Path, split: str, per_class: int, size: int) -> list[tuple[str, np.ndarray]]:
+  """The first images of each pathology of a split, resized to `size`."""
   from busgen_jax.data import transforms
   ds = reader.open_dataset(ds_dir)
-  names = ds.vocab(field)
+  names = ds.vocab("pathology")
   src = ds.source(split)
   rows = []
-  for wanted in classes:
+  for wanted in ("benign", "malignant"):
     ims = []
     for i in range(len(src)):
       ex = src[i]
-      if names[ex[field]] == wanted:
+      if names[ex["pathology"]] == wanted:
         ims.append(transforms.resize(np.ascontiguousarray(ex["image"][..., 0]), size))
         if len(ims) == per_class:
           break
@@ -259,9 +258,7 @@ def fewshot_config(cfg, site_dir: Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "seed": 0, "fewshot": f, "classifier": cfg.classifier.to_dict(),
       "generate": {"pathology": tuple(cfg.classifier.task.classes), "per_device_batch": g.per_device_batch,
-                   "local_devices": g.local_devices,
-                   "sampler": {"steps": g.steps, "method": g.method, "order": g.order,
-                               "guidance_scale": g.guidance_scale}}})
+                   "local_devices": g.local_devices, "sampler": _sampler(cfg)}})
 
 
 @contextlib.contextmanager
@@ -283,9 +280,13 @@ def sample_config(cfg, ds: reader.Dataset, checkpoint_dir: str, box_prior_path: 
   g.update(checkpoint=checkpoint_dir, device=("all",), box_prior=box_prior_path, name="phantom_generated",
            num_per_condition=max(1, cfg.generate.num_per_class // max(1, len(devices))), examples_per_shard=256,
            per_device_batch=cfg.generate.per_device_batch, local_devices=cfg.generate.local_devices)
-  g.sampler.update(steps=cfg.generate.steps, method=cfg.generate.method, order=cfg.generate.order,
-                   guidance_scale=cfg.generate.guidance_scale)
+  g.sampler.update(_sampler(cfg))
   return g
+
+
+def _sampler(cfg) -> dict:
+  """The demo's sampler settings (`cfg.generate`) as `busgen-jax sample`'s sampler config keys."""
+  return {k: cfg.generate[k] for k in ("steps", "method", "order", "guidance_scale")}
 
 
 def docs_summary(rep: dict, total_s: float, workdir: str) -> str:
@@ -371,7 +372,7 @@ def _delong_rows(delong: dict, against: str) -> list[list[str]]:
 def _fewshot_section(work: Path, cfg, adaptation: dict) -> tuple[tuple, list, dict]:
   """Section 5 (the new site): its text and images, its tables, and its part of report.json."""
   site, key, draw, fcfg = (adaptation[k] for k in ("site", "key", "draw", "config"))
-  summary = json.loads((work / "fewshot" / key / "adapt" / adapt.SUMMARY).read_text())
+  summary = json.loads((fewshot.draw_dir(work, key) / "adapt" / adapt.SUMMARY).read_text())
   reps, preds = {}, {}
   for arm in fewshot.ARMS:
     out = fewshot.classifier_dir(work, key, arm) / "eval"

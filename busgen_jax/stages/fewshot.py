@@ -158,7 +158,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   """Adaptation, the two site repositories and the four classifiers of one (k, draw); None when a trainer
   stopped early on a preemption notice (the experiment's rerun continues it)."""
   fs, draw = cfg.fewshot, site["draws"][key]
-  out = work / "fewshot" / key
+  out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
   t0 = time.time()
   a = ml_collections.ConfigDict(fs.adapt.to_dict())
@@ -205,9 +205,14 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
           "repositories": repos, "results": results, "times_s": times}
 
 
+def draw_dir(work: Path, key: str) -> Path:
+  """One (k, draw)'s directory: adapt/, generated_<adapted|base>/, classify/<arm>/."""
+  return work / "fewshot" / key
+
+
 def classifier_dir(work: Path, key: str, arm: str) -> Path:
   """Where one draw's classifier of an arm lives (its `eval/<test set>.json|predictions.npz` too)."""
-  return work / "fewshot" / key / "classify" / arm.replace(" + ", "_").replace("-", "")
+  return draw_dir(work, key) / "classify" / arm.replace(" + ", "_").replace("-", "")
 
 
 def classifier_config(cfg, arm: str, site: dict, draw: dict, repos: dict, external: dict):
