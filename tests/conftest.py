@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's LLVM at -O0: programs compile ~45% faster and the tests' tiny steps run ~40% slower, a net gain
+# for a suite that compiles far more than it runs (measured on the 16 px training step: 27 s -> 15 s).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Tests run on the host CPU even where libtpu (the `tpu` extra, for the aot tests) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# Two devices per process; LLVM at -O0 as in conftest (the tests compile far more than they run).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
 
 from absl import flags  # noqa: E402
 

@@ -99,6 +99,28 @@ def test_train_and_sample_compile_with_per_chip_figures(report):
   assert "| student | 8 per host / 2 |" in md
 
 
+def test_docs_sections_per_topology_and_a_summary_rebuilt_from_them(report, tmp_path):
+  rep, _ = report
+  doc = tmp_path / "TPU.md"
+  doc.write_text("# TPU\n\n<!-- aot:summary:begin -->\nstale\n<!-- aot:summary:end -->\n\nprose kept\n")
+  aot.write_docs(doc, rep, "busgen-jax aot --topology v5e:2x2 --num_slices 2")
+  other = json.loads(json.dumps(rep))         # a second topology: its own section and summary row
+  other.update(topology="v5e:4x4", num_slices=1, chips=16, hosts=4)
+  aot.write_docs(doc, other, "busgen-jax aot --topology v5e:4x4")
+  aot.write_docs(doc, rep, "busgen-jax aot --topology v5e:2x2 --num_slices 2")   # rewritten, not repeated
+  text = doc.read_text()
+  assert "stale" not in text and "prose kept" in text
+  assert text.count("<!-- aot:v5e:2x2x2:begin -->") == 1 and text.count("<!-- aot:v5e:4x4:begin -->") == 1
+  summary = text[text.index("<!-- aot:summary:begin -->"):text.index("<!-- aot:summary:end -->")]
+  rows = [l for l in summary.splitlines() if l.startswith("| 2x v5e-4") or l.startswith("| v5e-16")]
+  assert len(rows) == 2, summary
+  best = next(p for p in rep["programs"] if p["program"] == "train" and p["global_batch"] == 32)
+  assert f"**32** (4) | {best['hbm_bytes']['total'] / aot.GiB:.1f} of 16 GiB" in rows[0]
+  sample = next(p for p in rep["programs"] if p["program"] == "sample")
+  assert f"| {sample['images_per_s']:.0f} (100) | " in rows[0] and " (8) | none larger tried |" in rows[0]
+  assert "`busgen-jax aot --topology v5e:4x4` (libtpu " in text
+
+
 def test_collective_parser_on_async_and_combined_ops():
   hlo = ("%a = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %x), dimensions={0}\n"
          "%b = (bf16[4,4]{1,0:T(8,128)(2,1)}, /*index=1*/bf16[2]{0}) all-reduce(%y, %z), to_apply=%add\n"

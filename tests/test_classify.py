@@ -144,8 +144,19 @@ def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path)
 
 def test_demo_in_its_reduced_setting_writes_every_report_section(tmp_path):
   from busgen_jax.stages import demo
-  work = demo.run(demo.default_config("ci"), str(tmp_path))
+  cfg = demo.default_config("ci")
+  readme, privacy_md = tmp_path / "README.md", tmp_path / "PRIVACY.md"
+  privacy_md.write_text("# Privacy\n\n<!-- demo:quality:begin -->\nSTALE\n<!-- demo:quality:end -->\n")
+  cfg.docs = f"{readme},{privacy_md}"
+  work = demo.run(cfg, str(tmp_path / "work"))
   md = (work / "report.md").read_text()
+  # --config.docs: the summary appended to a file without markers, quality and privacy where their markers are.
+  rep = json.loads((work / "report.json").read_text())
+  assert "<!-- demo:begin -->" in readme.read_text() and f"on generated only {rep['classifiers']['generated']['auc']:.3f}" in readme.read_text()
+  text = privacy_md.read_text()
+  assert "STALE" not in text and "<!-- demo:begin -->" not in text
+  assert f"| pixel | {rep['audit']['spaces']['pixel']['n_flagged']} of {rep['audit']['n_generated']} |" in text
+  assert f"AUC {rep['audit']['membership_inference']['auc']:.3g}" in text
   for section in ("## 1. Data", "## 2. Diffusion model", "## 3. Generated repository", "## 4. Classifiers",
                   "trained on real", "trained on generated", "trained on mixed", "generated − real",
                   "## What the numbers mean", "TSTR / TRTR", "## 5. Few-shot adaptation to a new site: Phantom-L7",

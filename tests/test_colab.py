@@ -28,7 +28,8 @@ def test_there_are_the_three_notebooks():
 
 def test_notebooks_execute_headless(tmp_path, monkeypatch):
   monkeypatch.setenv("BUSGEN_COLAB_WORK", str(tmp_path / "work"))
-  monkeypatch.setenv("XLA_FLAGS", "")          # one CPU device in the kernel, as on a Colab CPU runtime
+  # One CPU device in the kernel, as on a Colab CPU runtime (LLVM at -O0 as in conftest).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
   for path in NOTEBOOKS:
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

@@ -306,11 +306,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
       entry.update(fits=False, error=str(e))
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
-  if workdir:
-    out = paths.path(workdir)   # local or gs://
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "aot.json").write_text(json.dumps(report, indent=1))
-    (out / "aot.md").write_text(markdown(report))
   # Several batch sizes are a search: the best is the largest that fits. Fail when a program has none that fits.
   fitting = [p for p in report["programs"] if p["program"] == "train" and p["fits"]]
   report["best_train_batch"] = max((p["global_batch"] for p in fitting), default=None)
@@ -364,6 +359,88 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ docs
+
+def slice_name(report: dict) -> str:
+  """Cloud TPU's accelerator-type name of the compiled slice(s): v5p-64, or 2x v5e-4."""
+  name = f"{report['chip']['name']}-{report['chips'] // report.get('num_slices', 1)}"
+  return f"{report['num_slices']}x {name}" if report.get("num_slices", 1) > 1 else name
+
+
+def summary_row(report: dict) -> dict:
+  """The figures docs/TPU.md's summary keeps per topology: the best training batch and the sampler's rate."""
+  train = [p for p in report["programs"] if p["program"] == "train"]
+  best = next((p for p in train if p["global_batch"] == report.get("best_train_batch")), None)
+  bigger = [p for p in train if best and p["global_batch"] > best["global_batch"] and not p["fits"]]
+  rate = {p["program"]: [p["images_per_s"], p["network_evals"]] for p in report["programs"]
+          if p["program"] in SAMPLE_PROGRAMS and p["fits"]}
+  row = {"slice": slice_name(report), "topology": report["topology"], "chips": report["chips"],
+         "hosts": report["hosts"], "sample": rate.get("sample"), "student": rate.get("student")}
+  if best:
+    row.update(best_batch=best["global_batch"], per_chip=best["per_chip_batch"],
+               hbm=best["hbm_bytes"]["total"] / GiB, hbm_capacity=best["hbm_capacity"] / GiB,
+               hbm_fraction=best["hbm_fraction"], step_s=best["step_time_s"], bound_by=best["bound_by"],
+               mfu=best["mfu"], train_images_per_s=best["images_per_s"])
+  if bigger:
+    row["next"] = {"batch": bigger[0]["global_batch"], "error": bigger[0].get("error", "")}
+  return row
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+  lines = ["| slice | chips / hosts | best global batch (per chip) | HBM per chip | est. train step | bound by | MFU "
+           "| train images/s | sampling images/s (network evals per image) | student's images/s (evals) "
+           "| next batch tried |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    sample = " | ".join(f"{r[k][0]:.0f} ({r[k][1]})" if r.get(k) else "not compiled" for k in ("sample", "student"))
+    nxt = r.get("next")
+    nxt = f"{nxt['batch']}: does not fit" + (f" ({m.group(0)})" if (m := re.search(
+        r"temporaries \([\d.]+G\)", nxt["error"])) else "") if nxt else "none larger tried"
+    if "best_batch" not in r:
+      lines.append(f"| {r['slice']} (`{r['topology']}`) | {r['chips']} / {r['hosts']} | no batch fits | | | | | "
+                   f"| {sample} | {nxt} |")
+      continue
+    lines.append(f"| {r['slice']} (`{r['topology']}`) | {r['chips']} / {r['hosts']} | **{r['best_batch']}** "
+                 f"({r['per_chip']:g}) | {r['hbm']:.1f} of {r['hbm_capacity']:.0f} GiB ({r['hbm_fraction']:.0%}) "
+                 f"| {r['step_s']:.2f} s | {r['bound_by']} | {r['mfu']:.0%} | {r['train_images_per_s']:.0f} "
+                 f"| {sample} | {nxt} |")
+  return "\n".join(lines) + "\n"
+
+
+ROW = re.compile(r"<!-- aot:row (\{.*?\}) -->")
+
+
+def write_docs(path: str | Path, report: dict, command: str) -> None:
+  """Rewrite `path`'s section for this topology (between `<!-- aot:TOPOLOGY:begin/end -->`, appended when new)
+  and its summary table (between `<!-- aot:summary:begin/end -->`), rebuilt from every topology section's
+  recorded row: docs/TPU.md is written by one `busgen-jax aot --docs` run per topology."""
+  import jax
+  from busgen_jax.evaluate import report as report_lib
+  try:
+    from importlib.metadata import version
+    libtpu = version("libtpu")
+  except Exception:                               # noqa: BLE001  (a name for the record only)
+    libtpu = "?"
+  key = report["topology"] + (f"x{report['num_slices']}" if report.get("num_slices", 1) > 1 else "")
+  chip = report["chip"]
+  row = summary_row(report)
+  md = markdown(report).split("\n")
+  body = [f"### {row['slice']} (`{report['topology']}`: {report['chips']} chips, {report['hosts']} hosts; "
+          f"{chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bytes'] / GiB:.0f} GiB at "
+          f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s, ICI {chip['ici_bandwidth'] / 1e9:.0f} GB/s)", "",
+          f"`{command}` (libtpu {libtpu}, jax {jax.__version__}, effort {report['effort']:g}, "
+          f"{report['utilisation']:.0%} of peak assumed)", "",
+          *[l for l in md if l.startswith("|")], "",
+          f"<!-- aot:row {json.dumps(row, default=float)} -->", ""]
+  path = Path(path)
+  report_lib.write_section(path, "\n".join(body), f"<!-- aot:{key}:begin -->", f"<!-- aot:{key}:end -->",
+                           f"{row['slice']}")
+  text = path.read_text()
+  rows = [json.loads(m.group(1)) for m in ROW.finditer(text)]
+  report_lib.write_section(path, summary_table(rows), "<!-- aot:summary:begin -->", "<!-- aot:summary:end -->",
+                           "Summary: the global batch that fits best")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """A training config: the model and batch the programs are compiled for."""
   from busgen_jax.train import diffusion
@@ -383,6 +460,8 @@ def define_flags() -> None:
   flags.DEFINE_float("utilisation", 0.5, "fraction of the bf16 peak assumed for the step-time estimate")
   flags.DEFINE_integer("num_slices", 1, "multi-slice: this many copies of the topology over the data-centre network")
   flags.DEFINE_float("effort", 0.0, "XLA exec_time_optimization_effort in [-1, 1]; -1 compiles about 2x faster")
+  flags.DEFINE_string("docs", "", "a Markdown file (docs/TPU.md) whose section for this topology and whose summary "
+                      "table to rewrite")
 
 
 def main(cfg: ml_collections.ConfigDict, workdir: str | None, argv) -> None:
@@ -407,3 +486,9 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, argv) -> None:
     print(f"busgen-jax aot: does not fit on {F.topology}: {e}", file=sys.stderr)
     sys.exit(1)
   print(markdown(report))
+  if F.docs:
+    import shlex
+    args = sys.argv[1:]
+    args = [a for i, a in enumerate(args)     # the command that made the section, less where it was written
+            if not a.startswith("--docs") and not (i and args[i - 1] == "--docs")]
+    write_docs(F.docs, report, shlex.join(["busgen-jax", *args]))
