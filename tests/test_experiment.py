@@ -149,6 +149,8 @@ def test_console_shows_stages_and_bars_and_the_log_file_the_rest(run):
   assert not [l for l in err if l[:1] == "I" and l[1:5].isdigit()], err      # no INFO records (warnings stay)
   assert not [l for l in err if "Type handler registry" in l or "oneDNN" in l], err
   assert any(l.startswith("diffusion: ") and "steps" in l for l in err), err   # a progress bar, line by line
+  for bar in ("convert ", "audit: pixel search, generated: ", "features of "):    # convert, audit, quality
+    assert any(l.startswith(bar) for l in err), (bar, err)
   assert "experiment: pretrain done in" in run["stdout"]
   log = (run["work"] / "logs" / "experiment.log").read_text()
   assert "CheckpointManager" in log and len(log.splitlines()) > 100            # the libraries' INFO records

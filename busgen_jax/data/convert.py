@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from busgen_jax import console
 from busgen_jax.data import schema, splits, writer
 from busgen_jax.data.sources import base
 from busgen_jax.data.sources.busbra import BusbraSource
@@ -203,12 +204,15 @@ def convert(cfg: ml_collections.ConfigDict) -> Path:
   done = 0
   n_items = sum(len(t.items) for t in todo)
   t1 = time.time()
+  bar = console.bar(n_items, f"convert {source.name}", unit="image")
   for rep in _imap(_run_task, args, workers):
     done += rep["num_inputs"]
+    bar.update(rep["num_inputs"])
     rate = done / max(time.time() - t1, 1e-9)
     logging.info("shard %s/%d %s: %d written, %d rejected | %d/%d inputs, %.0f/s, ETA %.0fs", rep["index"] + 1,
                  len(tasks), rep["split"], rep["num_examples"], len(rep["rejections"]), done, n_items, rate,
                  (n_items - done) / max(rate, 1e-9))
+  bar.close()
   if all(writer.shard_done(ds, t.index, fingerprint) for t in tasks):
     writer.merge(ds)
   else:

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from busgen_jax import parallel
+from busgen_jax import console, parallel
 from busgen_jax.data import pipeline
 from busgen_jax.train import classifier
 
@@ -55,9 +55,11 @@ class ClassifierEncoder:
     fields = list(dict.fromkeys(("pathology", "device", self.field)))
     feats, probs, index, labels = [], [], [], {f: [] for f in fields}
     it = iter(pipe)
+    bar = console.bar(len(pipe.batches), f"features of {split}", unit="batch")
     try:
       with jax.set_mesh(self.setup.mesh):
         for local in it:
+          bar.update()
           batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
           f, p = self._features(self.params, self.stats, batch["image"])
           rows = parallel.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
@@ -70,6 +72,7 @@ class ClassifierEncoder:
             labels[k].append(rows[k][keep])
     finally:
       it.close()
+      bar.close()
     names = lambda field, ids: [pipe.vocab[field][i] for i in np.concatenate(ids)]
     return {"features": np.concatenate(feats), "probs": np.concatenate(probs), "classes": self.classes,
             "index": np.concatenate(index), **{k: names(k, v) for k, v in labels.items()}, "encoder": self.name}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from busgen_jax import console
 from busgen_jax.evaluate import metrics
 
 
@@ -86,6 +87,7 @@ def denoising_losses(model, path: str | Path, split: str, indices: Sequence[int]
          for f in ("pathology", "device")}
   out, idx = [], []
   it = iter(pipe)
+  bar = console.bar(len(indices), f"membership losses, {split}", unit="image")
   try:
     for b in it:
       cond = {k: np.full(len(b[k]), fixed[k], np.int32) if k in fixed else lut[k][b[k]] if k in lut else b[k]
@@ -95,7 +97,9 @@ def denoising_losses(model, path: str | Path, split: str, indices: Sequence[int]
       keep = np.asarray(b["valid"])
       out.append(np.asarray(loss)[keep])
       idx.append(np.asarray(b["index"])[keep])
+      bar.update(int(keep.sum()))
   finally:
     it.close()
+    bar.close()
   order = np.argsort(np.concatenate(idx), kind="stable")   # back to the order of `indices` (sorted record order)
   return np.concatenate(out)[order]

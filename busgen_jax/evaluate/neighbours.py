@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from busgen_jax import console
 from busgen_jax.data import reader
 from busgen_jax.evaluate import metrics
 
@@ -198,8 +199,9 @@ class PixelIndex:
     k = min(self.c.candidates, int(self.case_of.max()) + 1)
     return _top_cases(-sims, self.case_of, k)[1]
 
-  def query(self, images: Sequence[np.ndarray]) -> Neighbours:
+  def query(self, images: Sequence[np.ndarray], desc: str = "pixel search") -> Neighbours:
     c, out_d, out_i, out_a = self.c, [], [], []
+    bar = console.bar(len(images), desc, unit="image")
     for b0 in range(0, len(images), c.batch):
       batch = images[b0:b0 + c.batch]
       cand = self.candidates(batch)                                # (Q, K)
@@ -227,6 +229,8 @@ class PixelIndex:
       out_d.append(take(d))
       out_i.append(take(cand))
       out_a.append(align[np.arange(Q), order[:, 0]])
+      bar.update(Q)
+    bar.close()
     return Neighbours(np.concatenate(out_d), np.concatenate(out_i), np.concatenate(out_a))
 
   def aligned_crop(self, i: int, align: Sequence[float], size: int) -> np.ndarray:

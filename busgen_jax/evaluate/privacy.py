@@ -202,7 +202,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   times = {"read": time.time() - t0}
   t = time.time()
   pixel = neighbours.PixelIndex(train["images"], train["cases"], cfg.pixel)
-  found = {"pixel": (pixel.query(gen["images"]), pixel.query(hold["images"]))}
+  found = {"pixel": (pixel.query(gen["images"], "audit: pixel search, generated"),
+                     pixel.query(hold["images"], "audit: pixel search, held-out"))}
   times["pixel"] = time.time() - t
   t = time.time()
   encoder_name = None

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from busgen_jax import paths
+from busgen_jax import console, paths
 
 GiB = 1024 ** 3
 
@@ -260,7 +260,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
             "config": {"image_size": cfg.data.image_size, "model": cfg.model.to_dict(), "mesh": dict(cfg.mesh),
                        "accum_steps": cfg.accum_steps},
             "utilisation": utilisation, "effort": effort, "forward_flops_per_image": fwd, "programs": []}
-  for b in (batch_sizes or [cfg.data.batch_size]) if "train" in programs else []:
+  train_batches = list(batch_sizes or [cfg.data.batch_size]) if "train" in programs else []
+  bar = console.bar(len(train_batches) + len([p for p in SAMPLE_PROGRAMS if p in programs]),
+                    f"aot {topology_name}", unit="program")
+  for b in train_batches:
     entry = {"program": "train", "global_batch": b, "per_chip_batch": b / len(devices)}
     t = time.perf_counter()
     try:
@@ -273,6 +276,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
       entry.update(fits=False, error=str(e))
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
+    bar.update()
   for program in [p for p in SAMPLE_PROGRAMS if p in programs]:
     pcfg, scfg = sample_configs(cfg, program)
     if sample_per_device_batch:
@@ -306,6 +310,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
       entry.update(fits=False, error=str(e))
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
+    bar.update()
+  bar.close()
   # Several batch sizes are a search: the best is the largest that fits. Fail when a program has none that fits.
   fitting = [p for p in report["programs"] if p["program"] == "train" and p["fits"]]
   report["best_train_batch"] = max((p["global_batch"] for p in fitting), default=None)
@@ -336,12 +342,14 @@ def markdown(report: dict) -> str:
            "| collectives (MB per chip) | est. step | bound by | MFU | images/s | compile |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for p in report["programs"]:
+    if isinstance(p.get("mesh"), dict):
+      p = {**p, "mesh": ", ".join(f"{k} {v}" for k, v in p["mesh"].items())}
     best = " (best)" if p["program"] == "train" and p.get("global_batch") == report.get("best_train_batch") else ""
     batch = (f"{p['global_batch']} / {p['per_chip_batch']:g}{best}" if p["program"] == "train"
              else f"{p.get('call_batch', '?')} per {'call' if p.get('scope') == 'slice' else 'host'} "
                   f"/ {p.get('per_chip_batch', '?')}")
     if "hbm_bytes" not in p:
-      lines.append(f"| {p['program']} | {batch} | {p.get('mesh', '')} | does not fit: {p.get('error', '')[:120]} "
+      lines.append(f"| {p['program']} | {batch} | {p.get('mesh', '')} | does not fit: {p.get('error', '')[:200]} "
                    f"| | | | | | | | {p['compile_s']:.0f} s |")
       continue
     hbm = p["hbm_bytes"]["total"]
@@ -394,8 +402,8 @@ def summary_table(rows: Sequence[dict]) -> str:
   for r in rows:
     sample = " | ".join(f"{r[k][0]:.0f} ({r[k][1]})" if r.get(k) else "not compiled" for k in ("sample", "student"))
     nxt = r.get("next")
-    nxt = f"{nxt['batch']}: does not fit" + (f" ({m.group(0)})" if (m := re.search(
-        r"temporaries \([\d.]+G\)", nxt["error"])) else "") if nxt else "none larger tried"
+    nxt = f"{nxt['batch']}: does not fit" + (f" ({m.group(1)} GiB of temporaries)" if (m := re.search(
+        r"temporaries \(([\d.]+)G\)", nxt["error"])) else "") if nxt else "none larger tried"
     if "best_batch" not in r:
       lines.append(f"| {r['slice']} (`{r['topology']}`) | {r['chips']} / {r['hosts']} | no batch fits | | | | | "
                    f"| {sample} | {nxt} |")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ml_collections
 
-from busgen_jax import paths
+from busgen_jax import console, paths
 
 # Published dense bf16 peaks of GPUs (FLOP/s), matched as substrings of jax's device_kind; TPUs' are aot.CHIPS'
 # (keyed by their exact device_kind). The MFU denominator.
@@ -299,11 +299,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     c.phantom.size = max(cfg.cases[n].size for n in names)
     data = str(convert.convert(c))
   results = {}
+  bar = console.bar(len(names), "bench", unit="case")
   for name in names:
     logging.info("bench case %s: %s", name, cfg.cases[name].to_dict())
     results[name] = {"case": cfg.cases[name].to_dict(),
                      **_child(name, cfg.cases[name].to_dict(), data, work / f"{name}.json", cfg.timeout_s)}
     logging.info("bench case %s: %s", name, json.dumps(results[name]))
+    bar.update()
+  bar.close()
   report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu_count": os.cpu_count(),
             "command": " ".join(["busgen-jax", *sys.argv[1:]]) if "bench" in sys.argv else "busgen-jax bench",
             "cases": results}

@@ -36,7 +36,7 @@ VARIANTS = ("real", "generated", "mixed")
 
 
 def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  """scale: "cpu" (about 10 minutes on 2 cores), "ci" (a reduced run for the test suite), "full" (accelerators)."""
+  """scale: "cpu" (about 15 minutes on 2 cores), "ci" (a reduced run for the test suite), "full" (accelerators)."""
   c = ml_collections.ConfigDict()
   c.scale = scale
   c.data = convert.default_config()
