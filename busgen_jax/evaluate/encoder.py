@@ -59,7 +59,6 @@ class ClassifierEncoder:
     try:
       with jax.set_mesh(self.setup.mesh):
         for local in it:
-          bar.update()
           batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
           f, p = self._features(self.params, self.stats, batch["image"])
           rows = parallel.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
@@ -70,6 +69,7 @@ class ClassifierEncoder:
           index.append(rows["index"][keep])
           for k in fields:
             labels[k].append(rows[k][keep])
+          bar.update()
     finally:
       it.close()
       bar.close()

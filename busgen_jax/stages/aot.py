@@ -261,8 +261,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
                        "accum_steps": cfg.accum_steps},
             "utilisation": utilisation, "effort": effort, "forward_flops_per_image": fwd, "programs": []}
   train_batches = list(batch_sizes or [cfg.data.batch_size]) if "train" in programs else []
-  bar = console.bar(len(train_batches) + len([p for p in SAMPLE_PROGRAMS if p in programs]),
-                    f"aot {topology_name}", unit="program")
+  sample_programs = [p for p in SAMPLE_PROGRAMS if p in programs]
+  bar = console.bar(len(train_batches) + len(sample_programs), f"aot {topology_name}", unit="program")
   for b in train_batches:
     entry = {"program": "train", "global_batch": b, "per_chip_batch": b / len(devices)}
     t = time.perf_counter()
@@ -277,7 +277,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path | None, *, topology_
     entry["compile_s"] = time.perf_counter() - t
     report["programs"].append(entry)
     bar.update()
-  for program in [p for p in SAMPLE_PROGRAMS if p in programs]:
+  for program in sample_programs:
     pcfg, scfg = sample_configs(cfg, program)
     if sample_per_device_batch:
       scfg.per_device_batch = sample_per_device_batch
