@@ -172,7 +172,8 @@ def load_params(directory: str | Path, model_cfg=None, *, which: str = "ema", st
   """Params (EMA by default) of a checkpoint directory, as host numpy arrays; no optimizer state is read."""
   directory = paths.path(directory)
   mngr = ocp.CheckpointManager(directory, item_handlers={"state": ocp.handlers.PyTreeCheckpointHandler(),
-                                                        "meta": ocp.handlers.JsonCheckpointHandler()})
+                                                        "meta": ocp.handlers.JsonCheckpointHandler(),
+                                                        "data": _iterator_handler()})
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint found")
@@ -195,6 +196,12 @@ def load_params(directory: str | Path, model_cfg=None, *, which: str = "ema", st
   return _int_keys(jax.tree.map(np.asarray, out))
 
 
+def _iterator_handler():
+  # A training checkpoint's "data" item (Grain's iterator state). Readers of params or meta alone name its handler
+  # so that Orbax does not warn on every load that the item "could not be restored".
+  return grain.checkpoint.CheckpointHandler()
+
+
 def _older(mngr, step: int) -> str:
   older = [s for s in mngr.all_steps() if s < step]
   return f" (older checkpoints: {older}; pass step=, or delete this one to resume from {older[-1]})" if older else ""
@@ -210,7 +217,8 @@ def _int_keys(tree):
 def load_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
   """(step, meta JSON) of a checkpoint directory's latest (or given) step."""
   directory = paths.path(directory)
-  mngr = ocp.CheckpointManager(directory, item_handlers={"meta": ocp.handlers.JsonCheckpointHandler()})
+  mngr = ocp.CheckpointManager(directory, item_handlers={"meta": ocp.handlers.JsonCheckpointHandler(),
+                                                        "data": _iterator_handler()})
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint found")

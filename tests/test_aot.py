@@ -111,6 +111,8 @@ def test_docs_sections_per_topology_and_a_summary_rebuilt_from_them(report, tmp_
   text = doc.read_text()
   assert "stale" not in text and "prose kept" in text
   assert text.count("<!-- aot:v5e:2x2x2:begin -->") == 1 and text.count("<!-- aot:v5e:4x4:begin -->") == 1
+  # An appended section carries one heading, its own (the slice and its chips), not a second one above it.
+  assert text.count("### 2x v5e-4 (") == 1 and "## 2x v5e-4\n" not in text and "## v5e-16\n" not in text
   summary = text[text.index("<!-- aot:summary:begin -->"):text.index("<!-- aot:summary:end -->")]
   rows = [l for l in summary.splitlines() if l.startswith("| 2x v5e-4") or l.startswith("| v5e-16")]
   assert len(rows) == 2, summary

@@ -219,13 +219,13 @@ def markdown_to_html(md: str, base: Path) -> str:
   return "".join(out)
 
 
-def write_section(path: Path, md: str, begin: str, end: str, heading: str) -> None:
+def write_section(path: Path, md: str, begin: str, end: str, heading: str | None) -> None:
   """Replace the generated section of a Markdown file (between `begin` and `end`), or append one under
-  `heading`: how docs keep figures that a command wrote."""
+  `heading` (none when `md` starts with its own): how docs keep figures that a command wrote."""
   text = path.read_text() if path.exists() else ""
   block = f"{begin}\n{md}{end}"
   if begin in text and end in text:
     text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
   else:
-    text = text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
+    text = text.rstrip("\n") + (f"\n\n## {heading}" if heading else "") + f"\n\n{block}\n"
   path.write_text(text)

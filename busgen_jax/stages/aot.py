@@ -442,7 +442,7 @@ def write_docs(path: str | Path, report: dict, command: str) -> None:
           f"<!-- aot:row {json.dumps(row, default=float)} -->", ""]
   path = Path(path)
   report_lib.write_section(path, "\n".join(body), f"<!-- aot:{key}:begin -->", f"<!-- aot:{key}:end -->",
-                           f"{row['slice']}")
+                           None)   # the body's own heading
   text = path.read_text()
   rows = [json.loads(m.group(1)) for m in ROW.finditer(text)]
   report_lib.write_section(path, summary_table(rows), "<!-- aot:summary:begin -->", "<!-- aot:summary:end -->",

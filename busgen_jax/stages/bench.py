@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -308,7 +309,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     bar.update()
   bar.close()
   report = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu_count": os.cpu_count(),
-            "command": " ".join(["busgen-jax", *sys.argv[1:]]) if "bench" in sys.argv else "busgen-jax bench",
+            "command": shlex.join(["busgen-jax", *sys.argv[1:]]) if "bench" in sys.argv else "busgen-jax bench",
             "cases": results}
   (work / "bench.json").write_text(json.dumps(report, indent=1))
   md = markdown(report)

@@ -17,7 +17,8 @@ Families:
               noise, against the generated images' mean-brightness error); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
-`--families` runs some of them (finished variants are reused); `--docs` rewrites only their tables.
+`--families` runs some of them (finished variants are reused); `--variants` reruns some and keeps the rows
+study.json holds for the others; `--docs` rewrites only their tables.
 """
 
 import argparse
@@ -150,9 +151,14 @@ def main():
   results = json.loads(results_file.read_text()) if results_file.exists() else {}
   for family in a.families.split(","):
     arm, base_arm, variants = FAMILIES[family]
+    # Rows recorded by an earlier run and not requested now are kept: a variant's run directory may have been
+    # cleared to free disk once its row was written.
+    recorded = {r["variant"]: r for r in results.get(family, ())}
     rows = []
     for name, overrides in variants:
       if a.variants and overrides is not None and not any(v in name for v in a.variants.split("|")):
+        if name in recorded:
+          rows.append(recorded[name])
         continue
       summary = base_summary if overrides is None else run_variant(base, work, family, name, overrides)
       rows.append({"variant": name, **row(summary, base_arm if overrides is None else arm)})
