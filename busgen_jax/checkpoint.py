@@ -148,8 +148,17 @@ class Checkpointer:
     try:
       with self._saving():
         self.manager.wait_until_finished()
-    finally:
+    except BaseException:
+      # The save's own error (named above) is the one to report: closing a manager whose bucket has gone away
+      # raises the transport's error again, which must not replace it.
+      try:
+        self.manager.close()
+      except Exception as e:  # noqa: BLE001
+        logging.warning("closing the checkpoint manager of %s after a failed save: %s", self.directory, e)
+      raise
+    else:
       self.manager.close()
+    finally:
       if self._previous_handler is not None:
         signal.signal(signal.SIGTERM, self._previous_handler)
         self._previous_handler = None

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,21 @@ def test_tfds_builder_writes_the_same_schema(tmp_path):
   assert sum(s.num_examples for s in b.info.splits.values()) == 12
   ex = reader.open_dataset(tmp_path / "busgen_phantom").source("train")[0]
   assert ex["image"].shape == (32, 32, 1) and ex["source_dataset"] == "phantom"
+
+
+def test_stages_import_tensorflow_only_to_write_summaries():
+  """TensorFlow (~5 s to import, clu's summary writer) loads when a trainer opens its TensorBoard writer, not
+  when a stage module is imported: a CLI that trains nothing (evaluate, inspect, a rerun of finished stages, a
+  usage error) starts without it."""
+  code = """
+import sys
+from busgen_jax.stages import audit, classify, demo, evaluate, experiment, quality, sample, sweep
+from busgen_jax.train import adapt, classifier, diffusion, distill, writers
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+writers.create(sys.argv[1], 10, process_index=0, every_steps=5)[0].close()
+assert "tensorflow" in sys.modules
+print("ok")
+"""
+  with tempfile.TemporaryDirectory() as d:
+    r = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

@@ -10,7 +10,6 @@ import time
 import weakref
 
 import numpy as np
-from clu import metric_writers, periodic_actions
 
 from busgen_jax import paths
 
@@ -24,8 +23,8 @@ def host_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-class BucketMirror(metric_writers.MetricWriter):
-  """The default writer on a local staging folder whose event files are copied into a cloud run directory
+class BucketMirror:
+  """A clu MetricWriter (same methods; not its subclass, see `create`): the default writer on a local staging folder whose event files are copied into a cloud run directory
   (gs://...) through the path layer at most every `every_s` seconds, on flush and on close.
 
   TensorFlow's own GCS client, which tf.summary would use for gs://, re-uploads the whole event file on every
@@ -33,6 +32,7 @@ class BucketMirror(metric_writers.MetricWriter):
   point at a local GCS emulator."""
 
   def __init__(self, remote: str, *, every_s: float = 60.0):
+    from clu import metric_writers
     self._local = tempfile.mkdtemp(prefix="busgen_events_")
     weakref.finalize(self, shutil.rmtree, self._local, True)
     self._inner = metric_writers.create_default_writer(self._local, asynchronous=True)
@@ -99,7 +99,11 @@ class BucketMirror(metric_writers.MetricWriter):
 
 
 def create(workdir: str, num_steps: int, *, process_index: int, every_steps: int):
-  """(writer, progress action). Only process 0 writes summaries; every process logs."""
+  """(writer, progress action). Only process 0 writes summaries; every process logs.
+
+  clu is imported here, not at module level: its summary writer imports TensorFlow (~5 s), which a process that
+  trains nothing (a CLI that only evaluates, reuses finished stages or fails on bad input) should not pay."""
+  from clu import metric_writers, periodic_actions
   if process_index == 0 and paths.is_remote(workdir):
     writer = BucketMirror(workdir)
   else:
