@@ -26,7 +26,8 @@ def test_there_are_the_three_notebooks():
     assert not stray, f"{p.name}: stray markdown prefixes {stray}"
 
 
-@pytest.mark.slow   # ~90 s; CI runs the install cell (below) and checks the notebooks' form; `pytest -m slow tests/test_colab.py`
+# ~90 s: `pytest -m slow tests/test_colab.py`. CI runs the install cell (below) and checks the notebooks' form.
+@pytest.mark.slow
 def test_notebooks_execute_headless(tmp_path, monkeypatch):
   monkeypatch.setenv("BUSGEN_COLAB_WORK", str(tmp_path / "work"))
   # One CPU device in the kernel, as on a Colab CPU runtime (LLVM at -O0 as in conftest).

@@ -283,7 +283,8 @@ def test_tensorboard_holds_the_scalars_and_sample_grids(adapted):
   assert [s for s, _ in scalars["val_loss"]] == [0, 12, 24]          # from the starting point on
 
 
-@pytest.mark.slow   # adapt runs train/loop.py's resume, which CI checks bit-exact in test_train (crash) and test_distill
+# adapt runs train/loop.py's resume, which CI checks bit-exact in test_train (crash) and in test_distill.
+@pytest.mark.slow
 def test_adaptation_resumes_to_the_same_adapters(adapted, tmp_path):
   from busgen_jax import checkpoint
   from busgen_jax.train import adapt, loop

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -495,7 +496,6 @@ def main(cfg: ml_collections.ConfigDict, workdir: str | None, argv) -> None:
     sys.exit(1)
   print(markdown(report))
   if F.docs:
-    import shlex
     args = sys.argv[1:]
     args = [a for i, a in enumerate(args)     # the command that made the section, less where it was written
             if not a.startswith("--docs") and not (i and args[i - 1] == "--docs")]

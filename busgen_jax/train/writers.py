@@ -24,8 +24,9 @@ def host_rss_gib() -> float:
 
 
 class BucketMirror:
-  """A clu MetricWriter (same methods; not its subclass, see `create`): the default writer on a local staging folder whose event files are copied into a cloud run directory
-  (gs://...) through the path layer at most every `every_s` seconds, on flush and on close.
+  """A clu MetricWriter in all but its base class (clu is imported lazily, see `create`): the default writer on a
+  local staging folder whose event files are copied into a cloud run directory (gs://...) through the path layer
+  at most every `every_s` seconds, on flush and on close.
 
   TensorFlow's own GCS client, which tf.summary would use for gs://, re-uploads the whole event file on every
   flush too, so this costs the same; it keeps every bucket write on one client (etils.epath), the one a test can
