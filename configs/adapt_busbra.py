@@ -41,6 +41,7 @@ def get_config(arg: str = "task=birads,k=16"):
   c.num_steps = 50 * k                 # few examples: a few hundred epochs at most, validation picks the step
   c.eval_every = max(50, c.num_steps // 20)
   c.checkpoint_every = c.eval_every
+  c.sample_every = 4 * c.eval_every    # sample grids of the adapted model in TensorBoard (the official sampler)
   c.lora.rank = 16
   c.lora.alpha = 16.0
   c.lora.dropout = 0.1

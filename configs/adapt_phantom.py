@@ -25,6 +25,8 @@ def get_config(arg: str = ""):
   c.task.pathology = (("cyst", "benign"), ("fibroadenoma", "benign"))
   c.num_steps = 300
   c.eval_every = 50
+  c.sample_every = 100      # sample grids of the adapted model in TensorBoard
+  c.sampler.update(method="multistep", order=2, steps=25)
   c.lora.rank = 8
   c.lora.dropout = 0.05
   return c

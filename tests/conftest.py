@@ -39,3 +39,15 @@ def busbra_dir(shared_dir) -> Path:
   if not (p / "bus_data.csv").is_file():
     pytest.skip("../shared/data/busbra is absent")
   return p
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+  """Tests that share a module-scoped fixture go to one xdist worker (`--dist loadgroup` in pyproject.toml): with
+  plain `load` scheduling each worker that draws one of them builds the fixture again (the few-shot experiment's,
+  two minutes, was built twice)."""
+  for item in items:
+    defs = getattr(item, "_fixtureinfo", None)
+    shared = sorted(name for name, d in (defs.name2fixturedefs.items() if defs else ()) if d[-1].scope == "module")
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))

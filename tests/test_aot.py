@@ -32,7 +32,9 @@ def micro_config(batch: int = 16, size: int = 16):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   work = tmp_path_factory.mktemp("aot")
-  return aot.run(micro_config(), work, topology_name="v5e:2x2", num_slices=2, batch_sizes=[16, 32],
+  # One training batch: each TPU training compile takes ~50 s even for this model; the batch search is tested
+  # without compiling (test_the_best_batch_is_the_largest_that_fits).
+  return aot.run(micro_config(), work, topology_name="v5e:2x2", num_slices=2, batch_sizes=[16],
                  sample_per_device_batch=2, effort=-1, programs=("train", "sample", "student")), work
 
 
@@ -63,8 +65,8 @@ def test_sampling_scope_follows_the_chip():
 def test_train_and_sample_compile_with_per_chip_figures(report):
   rep, work = report
   assert rep["chips"] == 8 and rep["hosts"] == 2 and rep["num_slices"] == 2
-  train, train32, sample, student = rep["programs"]
-  assert train32["fits"] and rep["best_train_batch"] == 32   # the largest batch that fits
+  train, sample, student = rep["programs"]
+  assert rep["best_train_batch"] == 16
   assert train["program"] == "train" and train["fits"] and train["mesh"] == {"data": 4, "fsdp": 2}
   hbm = train["hbm_bytes"]
   assert 0 < hbm["total"] < aot.CHIPS["TPU v5 lite"].hbm_bytes and hbm["arguments"] > 0 and hbm["temporaries"] > 0
@@ -95,12 +97,60 @@ def test_train_and_sample_compile_with_per_chip_figures(report):
   saved = json.loads((work / "aot.json").read_text())
   assert saved["programs"][0]["hbm_bytes"] == train["hbm_bytes"]
   md = (work / "aot.md").read_text()
-  assert "v5e:2x2 x 2 slices (8 v5e chips, 2 hosts)" in md and "| train | 16 / 2 |" in md and "| train | 32 / 4 (best) |" in md
+  assert "v5e:2x2 x 2 slices (8 v5e chips, 2 hosts)" in md and "| train | 16 / 2 (best) |" in md
   assert "| student | 8 per host / 2 |" in md
 
 
+def _with_batch_32(rep):
+  """The report as a two-batch search would have it: a second training entry (batch 32) that fits and is best."""
+  rep = json.loads(json.dumps(rep))
+  train = rep["programs"][0]
+  bigger = {**train, "global_batch": 32, "per_chip_batch": 4.0,
+            "hbm_bytes": {**train["hbm_bytes"], "total": 2 * train["hbm_bytes"]["total"]}}
+  rep["programs"].insert(1, bigger)
+  rep["best_train_batch"] = 32
+  return rep
+
+
+def test_the_best_batch_is_the_largest_that_fits(monkeypatch, tmp_path):
+  """The batch search, without TPU compiles: batches up to 32 fit, 64 runs out of memory in the compiler and 48
+  compiles but exceeds the chip's HBM. The best is 32, the report says why the others failed, and when no batch
+  fits the stage fails after writing its report."""
+  chip = aot.CHIPS["TPU v5 lite"]
+
+  def program(cfg, devices, b):
+    return b, {"data": 4, "fsdp": 2}
+
+  def compile_(b, effort):
+    if b == 64:
+      raise aot.DoesNotFit("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+    return b
+
+  def analyse(b, chip_, *, model_flops, utilisation):   # what aot.analyse reads from a compiled program
+    total = (chip.hbm_bytes // 40) * b
+    times = {"compute": 0.01 * b, "hbm": 0.001, "ici": 0.001}
+    return {"hbm_bytes": {"arguments": 0, "outputs": 0, "aliased": 0, "temporaries": total, "code": 0,
+                          "total": total}, "hbm_capacity": chip.hbm_bytes, "hbm_fraction": total / chip.hbm_bytes,
+            "fits": total <= chip.hbm_bytes, "model_flops": model_flops, "compiled_flops": model_flops,
+            "hbm_traffic_bytes": 0.0, "collectives": {}, "collective_bytes": 0, "time_bounds_s": times,
+            "bound_by": "compute", "step_time_s": times["compute"], "mfu": utilisation}
+
+  monkeypatch.setattr(aot, "train_program", program)
+  monkeypatch.setattr(aot, "_compile", compile_)
+  monkeypatch.setattr(aot, "analyse", analyse)
+  rep = aot.run(micro_config(), tmp_path / "a", topology_name="v5e:2x2", batch_sizes=[16, 32, 64, 48],
+                programs=("train",))
+  assert rep["best_train_batch"] == 32
+  assert [p["fits"] for p in rep["programs"]] == [True, True, False, False]
+  assert "Ran out of memory" in rep["programs"][2]["error"]
+  assert json.loads((tmp_path / "a" / "aot.json").read_text())["best_train_batch"] == 32
+  with pytest.raises(aot.DoesNotFit, match=r"train \(batch 64\): RESOURCE_EXHAUSTED.*train \(batch 48\): 19\.\d GiB per chip > 16 GiB"):
+    aot.run(micro_config(), tmp_path / "b", topology_name="v5e:2x2", batch_sizes=[64, 48], programs=("train",))
+  assert json.loads((tmp_path / "b" / "aot.json").read_text())["best_train_batch"] is None
+
+
 def test_docs_sections_per_topology_and_a_summary_rebuilt_from_them(report, tmp_path):
-  rep, _ = report
+  rep = _with_batch_32(report[0])
   doc = tmp_path / "TPU.md"
   doc.write_text("# TPU\n\n<!-- aot:summary:begin -->\nstale\n<!-- aot:summary:end -->\n\nprose kept\n")
   aot.write_docs(doc, rep, "busgen-jax aot --topology v5e:2x2 --num_slices 2")

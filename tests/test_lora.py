@@ -190,6 +190,8 @@ def adapt_config(base, data):
   a.base, a.data.path = str(base), str(data)
   a.data.shots, a.data.val_per_class, a.data.batch_size = 8, 8, 8
   a.num_steps, a.eval_every, a.log_every, a.checkpoint_every = 24, 12, 12, 12
+  a.update(sample_every=12, num_samples=4)            # the adapted model's sample grids in TensorBoard
+  a.sampler.update(method="multistep", order=2, steps=3)
   a.lora.update(rank=4, dropout=0.1)
   a.task.pathology = (("cyst", "benign"), ("fibroadenoma", "benign"))
   a.mesh = {"data": 2, "fsdp": 4}
@@ -277,10 +279,11 @@ def test_tensorboard_holds_the_scalars_and_sample_grids(adapted):
   assert 1e-3 < max(lrs) <= 2e-3 * (1 + 1e-6) and lrs[-1] < max(lrs)
   assert [s for s, _, _ in images["samples"]] == [15, 30]
   assert images["samples"][0][1:] == (32, 32)                        # a 2 x 2 grid of 16 px samples
-  scalars, _ = tensorboard(adapted["work"])                          # adaptation
+  scalars, images = tensorboard(adapted["work"])                     # adaptation
   for tag in ("loss", "lr", "grad_norm", "images_per_sec", "val_loss", "val_loss/cyst"):
     assert tag in scalars, tag
   assert [s for s, _ in scalars["val_loss"]] == [0, 12, 24]          # from the starting point on
+  assert [s for s, _, _ in images["samples"]] == [12, 24] and images["samples"][0][1:] == (32, 32)
 
 
 # adapt runs train/loop.py's resume, which CI checks bit-exact in test_train (crash) and in test_distill.

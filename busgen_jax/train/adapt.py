@@ -32,7 +32,7 @@ from flax import nnx
 from busgen_jax import checkpoint, parallel, paths
 from busgen_jax.data import pipeline, reader, schema
 from busgen_jax.data import box_prior as box_prior_lib
-from busgen_jax.diffusion import objectives, schedule
+from busgen_jax.diffusion import objectives, samplers, schedule
 from busgen_jax.models import card, lora, unet
 from busgen_jax.train import diffusion, loop, state as train_state, writers
 
@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   # ~7 apart) and at the adapters' rate they barely separate in a few hundred steps (docs/EXPERIMENTS.md).
   c.label_lr_multiplier = 10.0
   c.eval_every = 50
+  c.sample_every = 0           # steps between sample grids of the adapted model in TensorBoard (0: never)
+  c.num_samples = 8            # conditioned on the shots of the batch at that step
+  c.sampler = samplers.default_config()
   c.val_repeats = 4            # fixed (t, noise) draws per validation image, t stratified over [0, T)
   c.select = "best"            # best: the adapters with the lowest validation loss | last
   c.log_every = 25
@@ -397,13 +400,42 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
     return setup.train_step(state, parallel.global_batch(setup.remap(local, pipe.vocab), setup.mesh, setup.rules),
                             setup.frozen)
 
+  # validation from the starting point (zero adapters, fresh label rows) on
+  hooks = [loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state), at_start=True)]
+  if cfg.sample_every:
+    sample = _sampler(setup, card.Card.from_meta(meta), pipe.vocab)
+    hooks.append(loop.Hook(cfg.sample_every, lambda step, state, local: writer.write_images(
+        step, {"samples": writers.grid(sample(state["params"], local, step))}), at_end=False))
   _, step, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                               num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
-                              meta=lambda: {"adapt": meta}, stop_after=stop_after, name="adapt",
-                              # validation from the starting point (zero adapters, fresh label rows) on
-                              hooks=(loop.Hook(cfg.eval_every, lambda step, state, _: evaluate(step, state),
-                                               at_start=True),))
+                              meta=lambda: {"adapt": meta}, stop_after=stop_after, name="adapt", hooks=tuple(hooks))
   return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
+
+
+def _sampler(setup: Setup, model_card: card.Card, vocab: dict):
+  """Samples of the adapted model (adapters over the frozen base) for the image summaries: the configured sampler
+  with guidance, conditioned on the first rows of the step's batch of shots (their labels in the model's rows)."""
+  cfg = setup.cfg
+  n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
+  plan = samplers.plan_from_config(setup.sched.betas, cfg.sampler)
+  conds, pred = tuple(setup.base.cfg.conditions), setup.objective.prediction
+
+  @jax.jit
+  def run(adapters, frozen, cond, start, key):
+    model = nnx.merge(setup.graphdef, adapters, frozen)
+    eps = lambda x, t, c: objectives.eps_from_prediction(model(x, t, c), x, t, setup.sched, pred)
+    return samplers.sample_from_keys(plan, eps, jax.random.split(key, n), (setup.image_size, setup.image_size, 3),
+                                     cond=cond, guidance_scale=cfg.sampler.guidance_scale,
+                                     clip_x0=cfg.sampler.clip_x0 or None, start=start,
+                                     guidance_interval=tuple(cfg.sampler.guidance_interval))
+
+  def sample(adapters, local, step):
+    rows = setup.remap(local, vocab)
+    devices = [setup.vocab["device"][d] for d in rows["device"][:n]] if "device" in rows else ["unknown"] * n
+    first = model_card.start_rows(devices, cfg.sampler.start)
+    return np.asarray(run(adapters, setup.frozen, {k: rows[k][:n] for k in conds}, first, jax.random.PRNGKey(step)))
+
+  return sample
 
 
 def _meta(cfg, setup: Setup, image_mean: dict) -> dict:
