@@ -68,22 +68,35 @@ def test_sharded_step_equals_single_device(phantom):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), results[0][1], results[1][1])
 
 
-def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
-  cfg = tiny_config(phantom)
-  diffusion.train(cfg, tmp_path / "a")
+def reference_config(data_path, **overrides):
+  """10 steps on data 4 x fsdp 2: the uninterrupted run that the crash and preemption tests compare with."""
+  return tiny_config(data_path, num_steps=10, mesh={"data": 4, "fsdp": 2}, **overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom, tmp_path_factory):
+  """One uninterrupted reference run, shared by the crash test and the two-process preemption test (both resume
+  into the same compiled program)."""
+  work = tmp_path_factory.mktemp("uninterrupted")
+  diffusion.train(reference_config(phantom), work)
+  return work / "checkpoints"
+
+
+def test_crash_and_resume_equals_uninterrupted_run(phantom, uninterrupted, tmp_path):
+  cfg = reference_config(phantom)
   with pytest.raises(loop.SimulatedCrash):
     diffusion.train(cfg, tmp_path / "b", stop_after=3)
   assert checkpoint.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2   # mid-epoch
   diffusion.train(cfg, tmp_path / "b")
   for which in ("params", "ema"):
-    a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which=which)
+    a = checkpoint.load_params(uninterrupted, which=which)
     b = checkpoint.load_params(tmp_path / "b" / "checkpoints", which=which)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
   # The same checkpoint restores onto a different mesh (data 2 x fsdp 4), sharded as that mesh asks.
   other = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 2, "fsdp": 4}))
-  ck = checkpoint.Checkpointer(tmp_path / "a" / "checkpoints")
-  state, meta = ck.restore(6, other.abstract_state)
+  ck = checkpoint.Checkpointer(uninterrupted)
+  state, meta = ck.restore(10, other.abstract_state)
   ck.close()
   assert meta["card"]["vocab"]["pathology"][:3] == ["unknown", "benign", "malignant"]
   # The training images' mean grey level, where sampling starts: the pipeline's own first images.
@@ -93,10 +106,10 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, tmp_path):
   assert -1 < meta["card"]["image_mean"]["all"][0] < 1 and meta["card"]["image_mean"]["device"]
   kernel = state["params"]["down"][0]["conv1"]["kernel"]
   assert kernel.sharding.spec[-1] == "fsdp"
-  a = checkpoint.load_params(tmp_path / "a" / "checkpoints", which="params")
+  a = checkpoint.load_params(uninterrupted, which="params")
   np.testing.assert_array_equal(np.asarray(kernel), a["down"][0]["conv1"]["kernel"])
   state, m = other.train_step(state, _batch(other, cfg)[0])
-  assert int(state["step"]) == 7 and np.isfinite(float(m["loss"]))
+  assert int(state["step"]) == 11 and np.isfinite(float(m["loss"]))
 
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(phantom, tmp_path):
@@ -127,7 +140,8 @@ def test_classifier_free_dropout_modes():
   assert (np.asarray(out["box"])[~kept] == 0).all() and (np.asarray(out["box"])[kept] == 1).all()
 
 
-def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes_on_one(phantom, tmp_path):
+def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes_on_one(phantom, uninterrupted,
+                                                                                         tmp_path):
   """2 CPU processes x 2 devices with jax.distributed: a global batch from both processes' slices and sharded
   training steps, until a preemption notice reaches one host of the two: JAX's preemption sync has both save the
   same step (with each process's data-iterator state) and exit 0. One process on another mesh (data 4 x fsdp 2)
@@ -145,11 +159,10 @@ def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes
   assert 3 <= step < 10, out                                        # after the notice, before the end
   assert len(list((tmp_path / "run" / "checkpoints" / str(step) / "data").iterdir())) >= 2   # one per process
 
-  one = tiny_config(phantom, num_steps=10, checkpoint_every=100, mesh={"data": 4, "fsdp": 2})
+  one = reference_config(phantom, checkpoint_every=100)
   diffusion.train(one, tmp_path / "run")                            # resumed on one process
   assert checkpoint.load_meta(tmp_path / "run" / "checkpoints")[1]["data_offset"] == step   # where 2 processes stopped
-  diffusion.train(one, tmp_path / "one")
   for which in ("params", "ema"):
     a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
-    b = checkpoint.load_params(tmp_path / "one" / "checkpoints", which=which)
+    b = checkpoint.load_params(uninterrupted, which=which)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
