@@ -417,23 +417,21 @@ def _sampler(setup: Setup, model_card: card.Card, vocab: dict):
   with guidance, conditioned on the first rows of the step's batch of shots (their labels in the model's rows)."""
   cfg = setup.cfg
   n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
-  plan = samplers.plan_from_config(setup.sched.betas, cfg.sampler)
-  conds, pred = tuple(setup.base.cfg.conditions), setup.objective.prediction
+  pred = setup.objective.prediction
 
-  @jax.jit
-  def run(adapters, frozen, cond, start, key):
-    model = nnx.merge(setup.graphdef, adapters, frozen)
-    eps = lambda x, t, c: objectives.eps_from_prediction(model(x, t, c), x, t, setup.sched, pred)
-    return samplers.sample_from_keys(plan, eps, jax.random.split(key, n), (setup.image_size, setup.image_size, 3),
-                                     cond=cond, guidance_scale=cfg.sampler.guidance_scale,
-                                     clip_x0=cfg.sampler.clip_x0 or None, start=start,
-                                     guidance_interval=tuple(cfg.sampler.guidance_interval))
+  def eps_fn(params):
+    model = nnx.merge(setup.graphdef, *params)          # (adapters, frozen base)
+    return lambda x, t, c: objectives.eps_from_prediction(model(x, t, c), x, t, setup.sched, pred)
+
+  run = diffusion.grid_sampler(setup.sched, cfg.sampler, n, setup.image_size, eps_fn)
+  conds = tuple(setup.base.cfg.conditions)
 
   def sample(adapters, local, step):
     rows = setup.remap(local, vocab)
     devices = [setup.vocab["device"][d] for d in rows["device"][:n]] if "device" in rows else ["unknown"] * n
     first = model_card.start_rows(devices, cfg.sampler.start)
-    return np.asarray(run(adapters, setup.frozen, {k: rows[k][:n] for k in conds}, first, jax.random.PRNGKey(step)))
+    return np.asarray(run((adapters, setup.frozen), {k: rows[k][:n] for k in conds}, first,
+                          jax.random.PRNGKey(step)))
 
   return sample
 

@@ -235,17 +235,25 @@ def check_labels(local, model_cfg):
                        f"or enlarge the embedding table")
 
 
-def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
-  """EMA samples for the image summaries: the configured sampler with guidance, conditions from the batch."""
-  n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
-  plan = samplers.plan_from_config(setup.sched.betas, cfg.sampler)
+def grid_sampler(sched: schedule.Schedule, sampler_cfg, n: int, image_size: int, eps_fn):
+  """jitted (params, cond, start, key) -> n samples for TensorBoard's image summaries: the configured sampler with
+  guidance. `eps_fn(params)` is the model's eps prediction (train's EMA, adapt's adapters over the frozen base)."""
+  plan = samplers.plan_from_config(sched.betas, sampler_cfg)
 
   @jax.jit
-  def run(ema, cond, start, key):
-    return samplers.sample_from_keys(plan, setup.eps_fn(ema), jax.random.split(key, n),
-                                     (cfg.data.image_size, cfg.data.image_size, 3), cond=cond,
-                                     guidance_scale=cfg.sampler.guidance_scale, clip_x0=cfg.sampler.clip_x0 or None,
-                                     start=start, guidance_interval=tuple(cfg.sampler.guidance_interval))
+  def run(params, cond, start, key):
+    return samplers.sample_from_keys(plan, eps_fn(params), jax.random.split(key, n), (image_size, image_size, 3),
+                                     cond=cond, guidance_scale=sampler_cfg.guidance_scale,
+                                     clip_x0=sampler_cfg.clip_x0 or None, start=start,
+                                     guidance_interval=tuple(sampler_cfg.guidance_interval))
+
+  return run
+
+
+def _sampler(setup: Setup, cfg, model_card: card.Card, devices: list[str]):
+  """EMA samples for the image summaries, conditions from the batch."""
+  n = min(cfg.num_samples, cfg.data.batch_size // jax.process_count())
+  run = grid_sampler(setup.sched, cfg.sampler, n, cfg.data.image_size, setup.eps_fn)
 
   def sample(ema, local_batch, step):
     cond = {k: local_batch[k][:n] for k in cfg.model.conditions}
