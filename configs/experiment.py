@@ -68,7 +68,8 @@ def _ci(c):
   d = c.diffusion
   d.num_steps, d.log_every, d.checkpoint_every, d.sample_every = 4, 2, 4, 0
   d.data.image_size, d.data.batch_size = 16, 8
-  d.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), dropout=0.0,
+  # One resolution (with attention): its programs compile in a third of the time of two.
+  d.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4, attn_levels=(0,), dropout=0.0,
                  num_pathology=4, num_devices=8)
   c.generate.update(multiples=(0.5, 1.0), per_device_batch=32, local_devices=1)
   c.generate.sampler.steps = 2

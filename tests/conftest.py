@@ -43,11 +43,12 @@ def busbra_dir(shared_dir) -> Path:
 
 @pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
-  """Tests that share a module-scoped fixture go to one xdist worker (`--dist loadgroup` in pyproject.toml): with
-  plain `load` scheduling each worker that draws one of them builds the fixture again (the few-shot experiment's,
-  two minutes, was built twice)."""
+  """A module's tests that use a module-scoped fixture run on one xdist worker (`--dist loadgroup` in
+  pyproject.toml): with plain `load` scheduling each worker that draws one of them builds the fixture again (the
+  few-shot experiment's, two minutes, was built twice). One group per module, not per fixture: its tests compile
+  the same programs, and a program compiled on one worker is in the persistent cache only once that compile ends
+  (test_train's two groups compiled one 48 s training step at the same time)."""
   for item in items:
     defs = getattr(item, "_fixtureinfo", None)
-    shared = sorted(name for name, d in (defs.name2fixturedefs.items() if defs else ()) if d[-1].scope == "module")
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))
+    if any(d[-1].scope == "module" for d in (defs.name2fixturedefs.values() if defs else ())):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))

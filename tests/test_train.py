@@ -20,13 +20,16 @@ def phantom(tmp_path_factory):
 
 
 def tiny_config(data_path, **overrides):
+  """The tests' model on data 4 x fsdp 2. A constant learning rate after warm-up keeps num_steps out of the
+  compiled step, so runs of different lengths share one program (a cold compile: ~30 s under the suite's load)."""
   c = diffusion.default_config()
   c.num_steps, c.log_every, c.checkpoint_every = 6, 2, 2
   c.data.sources.real.path = str(data_path)
   c.data.image_size, c.data.batch_size = 16, 8
   c.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=4, attn_levels=(1,), num_pathology=4,
                  num_devices=7, dropout=0.0)
-  c.optim.update(lr=2e-3, warmup_steps=2, ema_decay=0.9)
+  c.optim.update(lr=2e-3, warmup_steps=2, ema_decay=0.9, schedule="constant")
+  c.mesh = {"data": 4, "fsdp": 2}
   c.update_from_flattened_dict(overrides)
   return c
 
@@ -47,30 +50,32 @@ def test_loss_goes_down(phantom):
   setup = diffusion.Setup(cfg)
   state = setup.init_state(0)
   losses = []
-  for batch in _batch(setup, cfg, 60):
-    state, m = setup.train_step(state, batch)
-    losses.append(float(m["loss"]))
+  with jax.set_mesh(setup.mesh):   # as loop.run steps: the same program as the runs below (and its cache entry)
+    for batch in _batch(setup, cfg, 60):
+      state, m = setup.train_step(state, batch)
+      losses.append(float(m["loss"]))
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
 
 def test_sharded_step_equals_single_device(phantom):
   cfg = tiny_config(phantom)
   one = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
-  eight = diffusion.Setup(cfg, mesh=parallel.make_mesh({"data": 4, "fsdp": 2}))
+  eight = diffusion.Setup(cfg)
   assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(eight.state_shardings["params"]))
   results = []
   for setup in (one, eight):
     state = setup.init_state(0)
-    for batch in _batch(setup, cfg, 2):
-      state, m = setup.train_step(state, batch)
+    with jax.set_mesh(setup.mesh):
+      for batch in _batch(setup, cfg, 2):
+        state, m = setup.train_step(state, batch)
     results.append((float(m["loss"]), jax.device_get(state["params"])))
   assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), results[0][1], results[1][1])
 
 
 def reference_config(data_path, **overrides):
-  """10 steps on data 4 x fsdp 2: the uninterrupted run that the crash and preemption tests compare with."""
-  return tiny_config(data_path, num_steps=10, mesh={"data": 4, "fsdp": 2}, **overrides)
+  """10 steps: the uninterrupted run that the crash and preemption tests compare with."""
+  return tiny_config(data_path, num_steps=10, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +113,14 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, uninterrupted, tmp_p
   assert kernel.sharding.spec[-1] == "fsdp"
   a = checkpoint.load_params(uninterrupted, which="params")
   np.testing.assert_array_equal(np.asarray(kernel), a["down"][0]["conv1"]["kernel"])
-  state, m = other.train_step(state, _batch(other, cfg)[0])
+  with jax.set_mesh(other.mesh):
+    state, m = other.train_step(state, _batch(other, cfg)[0])
   assert int(state["step"]) == 11 and np.isfinite(float(m["loss"]))
 
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(phantom, tmp_path):
   cfg = tiny_config(phantom, **{"checkpoint_every": 1, "optim.lr": 1e35, "optim.grad_clip": 0.0,
-                                "optim.warmup_steps": 1, "optim.schedule": "constant"})
+                                "optim.warmup_steps": 1})
   with pytest.raises(loop.NonFiniteError, match="last good checkpoint"):
     diffusion.train(cfg, tmp_path)
   ck = checkpoint.Checkpointer(tmp_path / "checkpoints")

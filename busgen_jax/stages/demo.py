@@ -91,7 +91,7 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.data.phantom.num_examples = 240
     c.diffusion.num_steps, c.diffusion.checkpoint_every, c.diffusion.log_every = 6, 6, 3
     c.diffusion.data.image_size = 16
-    c.diffusion.model.update(ch=16, num_groups=4)
+    c.diffusion.model.update(ch=16, num_groups=4, ch_mult=(1,), attn_levels=(0,))   # one resolution: 1/3 the compile
     c.generate.num_per_class, c.generate.steps, c.generate.per_device_batch = 16, 3, 8
     c.generate.local_devices = 1       # the tests simulate 8 CPU devices; 32 images fill one
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 10, 5, 5
