@@ -115,7 +115,8 @@ def convert_config(fmt: str, input_path, output, **overrides):
 def tiny_diffusion_config(data, num_steps: int, **model):
   """`busgen-jax train` config for a tiny BUSGen (16 px, 16 channels, one resolution with attention) on a converted
   dataset; a checkpoint at the end. `model` overrides model fields. One resolution: its training step compiles in
-  a third of the time of two (test_train and test_unet keep the down- and upsampling paths)."""
+  a third of the time of two (test_unet and test_train's sharded test keep the down- and upsampling
+  paths)."""
   from busgen_jax.train import diffusion
   cfg = diffusion.default_config()
   cfg.num_steps, cfg.log_every, cfg.checkpoint_every = num_steps, min(10, num_steps), num_steps
