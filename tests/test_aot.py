@@ -23,8 +23,8 @@ def micro_config(batch: int = 16, size: int = 16):
   from busgen_jax.train import diffusion
   c = diffusion.default_config()
   c.data.image_size, c.data.batch_size = size, batch
-  # One resolution with attention (this module alone: 84 s -> 33 s for the fixture's three TPU compiles); remat as the
-  # official config (sampling skips it).
+  # One resolution with attention (this module alone: 84 s -> 33 s for the fixture's three TPU compiles); remat
+  # as the official config (sampling skips it).
   c.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, num_groups=4, attn_levels=(0,), dtype="bfloat16",
                  num_pathology=3, num_devices=3, remat=True)
   c.mesh = {"data": -1, "fsdp": 2}

@@ -20,8 +20,8 @@ def phantom(tmp_path_factory):
 
 
 def tiny_config(data_path, **overrides):
-  """The tests' model (one resolution, a third of the compile of two) on data 4 x fsdp 2. A constant learning rate after warm-up keeps num_steps out of the
-  compiled step, so runs of different lengths share one program (a cold compile: ~30 s under the suite's load)."""
+  """The tests' model (one resolution: a third of the compile of two) on data 4 x fsdp 2. A constant learning rate
+  after warm-up keeps num_steps out of the compiled step, so runs of different lengths share one program."""
   c = diffusion.default_config()
   c.num_steps, c.log_every, c.checkpoint_every = 6, 2, 2
   c.data.sources.real.path = str(data_path)
@@ -45,15 +45,23 @@ def _batch(setup, cfg, n=1):
   return out
 
 
+def _steps(setup, state, batches):
+  """Steps inside the mesh context, as loop.run does: the program diffusion.train compiles, and its cache entry
+  (outside the context the same step lowers to another cache key)."""
+  metrics = []
+  with jax.set_mesh(setup.mesh):
+    for batch in batches:
+      state, m = setup.train_step(state, batch)
+      metrics.append(m)
+  return state, metrics
+
+
 def test_loss_goes_down(phantom):
   cfg = tiny_config(phantom, num_steps=60)
   setup = diffusion.Setup(cfg)
   state = setup.init_state(0)
-  losses = []
-  with jax.set_mesh(setup.mesh):   # as loop.run steps: the same program as the runs below (and its cache entry)
-    for batch in _batch(setup, cfg, 60):
-      state, m = setup.train_step(state, batch)
-      losses.append(float(m["loss"]))
+  _, metrics = _steps(setup, state, _batch(setup, cfg, 60))
+  losses = [float(m["loss"]) for m in metrics]
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
 
@@ -65,11 +73,8 @@ def test_sharded_step_equals_single_device(phantom):
   assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(eight.state_shardings["params"]))
   results = []
   for setup in (one, eight):
-    state = setup.init_state(0)
-    with jax.set_mesh(setup.mesh):
-      for batch in _batch(setup, cfg, 2):
-        state, m = setup.train_step(state, batch)
-    results.append((float(m["loss"]), jax.device_get(state["params"])))
+    state, metrics = _steps(setup, setup.init_state(0), _batch(setup, cfg, 2))
+    results.append((float(metrics[-1]["loss"]), jax.device_get(state["params"])))
   assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), results[0][1], results[1][1])
 
@@ -114,8 +119,7 @@ def test_crash_and_resume_equals_uninterrupted_run(phantom, uninterrupted, tmp_p
   assert kernel.sharding.spec[-1] == "fsdp"
   a = checkpoint.load_params(uninterrupted, which="params")
   np.testing.assert_array_equal(np.asarray(kernel), a["down"][0]["conv1"]["kernel"])
-  with jax.set_mesh(other.mesh):
-    state, m = other.train_step(state, _batch(other, cfg)[0])
+  state, (m,) = _steps(other, state, _batch(other, cfg))
   assert int(state["step"]) == 11 and np.isfinite(float(m["loss"]))
 
 
