@@ -62,23 +62,19 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   assert res["real_test"]["n"] == json.loads((phantom / "conversion_report.json").read_text())["counts"]["split"]["test"]
   for ext in ("json", "md", "html", "roc.png", "calibration.png", "predictions.npz"):
     assert (tmp_path / "run" / "eval" / f"real_test.{ext}").exists()
-  # `busgen-jax evaluate` on the saved best checkpoint gives the same test report.
+  # `busgen-jax evaluate`, a fresh process, on the saved best checkpoint: the test split gives the same report, and
+  # the validation split (an external set by path) the validation AUC that selected this checkpoint in training
+  # (the trainer's selection metric and the reports agree).
   r = subprocess.run([sys.executable, "-m", "busgen_jax.cli", "evaluate",
                       f"--config.checkpoint={tmp_path / 'run' / 'best'}", f"--config.dataset={phantom}",
-                      "--config.split=test", f"--workdir={tmp_path / 'again'}"],
-                     capture_output=True, text=True, timeout=300)
+                      "--config.split=test", f"--config.external.val={phantom}", "--config.external_split=val",
+                      f"--workdir={tmp_path / 'again'}"], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   again = json.loads((tmp_path / "again" / "eval.json").read_text())
   assert again["auc"] == pytest.approx(res["real_test"]["auc"], abs=1e-6)
-  # The validation AUC that selected the checkpoint during training is what a fresh process's evaluation of that
-  # checkpoint on the validation split reports (the trainer's selection metric and the reports agree).
-  r = subprocess.run([sys.executable, "-m", "busgen_jax.cli", "evaluate",
-                      f"--config.checkpoint={tmp_path / 'run' / 'best'}", f"--config.dataset={phantom}",
-                      "--config.split=val", f"--workdir={tmp_path / 'val'}"], capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
   best = res["real_test"]["best"]
-  assert json.loads((tmp_path / "val" / "eval.json").read_text())["auc"] == pytest.approx(best["value"], abs=1e-6)
+  assert json.loads((tmp_path / "again" / "val.json").read_text())["auc"] == pytest.approx(best["value"], abs=1e-6)
+  assert "val: n=" in r.stdout and (tmp_path / "again" / "val.roc.png").is_file()
 
   # Its penultimate layer is the domain encoder of the quality metrics: in its feature space the two
   # pathologies sit further apart than two halves of one split do.
@@ -214,3 +210,22 @@ def test_multiclass_task_reports_one_vs_rest_aucs(phantom, tmp_path):
   assert [s for s, _ in scalars["val/macro_auc"]] == [4]
   assert images["inputs"][0][0] == 0 and images["inputs"][0][1] == 4 * 32      # 16 inputs of 32 px, 4 x 4
   assert (tmp_path / "eval" / "real_test.html").exists()
+
+
+def test_evaluate_checks_every_dataset_before_the_first(phantom, tmp_path):
+  cfg = classify.default_evaluate_config()
+  cfg.checkpoint = str(tmp_path / "never_read")
+  with pytest.raises(ValueError, match="a dataset .* required"):
+    classify.evaluate_main(cfg, tmp_path / "out")
+  cfg.dataset = str(phantom)
+  cfg.external = {"b": str(phantom), "c": str(tmp_path)}
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no dataset here"):
+    classify.evaluate_main(cfg, tmp_path / "out")
+  cfg.external = {"b": str(phantom)}
+  cfg.external_split = "holdout"
+  with pytest.raises(ValueError, match=r"no split 'holdout' to evaluate \(b\)"):
+    classify.evaluate_main(cfg, tmp_path / "out")
+  cfg.external = {"eval": str(phantom)}
+  with pytest.raises(ValueError, match="the name `eval` is --config.dataset's report"):
+    classify.evaluate_main(cfg, tmp_path / "out")
+  assert not (tmp_path / "out").exists()

@@ -71,8 +71,7 @@ def run(tmp_path_factory):
   if (busbra / "bus_data.csv").is_file():
     internal, site = _busbra_manifests(busbra, tmp)
     args += ["--config.data.convert.format=manifest", f"--config.data.input={internal}",
-             f"--config.data.convert.manifest.root={busbra}", "--config.data.convert.split.scheme=given",
-             "--config.diffusion.model.num_pathology=3"]
+             f"--config.data.convert.manifest.root={busbra}", "--config.data.convert.split.scheme=given"]
   else:
     site_cfg = convert_config("phantom", "", tmp / "site", **{"phantom.num_examples": 40, "phantom.size": 32,
                                                                 "phantom.seed": 7, "image.size": 32})

@@ -173,7 +173,10 @@ def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes
   one = reference_config(phantom, checkpoint_every=100)
   diffusion.train(one, tmp_path / "run")                            # resumed on one process
   assert checkpoint.load_meta(tmp_path / "run" / "checkpoints")[1]["data_offset"] == step   # where 2 processes stopped
+  # Adam moves every weight by up to ~lr a step whatever its gradient's size, so where a gradient is near zero the
+  # meshes' different reduction orders can tip an update by a few percent of lr (seen: 2.4e-5 at lr 2e-3); a
+  # batch skipped or repeated on resume moves weights by ~lr. The tolerance sits between: lr / 20.
   for which in ("params", "ema"):
     a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
     b = checkpoint.load_params(uninterrupted, which=which)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=one.optim.lr / 20), a, b)

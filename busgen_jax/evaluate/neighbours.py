@@ -86,29 +86,35 @@ def _canvas(image: np.ndarray, c) -> tuple[np.ndarray, tuple[int, int]]:
   return out, (hh, ww)
 
 
-@functools.partial(jax.jit, static_argnames=("ts",))
-def _ncc_max(canvas: jax.Array, extent: jax.Array, template: jax.Array, ts: int):
-  """Max normalised cross-correlation of each template (B, ts, ts) over every position inside its canvas's image
-  (B, C, C; extent (B, 2) = its height and width): (max (B,), row (B,), col (B,))."""
-  C = canvas.shape[-1]
-  n = ts * ts
+@jax.jit
+def _canvas_transforms(canvas: jax.Array):
+  """What every template scale reuses of a batch of canvases (B, C, C): the zero-mean canvases' 2-D FFT and the
+  integral images of their values and squares (B, C + 1, C + 1)."""
   canvas = canvas - jnp.mean(canvas, (1, 2), keepdims=True)   # NCC ignores offsets; float32 FFTs like small values
+  integral = lambda x: jnp.pad(jnp.cumsum(jnp.cumsum(x, 1), 2), ((0, 0), (1, 0), (1, 0)))
+  return jnp.fft.rfft2(canvas), integral(canvas), integral(canvas * canvas)
+
+
+@functools.partial(jax.jit, static_argnames=("ts",))
+def _ncc_max(transforms, extent: jax.Array, template: jax.Array, owner: jax.Array, ts: int):
+  """Max normalised cross-correlation of templates (T, ts, ts) over every position inside canvases (their
+  `_canvas_transforms`; extent (B, 2) = each image's height and width); canvas b is searched for template
+  owner[b], whose FFT is taken once: (max (B,), row (B,), col (B,))."""
+  canvas_fft, s, s_sq = transforms
+  C = s.shape[-1] - 1
+  n = ts * ts
   t = template - template.mean((1, 2), keepdims=True)
   t = t / (jnp.sqrt(jnp.sum(t * t, (1, 2), keepdims=True)) + 1e-6)
-  corr = jnp.fft.irfft2(jnp.fft.rfft2(canvas) * jnp.conj(jnp.fft.rfft2(t, s=(C, C))), s=(C, C))
+  corr = jnp.fft.irfft2(canvas_fft * jnp.conj(jnp.fft.rfft2(t, s=(C, C)))[owner], s=(C, C))
   m = C - ts + 1
   corr = corr[:, :m, :m]
-
-  def box(x):   # sums over every ts x ts window, from an integral image
-    s = jnp.pad(jnp.cumsum(jnp.cumsum(x, 1), 2), ((0, 0), (1, 0), (1, 0)))
-    return s[:, ts:, ts:] - s[:, :-ts, ts:] - s[:, ts:, :-ts] + s[:, :-ts, :-ts]
-
-  s1, s2 = box(canvas), box(canvas * canvas)
+  box = lambda s: s[:, ts:, ts:] - s[:, :-ts, ts:] - s[:, ts:, :-ts] + s[:, :-ts, :-ts]   # every ts x ts window
+  s1, s2 = box(s), box(s_sq)
   var = jnp.maximum(s2 - s1 * s1 / n, 0.0)
   ncc = corr / jnp.sqrt(var + n)      # + n: one grey level of noise floor, so flat regions do not match anything
   rows, cols = jnp.arange(m)[:, None], jnp.arange(m)[None, :]
   valid = (rows[None] <= extent[:, 0, None, None] - ts) & (cols[None] <= extent[:, 1, None, None] - ts)
-  ncc = jnp.where(valid, ncc, -2.0).reshape(len(canvas), -1)
+  ncc = jnp.where(valid, ncc, -2.0).reshape(len(extent), -1)
   best = jnp.argmax(ncc, axis=1)
   return jnp.max(ncc, axis=1), best // m, best % m
 
@@ -209,15 +215,16 @@ class PixelIndex:
       work = [_blur(reader.resize(reader.centre_square(im), c.resolution, c.resolution), c.blur) for im in batch]
       pairs = [(q, k, f) for q in range(Q) for k in range(K) for f in (0, 1)]
       cv = [self.canvas(int(cand[q, k]), f) for q, k, f in pairs]
-      canvases = jnp.asarray(np.stack([x[0] for x in cv]))
+      transforms = _canvas_transforms(jnp.asarray(np.stack([x[0] for x in cv])))   # once for every scale
       extents = jnp.asarray(np.array([x[1] for x in cv], np.int32))
+      owner = jnp.asarray(np.array([q for q, _, _ in pairs], np.int32))
       best = np.full((Q, K), -2.0)
       align = np.zeros((Q, K, 4))
       for s in c.scales:
         ts = max(4, int(round(s * c.resolution)))
         tmpl = np.stack([np.asarray(Image.fromarray(w).resize((ts, ts), Image.Resampling.BILINEAR)) for w in work])
-        tmpl = jnp.asarray(tmpl[[q for q, _, _ in pairs]])
-        ncc, row, col = (np.asarray(a).reshape(Q, K, 2) for a in _ncc_max(canvases, extents, tmpl, ts=ts))
+        ncc, row, col = (np.asarray(a).reshape(Q, K, 2)
+                         for a in _ncc_max(transforms, extents, jnp.asarray(tmpl), owner, ts=ts))
         f = np.argmax(ncc, axis=2)                                  # the better flip of each candidate
         pick = lambda a: np.take_along_axis(a, f[..., None], 2)[..., 0]
         better = pick(ncc) > best

@@ -80,16 +80,27 @@ def evaluate_checkpoint(directory, out_dir: str | Path, *, tests, setup: classif
 def default_evaluate_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.checkpoint = ""            # a classifier's saved directory (`classify` workdir/best)
-  c.dataset = ""               # any dataset in the record schema
+  c.dataset = ""               # any dataset in the record schema: reports <workdir>/eval.*
   c.split = "test"
+  c.external = ml_collections.ConfigDict()   # --config.external.NAME=DATASET, any number: <workdir>/NAME.*
+  c.external_split = "test"    # the split evaluated of each external dataset
   return c
 
 
 def evaluate_main(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  if not cfg.checkpoint or not cfg.dataset:
-    raise ValueError("--config.checkpoint and --config.dataset are required")
-  tests = ml_collections.ConfigDict({"eval": {"path": cfg.dataset, "split": cfg.split}})
-  return evaluate_checkpoint(cfg.checkpoint, workdir, tests=tests)
+  if not cfg.checkpoint or not (cfg.dataset or cfg.external):
+    raise ValueError("--config.checkpoint and a dataset (--config.dataset and/or --config.external.NAME=DIR) are "
+                     "required")
+  if "eval" in cfg.external:
+    raise ValueError("--config.external.eval: the name `eval` is --config.dataset's report; choose another")
+  tests = {"eval": {"path": str(reader.find_dataset_dir(cfg.dataset)), "split": cfg.split}} if cfg.dataset else {}
+  for name, path in sorted(cfg.external.items()):
+    tests[name] = {"path": str(reader.find_dataset_dir(path)), "split": cfg.external_split}
+  # every dataset is checked before the first is evaluated: a typo in the last fails at once
+  for name, t in tests.items():
+    if t["split"] not in reader.open_dataset(t["path"]).splits:
+      raise ValueError(f"{t['path']}: no split {t['split']!r} to evaluate ({name})")
+  return evaluate_checkpoint(cfg.checkpoint, workdir, tests=ml_collections.ConfigDict(tests))
 
 
 default_config = classifier.default_config
