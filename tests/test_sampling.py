@@ -4,7 +4,6 @@ priors, and sharded, resumable, device-count-independent generation into the rec
 import hashlib
 import itertools
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from busgen_jax import generate, sampling
-from busgen_jax.data import convert, pipeline, reader, schema, writer
+from busgen_jax.data import convert, pipeline, reader, writer
 from busgen_jax.data import box_prior
 from busgen_jax.diffusion import plans, samplers
 from busgen_jax.train import diffusion
