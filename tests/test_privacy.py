@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from busgen_jax.data import convert, reader
-from busgen_jax.evaluate import membership, privacy
+from busgen_jax.evaluate import membership, neighbours, privacy
 from helpers import convert_config, save
 
 PLANTED = ("exact", "flipped", "cropped", "noisy")
@@ -130,3 +130,29 @@ def test_membership_inference_is_at_chance_between_two_held_out_sets(repo):
   assert res["auc_ci95"][0] < 0.5 < res["auc_ci95"][1] and abs(res["auc"] - 0.5) < 0.15, res
   # Direction: the same losses with a "memorised" group (losses halved) read as members.
   assert membership.membership_auc(la / 2, lb, n_bootstrap=50)["auc"] > 0.9
+
+
+def test_pixel_alignment_is_the_brute_force_normalised_cross_correlation():
+  """The FFT search (canvas transforms shared by every scale, one template FFT per query) finds, inside each
+  canvas's image, the window a direct sum over every position scores highest, with that score."""
+  rng = np.random.default_rng(0)
+  C, ts = 12, 5
+  canvas = rng.uniform(0, 255, (4, C, C)).astype(np.float32)
+  template = rng.uniform(0, 255, (2, ts, ts)).astype(np.float32)
+  canvas[3, 2:2 + ts, 4:4 + ts] = template[1] * 0.5 + 30          # an affine copy of template 1: NCC ~1 there
+  owner = np.array([0, 0, 1, 1], np.int32)
+  extent = np.array([[12, 12], [8, 10], [12, 7], [9, 12]], np.int32)   # the image's (h, w) on its canvas
+  got = [np.asarray(a) for a in neighbours._ncc_max(neighbours._canvas_transforms(canvas), extent, template, owner,
+                                                    ts=ts)]
+  n = ts * ts
+  for b in range(4):
+    x = canvas[b].astype(np.float64) - canvas[b].mean()
+    t = template[owner[b]].astype(np.float64) - template[owner[b]].mean()
+    t /= np.sqrt((t * t).sum()) + 1e-6
+    scores = {(r, c): (w * t).sum() / np.sqrt(max((w * w).sum() - w.sum() ** 2 / n, 0) + n)
+              for r in range(extent[b, 0] - ts + 1) for c in range(extent[b, 1] - ts + 1)
+              for w in [x[r:r + ts, c:c + ts]]}
+    best = max(scores, key=scores.get)
+    assert got[0][b] == pytest.approx(scores[best], abs=1e-4), b
+    assert (got[1][b], got[2][b]) == best, b
+  assert (got[1][3], got[2][3]) == (2, 4) and got[0][3] > 0.99

@@ -100,16 +100,16 @@ def _ncc_max(transforms, extent: jax.Array, template: jax.Array, owner: jax.Arra
   """Max normalised cross-correlation of templates (T, ts, ts) over every position inside canvases (their
   `_canvas_transforms`; extent (B, 2) = each image's height and width); canvas b is searched for template
   owner[b], whose FFT is taken once: (max (B,), row (B,), col (B,))."""
-  canvas_fft, s, s_sq = transforms
-  C = s.shape[-1] - 1
+  canvas_fft, integral, integral_sq = transforms
+  C = integral.shape[-1] - 1
   n = ts * ts
   t = template - template.mean((1, 2), keepdims=True)
   t = t / (jnp.sqrt(jnp.sum(t * t, (1, 2), keepdims=True)) + 1e-6)
   corr = jnp.fft.irfft2(canvas_fft * jnp.conj(jnp.fft.rfft2(t, s=(C, C)))[owner], s=(C, C))
   m = C - ts + 1
   corr = corr[:, :m, :m]
-  box = lambda s: s[:, ts:, ts:] - s[:, :-ts, ts:] - s[:, ts:, :-ts] + s[:, :-ts, :-ts]   # every ts x ts window
-  s1, s2 = box(s), box(s_sq)
+  box = lambda i: i[:, ts:, ts:] - i[:, :-ts, ts:] - i[:, ts:, :-ts] + i[:, :-ts, :-ts]   # every ts x ts window
+  s1, s2 = box(integral), box(integral_sq)
   var = jnp.maximum(s2 - s1 * s1 / n, 0.0)
   ncc = corr / jnp.sqrt(var + n)      # + n: one grey level of noise floor, so flat regions do not match anything
   rows, cols = jnp.arange(m)[:, None], jnp.arange(m)[None, :]
