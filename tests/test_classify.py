@@ -219,11 +219,11 @@ def test_evaluate_checks_every_dataset_before_the_first(phantom, tmp_path):
     classify.evaluate_main(cfg, tmp_path / "out")
   cfg.dataset = str(phantom)
   cfg.external = {"b": str(phantom), "c": str(tmp_path)}
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no dataset here"):
+  with pytest.raises(FileNotFoundError, match=f"--config.external.c: {tmp_path}: no dataset here"):
     classify.evaluate_main(cfg, tmp_path / "out")
   cfg.external = {"b": str(phantom)}
   cfg.external_split = "holdout"
-  with pytest.raises(ValueError, match=r"no split 'holdout' to evaluate \(b\)"):
+  with pytest.raises(ValueError, match=r"--config.external.b: .* has no split 'holdout' \(splits: \['test', "):
     classify.evaluate_main(cfg, tmp_path / "out")
   cfg.external = {"eval": str(phantom)}
   with pytest.raises(ValueError, match="the name `eval` is --config.dataset's report"):

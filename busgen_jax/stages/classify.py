@@ -93,13 +93,11 @@ def evaluate_main(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                      "required")
   if "eval" in cfg.external:
     raise ValueError("--config.external.eval: the name `eval` is --config.dataset's report; choose another")
-  tests = {"eval": {"path": str(reader.find_dataset_dir(cfg.dataset)), "split": cfg.split}} if cfg.dataset else {}
-  for name, path in sorted(cfg.external.items()):
-    tests[name] = {"path": str(reader.find_dataset_dir(path)), "split": cfg.external_split}
-  # every dataset is checked before the first is evaluated: a typo in the last fails at once
-  for name, t in tests.items():
-    if t["split"] not in reader.open_dataset(t["path"]).splits:
-      raise ValueError(f"{t['path']}: no split {t['split']!r} to evaluate ({name})")
+  # every dataset and split is checked before the first is evaluated: a typo in the last fails at once
+  named = [("eval", "dataset", cfg.dataset, cfg.split)] if cfg.dataset else []
+  named += [(name, f"external.{name}", path, cfg.external_split) for name, path in sorted(cfg.external.items())]
+  tests = {name: {"path": classifier.check_dataset(key, path, split), "split": split}
+           for name, key, path, split in named}
   return evaluate_checkpoint(cfg.checkpoint, workdir, tests=ml_collections.ConfigDict(tests))
 
 

@@ -224,18 +224,27 @@ def default_real(cfg) -> str:
   return cfg.data.sources["real"].path if "real" in cfg.data.sources else cfg.data.sources[first].path
 
 
+def check_dataset(key: str, path: str, split: str = "") -> str:
+  """The dataset directory that --config.<key> names (and its `split`, when given), or an error naming the key."""
+  if not path:
+    raise ValueError(f"--config.{key} is empty: give a dataset directory")
+  try:
+    found = reader.find_dataset_dir(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(f"--config.{key}: {e}") from None
+  splits = reader.open_dataset(found).splits if split else {}
+  if split and split not in splits:
+    raise ValueError(f"--config.{key}: {found} has no split {split!r} (splits: {sorted(splits)})")
+  return str(found)
+
+
 def check_paths(cfg) -> None:
   """Every dataset the run will read exists: a missing validation or test set fails now, not after training."""
   named = [(f"data.sources.{n}.path", cfg.data.sources[n].path) for n in cfg.data.sources.keys()]
   named += [("val.path", cfg.val.path or default_real(cfg))]
   named += [(f"test.{n}.path", cfg.test[n].path or default_real(cfg)) for n in cfg.test.keys()]
   for key, path in named:
-    if not path:
-      raise ValueError(f"--config.{key} is empty: give a dataset directory")
-    try:
-      reader.find_dataset_dir(path)
-    except (FileNotFoundError, ValueError) as e:
-      raise FileNotFoundError(f"--config.{key}: {e}") from None
+    check_dataset(key, path)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
