@@ -30,3 +30,32 @@ def test_bench_micro_case_and_docs_section(tmp_path):
   assert "| micro (tiny, 16 px, batch 2, float32) |" in text and text.count(bench.BEGIN) == 1
   assert "| micro (batch 2) | guidance student, DPM-Solver++ 2M, 2 steps | 2 |" in text
   assert (tmp_path / "work" / "bench.md").read_text() in text
+
+
+def test_torch_reference_is_checked_before_any_case_runs(tmp_path):
+  cfg = bench.default_config()
+  cfg.torch_reference = str(tmp_path)                  # not a checkout of the official code
+  with pytest.raises(FileNotFoundError, match=r"torch_reference=.*no BUSGen/Model\.py there"):
+    bench.run(cfg, tmp_path / "work")
+  cfg.only = "tiny_32px"
+  with pytest.raises(ValueError, match="none of the cases"):
+    bench.run(cfg, tmp_path / "work")
+  assert not (tmp_path / "work" / "data").exists()     # nothing converted, no case started
+
+
+@pytest.mark.slow   # needs a checkout of the official code: BUSGEN_OFFICIAL=/path/to/BUSGen pytest -m slow -k torch
+def test_torch_reference_row_times_the_official_trainer_beside_ours(tmp_path):
+  import os
+  checkout = os.environ.get("BUSGEN_OFFICIAL")
+  if not checkout:
+    pytest.skip("BUSGEN_OFFICIAL (a checkout of the official BUSGen code) is not set")
+  pytest.importorskip("torch")
+  cfg = bench.default_config()
+  cfg.only, cfg.torch_reference = "official_64px", checkout
+  cfg.cases.official_64px.update(size=16, batch=1, steps=1, sample_steps=0, pipeline_batches=0,
+                                 compare_attention=False)
+  r = bench.run(cfg, tmp_path / "work")["cases"]["official_64px"]
+  assert len(r["torch_rounds"]) == 2 and all(x["torch_step_s"] > 0 and x["step_s"] > 0 for x in r["torch_rounds"])
+  assert r["train_over_torch"] == pytest.approx(r["torch_train_step_s"] / r["train_step_s"])
+  assert r["torch_train_step_s"] == min(x["torch_step_s"] for x in r["torch_rounds"])
+  assert "| official_64px | " in (tmp_path / "work" / "bench.md").read_text().split("official PyTorch trainer")[1]

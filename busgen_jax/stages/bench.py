@@ -4,6 +4,8 @@
   busgen-jax bench --workdir /tmp/bench --config.docs=docs/BENCHMARKS.md # and rewrite its generated section
   busgen-jax bench --workdir /tmp/bench --config.only=tiny_32px          # one case
   busgen-jax bench --config configs/bench.py:accelerator --workdir /tmp/bench   # GPU/TPU: bf16, big batches
+  busgen-jax bench --workdir /tmp/bench --config.only=official_64px --config.torch_reference=/path/to/BUSGen
+                                               # beside the official PyTorch trainer, in the same process
 
 Each case runs in its own process, so its peak host memory (ru_maxrss) is its own. In that process: the matmul
 peak (best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) before and after, because shared
@@ -62,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.pipeline_images = 256     # phantom images converted for the pipeline measurement
   c.docs = ""                 # a Markdown file whose generated section to rewrite (e.g. docs/BENCHMARKS.md)
   c.timeout_s = 3600          # per case
+  # A checkout of the official BUSGen code (with torch): the official-model cases also time its trainer on the
+  # same batch, in the same process, alternating with ours; the table gives the ratio.
+  c.torch_reference = ""
   return c
 
 
@@ -132,15 +137,81 @@ def _train(cfg, case: dict, fwd_flops: float) -> dict:
   out["train_compile_s"] = time.perf_counter() - t
   state, m = step(state, batch)                      # warm-up
   jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(case["steps"]):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  step_s = (time.perf_counter() - t) / case["steps"]
+
+  def ours():
+    nonlocal state
+    t = time.perf_counter()
+    for _ in range(case["steps"]):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t) / case["steps"]
+
+  step_s = ours()
+  if case.get("torch_reference"):
+    # Alternating rounds in one process, so that a machine's drift hits both; the best round of each counts.
+    torch_step = _torch_trainer(cfg, local, case["torch_reference"])
+    torch_step()                                     # warm-up
+    rounds = []
+    for _ in range(2):
+      t = time.perf_counter()
+      for _ in range(case["steps"]):
+        torch_step()
+      rounds.append({"torch_step_s": (time.perf_counter() - t) / case["steps"], "step_s": ours()})
+    step_s = min([step_s] + [r["step_s"] for r in rounds])
+    torch_s = min(r["torch_step_s"] for r in rounds)
+    out.update(torch_rounds=rounds, torch_train_step_s=torch_s, torch_train_images_per_s=B / torch_s,
+               train_over_torch=torch_s / step_s)
   flops = 3 * fwd_flops                              # forward + backward
   out.update(train_step_s=step_s, train_images_per_s=B / step_s, gflop_per_image=flops / 1e9,
              train_gflop_per_s=flops * B / step_s / 1e9)
   return out
+
+
+def _official_checkout(checkout: str) -> Path:
+  root = Path(checkout).expanduser().resolve()
+  for f in ("BUSGen/Model.py", "BUSGen/Diffusion.py"):
+    if not (root / f).is_file():
+      raise FileNotFoundError(f"--config.torch_reference={checkout}: no {f} there (a checkout of the official "
+                              "BUSGen code is expected)")
+  return root
+
+
+def _torch_trainer(cfg, local: dict, checkout: str):
+  """One training step of the official PyTorch code on our batch, as its Train.py takes it: BUSGen/Model.py's
+  UNet inside BUSGen/Diffusion.py's GaussianDiffusionTrainer, the loss summed / B^2, gradient clipping at 1, AdamW
+  (weight decay 1e-4). The same architecture, size, batch and conditions as our step, f32, and as many threads
+  as XLA's CPU client uses. The checkout's own requirements (torch, and what its Utils.py imports) must be
+  importable."""
+  import importlib
+  root = _official_checkout(checkout)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("--config.torch_reference needs torch: pip install 'busgen-jax[torch]'") from e
+  sys.path.insert(0, str(root))
+  model_lib, diffusion_lib = (importlib.import_module(f"BUSGen.{m}") for m in ("Model", "Diffusion"))
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  m, s = cfg.model, cfg.schedule
+  if s.kind != "linear":
+    raise ValueError(f"the official trainer has a linear beta schedule, the case {s.kind!r}")
+  net = model_lib.UNet(T=m.T, ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks, dropout=m.dropout,
+                       num_groups=m.num_groups, affine=True, box_cond=True, cls_cond=True, dev_cond=True,
+                       dev_num=m.num_devices)
+  trainer = diffusion_lib.GaussianDiffusionTrainer(net, s.beta_1, s.beta_T, s.T)
+  opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=1e-4)
+  x0 = torch.from_numpy(local["image"]).permute(0, 3, 1, 2).contiguous()          # NHWC -> NCHW
+  B = x0.shape[0]
+  labels = (torch.zeros(B, 1, 5), torch.from_numpy(local["pathology"]).long(),    # no valid box, as our batch
+            torch.from_numpy(local["device"]).long())
+
+  def step():
+    opt.zero_grad()
+    loss = trainer(x0, labels).sum() / B ** 2.
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+  return step
 
 
 def _samplers(case: dict) -> dict[str, tuple[str, dict, bool]]:
@@ -292,6 +363,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   unknown = sorted(set(names) - set(cfg.cases.keys()))
   if unknown:
     raise ValueError(f"--config.only: unknown cases {unknown} (cases: {sorted(cfg.cases.keys())})")
+  cases = {n: cfg.cases[n].to_dict() for n in names}
+  if cfg.torch_reference:
+    if not any(c["model"] == "official" for c in cases.values()):
+      raise ValueError(f"--config.torch_reference times the official model: none of the cases {names} is one")
+    _official_checkout(cfg.torch_reference)          # before any case runs
+    for c in cases.values():
+      if c["model"] == "official":
+        c["torch_reference"] = cfg.torch_reference
   data = ""
   if any(cfg.cases[n].pipeline_batches for n in names):
     c = convert.default_config()
@@ -302,9 +381,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   results = {}
   bar = console.bar(len(names), "bench", unit="case")
   for name in names:
-    logging.info("bench case %s: %s", name, cfg.cases[name].to_dict())
-    results[name] = {"case": cfg.cases[name].to_dict(),
-                     **_child(name, cfg.cases[name].to_dict(), data, work / f"{name}.json", cfg.timeout_s)}
+    logging.info("bench case %s: %s", name, cases[name])
+    results[name] = {"case": cases[name], **_child(name, cases[name], data, work / f"{name}.json", cfg.timeout_s)}
     logging.info("bench case %s: %s", name, json.dumps(results[name]))
     bar.update()
   bar.close()
@@ -349,6 +427,11 @@ def markdown(report: dict) -> str:
       _f(r["train_images_per_s"]), _f(r["gflop_per_image"], "{:.1f}"), _f(r["train_gflop_per_s"], "{:.1f}"),
       _f(r["train_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("train_mfu"), "{:.1%}"),
       _f(r["train_compile_s"], "{:.0f}"), _f(r["peak_host_memory_gib"], "{:.2f}")])
+  lines += _table(cases, "train_over_torch", [
+      "case", "train images/s: busgen-jax", "official PyTorch trainer", "busgen-jax ÷ official", "rounds (s/step: ours, "
+      "official)"], lambda n, r: [
+      n, _f(r["train_images_per_s"]), _f(r["torch_train_images_per_s"]), f"{r['train_over_torch']:.2f}×",
+      "; ".join(f"{x['step_s']:.2f}, {x['torch_step_s']:.2f}" for x in r["torch_rounds"])])
   rows = {f"{n}/{k}": {**r, **v, "name": n} for n, r in cases.items() for k, v in r.get("samplers", {}).items()}
   lines += _table(rows, "images_per_s", [
       "case", "sampler (guidance 2.8)", "network evaluations / image", "images/s", "GFLOP/s", "of peak", "MFU",
