@@ -17,6 +17,9 @@ Families:
               noise, against the generated images' mean-brightness error); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
+  schedule    steps vs batch, learning rate and EMA of pretraining (each its own model, as pretraining)
+  architecture width, attention placement and image size (each its own model, trained for the base's
+              training FLOPs: steps x the model's FLOPs per image, unet.flops_per_image, held equal)
 `--families` runs some of them (finished variants are reused); `--variants` reruns some and keeps the rows
 study.json holds for the others; `--docs` rewrites only their tables.
 """
@@ -37,12 +40,15 @@ def markers(family: str) -> tuple[str, str]:
   """Each family's table has its own block in the docs: a run of some families rewrites only theirs."""
   return f"<!-- recipe-study-{family}:begin -->", f"<!-- recipe-study-{family}:end -->"
 
+SAME_FLOPS = "the base's training FLOPs"   # a num_steps value: as many steps as the base's FLOPs buy
 # family -> (arm whose validation AUC selects, the base's arm at the same repository size, variants)
 # variant: (name, {config key: value}); "base" rows are the base run itself.
 SIZES = {"guidance": "1x repositories; the base row is its nested 1x subset",
          "steps": "1x repositories; the base row is its nested 1x subset",
          "classifier": "the base's 2x repository", "mixing": "the base's 2x repository, real + generated",
-         "pretraining": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset"}
+         "pretraining": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset",
+         "schedule": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset",
+         "architecture": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset"}
 FAMILIES = {
     "guidance": ("generated", "generated x1", [
         ("guidance 1.5", {"generate.sampler.guidance_scale": 1.5, "generate.multiples": (1.0,)}),
@@ -74,7 +80,34 @@ FAMILIES = {
         ("eps prediction, offset noise 0.1", {"diffusion.objective.offset_noise": 0.1,
                                               "generate.multiples": (1.0,)}),
     ]),
+    # The optimisation at about the base's CPU minutes: more, smaller steps; a higher learning rate; a longer EMA.
+    "schedule": ("generated", "generated x1", [
+        ("1400 steps x batch 16, lr 1e-3, EMA 0.995 (base)", None),
+        ("2800 steps x batch 8", {"diffusion.num_steps": 2800, "diffusion.data.batch_size": 8,
+                                  "generate.multiples": (1.0,)}),
+        ("learning rate 2e-3", {"diffusion.optim.lr": 2e-3, "generate.multiples": (1.0,)}),
+        ("EMA 0.999", {"diffusion.optim.ema_decay": 0.999, "generate.multiples": (1.0,)}),
+    ]),
+    # The network at the base's training FLOPs: a variant whose step costs more takes fewer steps.
+    "architecture": ("generated", "generated x1", [
+        ("64 px, 32 channels, attention at 16 px (base)", None),
+        ("48 channels", {"diffusion.model.ch": 48, "diffusion.num_steps": SAME_FLOPS,
+                         "generate.multiples": (1.0,)}),
+        ("attention at 32 and 16 px", {"diffusion.model.attn_levels": (1, 2), "diffusion.num_steps": SAME_FLOPS,
+                                       "generate.multiples": (1.0,)}),
+        ("96 px", {"diffusion.data.image_size": 96, "diffusion.num_steps": SAME_FLOPS,
+                   "generate.multiples": (1.0,)}),
+    ]),
 }
+
+
+def equal_flops_steps(base_cfg, cfg) -> int:
+  """Steps of `cfg`'s model and image size that cost the base run's training FLOPs (its steps x batch x FLOPs
+  per image)."""
+  from busgen_jax.models import unet
+  def cost(c):
+    return unet.flops_per_image(c.diffusion.model, c.diffusion.data.image_size) * c.diffusion.data.batch_size
+  return max(1, round(base_cfg.diffusion.num_steps * cost(base_cfg) / cost(cfg)))
 
 
 def base_config(base: Path):
@@ -101,7 +134,11 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict)
   cfg = base_config(base)
   cfg.update(skip=("quality", "audit"), docs="")
   cfg.generate.multiples = (2.0,)           # no scaling arms: the family's arm and real + mixed
-  cfg.update_from_flattened_dict(overrides)
+  base_cfg = base_config(base)
+  cfg.update_from_flattened_dict({k: base_cfg.diffusion.num_steps if v == SAME_FLOPS else v
+                                  for k, v in overrides.items()})
+  if overrides.get("diffusion.num_steps") == SAME_FLOPS:
+    cfg.diffusion.num_steps = equal_flops_steps(base_cfg, cfg)
   out = variant_dir(work, family, name)
   if any(k.startswith("diffusion.") for k in overrides):
     # A model of its own on the base run's converted data; the real-only classifier is the base's (same data,
