@@ -25,6 +25,7 @@ study.json holds for the others; `--docs` rewrites only their tables.
 """
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -43,12 +44,11 @@ def markers(family: str) -> tuple[str, str]:
 SAME_FLOPS = "the base's training FLOPs"   # a num_steps value: as many steps as the base's FLOPs buy
 # family -> (arm whose validation AUC selects, the base's arm at the same repository size, variants)
 # variant: (name, {config key: value}); "base" rows are the base run itself.
+_OWN_MODEL = "1x repositories, each from its own diffusion model; the base row is its nested 1x subset"
 SIZES = {"guidance": "1x repositories; the base row is its nested 1x subset",
          "steps": "1x repositories; the base row is its nested 1x subset",
          "classifier": "the base's 2x repository", "mixing": "the base's 2x repository, real + generated",
-         "pretraining": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset",
-         "schedule": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset",
-         "architecture": "1x repositories, each from its own diffusion model; the base row is its nested 1x subset"}
+         "pretraining": _OWN_MODEL, "schedule": _OWN_MODEL, "architecture": _OWN_MODEL}
 FAMILIES = {
     "guidance": ("generated", "generated x1", [
         ("guidance 1.5", {"generate.sampler.guidance_scale": 1.5, "generate.multiples": (1.0,)}),
@@ -131,13 +131,12 @@ def variant_dir(work: Path, family: str, name: str) -> Path:
 
 
 def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict) -> dict:
-  cfg = base_config(base)
+  base_cfg = base_config(base)
+  cfg = copy.deepcopy(base_cfg)
   cfg.update(skip=("quality", "audit"), docs="")
   cfg.generate.multiples = (2.0,)           # no scaling arms: the family's arm and real + mixed
-  base_cfg = base_config(base)
-  cfg.update_from_flattened_dict({k: base_cfg.diffusion.num_steps if v == SAME_FLOPS else v
-                                  for k, v in overrides.items()})
-  if overrides.get("diffusion.num_steps") == SAME_FLOPS:
+  cfg.update_from_flattened_dict({k: v for k, v in overrides.items() if v != SAME_FLOPS})
+  if overrides.get("diffusion.num_steps") == SAME_FLOPS:   # after the overrides that change the step's cost
     cfg.diffusion.num_steps = equal_flops_steps(base_cfg, cfg)
   out = variant_dir(work, family, name)
   if any(k.startswith("diffusion.") for k in overrides):
