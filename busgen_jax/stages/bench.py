@@ -372,11 +372,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       if c["model"] == "official":
         c["torch_reference"] = cfg.torch_reference
   data = ""
-  if any(cfg.cases[n].pipeline_batches for n in names):
+  if any(case["pipeline_batches"] for case in cases.values()):
     c = convert.default_config()
     c.format, c.output = "phantom", str(work / "data")
     c.phantom.num_examples = cfg.pipeline_images
-    c.phantom.size = max(cfg.cases[n].size for n in names)
+    c.phantom.size = max(case["size"] for case in cases.values())
     data = str(convert.convert(c))
   results = {}
   bar = console.bar(len(names), "bench", unit="case")
