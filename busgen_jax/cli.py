@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  from busgen_jax import xla_env
+  xla_env.apply()
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())
     sys.exit(0 if len(argv) >= 2 else 2)

@@ -6,6 +6,10 @@ import os
 # for a suite that compiles far more than it runs (measured on the 16 px training step: 27 s -> 15 s).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The production XLA:CPU settings (Eigen convolutions), so that parity tests check what users run.
+from busgen_jax import xla_env  # noqa: E402
+
+xla_env.apply()
 # Tests run on the host CPU even where libtpu (the `tpu` extra, for the aot tests) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU compilation dominates the suite: a persistent cache shared by tests, xdist workers and the

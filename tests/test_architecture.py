@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "busgen_jax"
 
 # Bottom to top: a module may import modules of its own layer and of the layers below it, never above.
 LAYERS = (
-    ("base", ("paths", "parallel", "checkpoint", "config_files", "console")),   # paths, meshes, Orbax, configs, console
+    ("base", ("paths", "parallel", "checkpoint", "config_files", "console", "xla_env")),   # paths, meshes, Orbax,
+                                                     # configs, console, process-wide XLA flags
     ("data", ("data",)),                                 # schema, sources, the writer, the reader, pipeline
     ("models", ("models",)),                             # UNet, LoRA, classifiers, the model card + loader
     ("diffusion", ("diffusion", "sampling")),            # math only: schedules, objectives, samplers

@@ -59,3 +59,18 @@ def test_torch_reference_row_times_the_official_trainer_beside_ours(tmp_path):
   assert r["train_over_torch"] == pytest.approx(r["torch_train_step_s"] / r["train_step_s"])
   assert r["torch_train_step_s"] == min(x["torch_step_s"] for x in r["torch_rounds"])
   assert "| official_64px | " in (tmp_path / "work" / "bench.md").read_text().split("official PyTorch trainer")[1]
+
+
+def test_case_models_are_the_configs_they_name():
+  """Each case's model is the architecture it names: the demo's, the experiment cpu preset's, the official one;
+  the case sets size, batch, dtype and attention on top; an unknown model is refused with the choices."""
+  from busgen_jax import config_files
+  cpu = config_files.load(f"{config_files.CONFIGS / 'experiment.py'}:cpu").diffusion
+  cfg = bench._config(bench.default_config().cases.experiment_cpu_64px.to_dict())
+  assert cfg.model.to_dict() == {**cpu.model.to_dict(), "dtype": "float32", "attention": "auto"}
+  assert (cfg.optim.to_dict(), cfg.data.image_size, cfg.data.batch_size) == (cpu.optim.to_dict(), 64, 16)
+  official = bench._config(bench.case("official", 32, 2, dtype="bfloat16"))
+  assert (official.model.ch, official.model.dropout, official.model.dtype) == (128, 0.1, "bfloat16")
+  assert official.data.image_size == 32
+  with pytest.raises(ValueError, match=r"one of \['experiment_cpu', 'official', 'tiny'\]"):
+    bench._config(bench.case("huge", 32, 2))

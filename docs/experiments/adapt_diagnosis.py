@@ -20,7 +20,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from absl import flags
+
+from busgen_jax import xla_env  # noqa: E402
+
+xla_env.apply()   # as the CLI does, before jax is first imported
+
+from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 

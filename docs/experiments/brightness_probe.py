@@ -25,7 +25,11 @@ import json
 import sys
 from pathlib import Path
 
-from absl import flags
+from busgen_jax import xla_env  # noqa: E402
+
+xla_env.apply()   # as the CLI does, before jax is first imported
+
+from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,0 +1,31 @@
+"""The process-wide XLA settings (busgen_jax/xla_env.py): appended once, a user's own value kept, and in effect
+with the pinned jaxlib (conftest applies them, as the CLI does)."""
+
+import jax
+import jax.numpy as jnp
+
+from busgen_jax import xla_env
+
+
+def test_flags_appended_once_and_user_setting_kept():
+  assert xla_env.xla_flags("") == " ".join(xla_env.CPU_FLAGS)
+  once = xla_env.xla_flags("--xla_force_host_platform_device_count=8")
+  assert once.startswith("--xla_force_host_platform_device_count=8 ") and xla_env.xla_flags(once) == once
+  mine = f"{xla_env.YNN_FLAG}="        # the user turns every YNNPACK fusion off: left as given
+  assert xla_env.xla_flags(mine) == mine
+  env = {"XLA_FLAGS": "--a=1"}
+  xla_env.apply(env)
+  assert env["XLA_FLAGS"] == "--a=1 " + " ".join(xla_env.CPU_FLAGS)
+
+
+def test_convolutions_leave_ynnpack_and_dots_keep_it():
+  """The flag's name and value are ones this jaxlib knows (an unknown value aborts at backend start, an unknown
+  name is ignored): a convolution compiles to XLA's own (Eigen) convolution, a dot still to a YNNPACK fusion."""
+  # compiled only, never run; large enough that XLA would give it to YNNPACK (small ones never are)
+  x, k = jax.ShapeDtypeStruct((4, 64, 64, 128), jnp.float32), jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  hlo = conv.lower(x, k).compile().as_text()
+  assert "convolution(" in hlo and "__ynn_fusion" not in hlo, hlo
+  dot = jax.jit(lambda a, b: a @ b).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((256, 256), jnp.float32)).compile().as_text()
+  assert "__ynn_fusion" in dot, dot
