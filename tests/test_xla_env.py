@@ -27,5 +27,6 @@ def test_convolutions_leave_ynnpack_and_dots_keep_it():
                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
   hlo = conv.lower(x, k).compile().as_text()
   assert "convolution(" in hlo and "__ynn_fusion" not in hlo, hlo
-  dot = jax.jit(lambda a, b: a @ b).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((256, 256), jnp.float32)).compile().as_text()
+  m = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  dot = jax.jit(lambda a, b: a @ b).lower(m, m).compile().as_text()
   assert "__ynn_fusion" in dot, dot

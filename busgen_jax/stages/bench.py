@@ -13,9 +13,10 @@ machines drift (fractions are of the higher); the train step's cold compile time
 FLOPs (XLA's cost analysis, forward x 3) and their fraction of the measured peak, and on an accelerator the MFU
 against the chip's published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and
 memory-efficient (chunked) attention; generation's images/s and network evaluations per image for the official
-sampler, the case's solver setting and a guidance-distilled student (_samplers); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step
-consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between
-`<!-- bench:begin -->` and `<!-- bench:end -->` of that file. The four CPU cases took 21 minutes on 2 cores with the PyTorch reference rows.
+sampler, the case's solver setting and a guidance-distilled student (_samplers); the Grain pipeline's images/s
+at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between
+`<!-- bench:begin -->` and `<!-- bench:end -->` of that file. The four CPU cases took 21 minutes on 2 cores with
+the PyTorch reference rows.
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, official_steps=0, student_steps=0,
          pipeline_batches=0, dtype="float32", attention="auto", compare_attention=False) -> dict:
   """One bench case: the model (a MODELS key: the demo's "tiny", configs/experiment.py:cpu's "experiment_cpu", or
-  "official"), image size and train batch,
-  timed train steps, sampler batch and steps (0: no sampling), the official sampler's steps and a guidance
-  student's (0: no such row; _samplers), pipeline batches (0: none), compute dtype, attention implementation, and
-  whether to compare dense with chunked attention's memory."""
+  "official"), image size and train batch, timed train steps, sampler batch and steps (0: no sampling), the
+  official sampler's steps and a guidance student's (0: no such row; _samplers), pipeline batches (0: none),
+  compute dtype, attention implementation, and whether to compare dense with chunked attention's memory."""
   return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
               official_steps=official_steps, student_steps=student_steps, pipeline_batches=pipeline_batches,
               dtype=dtype, attention=attention, compare_attention=compare_attention)
