@@ -7,6 +7,10 @@ import sys
 
 # Two devices per process; LLVM at -O0 as in conftest (the tests compile far more than they run).
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+# and the production XLA:CPU settings, as conftest gives the single-process runs these are compared with
+from busgen_jax import xla_env  # noqa: E402
+
+xla_env.apply()
 
 from absl import flags  # noqa: E402
 

@@ -14,9 +14,9 @@ FLOPs (XLA's cost analysis, forward x 3) and their fraction of the measured peak
 against the chip's published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and
 memory-efficient (chunked) attention; generation's images/s and network evaluations per image for the official
 sampler, the case's solver setting and a guidance-distilled student (_samplers); the Grain pipeline's images/s
-at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between
-`<!-- bench:begin -->` and `<!-- bench:end -->` of that file. The four CPU cases took 21 minutes on 2 cores with
-the PyTorch reference rows.
+at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and
+bench.md; with --config.docs, the section between `<!-- bench:begin -->` and `<!-- bench:end -->` of that file.
+The four CPU cases took 21 minutes on 2 cores with the PyTorch reference rows.
 """
 
 from __future__ import annotations
@@ -447,8 +447,8 @@ def markdown(report: dict) -> str:
       _f(r["train_fraction_of_matmul_peak"], "{:.1%}"), _f(r.get("train_mfu"), "{:.1%}"),
       _f(r["train_compile_s"], "{:.0f}"), _f(r["peak_host_memory_gib"], "{:.2f}")])
   lines += _table(cases, "train_over_torch", [
-      "case", "train images/s: busgen-jax", "official PyTorch trainer", "busgen-jax ÷ official", "rounds (s/step: ours, "
-      "official)"], lambda n, r: [
+      "case", "train images/s: busgen-jax", "official PyTorch trainer", "busgen-jax ÷ official",
+      "rounds (s/step: ours, official)"], lambda n, r: [
       n, _f(r["train_images_per_s"]), _f(r["torch_train_images_per_s"]), f"{r['train_over_torch']:.2f}×",
       "; ".join(f"{x['step_s']:.2f}, {x['torch_step_s']:.2f}" for x in r["torch_rounds"])])
   rows = {f"{n}/{k}": {**r, **v, "name": n} for n, r in cases.items() for k, v in r.get("samplers", {}).items()}
