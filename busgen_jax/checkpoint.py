@@ -15,6 +15,7 @@ shutdown or a scheduler's notice saves the next step and exits instead of losing
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -25,6 +26,8 @@ import jax
 from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils
+import tensorstore as ts
 
 from busgen_jax import paths
 
@@ -33,6 +36,26 @@ from busgen_jax import paths
 # array and shape: thousands of compilations for a UNet on 8 devices (~4 s per save on CPU). Only arrays with at
 # least this many bytes per replica slice are split (the large, replicated tensors where it pays on pods).
 _MIN_REPLICA_SLICE_BYTES = 8 << 20
+# A bucket that stops answering: tensorstore retries every request of a save 32 times, backing off to 32 s, so a
+# save fails only after about a quarter of an hour (right for a transient outage on a pod). BUSGEN_STORAGE_RETRIES=N
+# bounds that to N retries (0.2 s doubling to 5 s) for runs that should fail fast, and for the tests. Orbax builds
+# its tensorstore context in one function, looked up at every save and restore: the bound is a child context of it.
+RETRIES_ENV = "BUSGEN_STORAGE_RETRIES"
+_orbax_ts_context = _ts_utils.get_ts_context
+
+
+def _ts_context(**kwargs) -> ts.Context:
+  context = _orbax_ts_context(**kwargs)
+  value = os.environ.get(RETRIES_ENV, "")
+  if not value:
+    return context
+  if not value.isdigit():
+    raise ValueError(f"{RETRIES_ENV}={value!r}: expected a number of retries (0 or more)")
+  return ts.Context({"gcs_request_retries": {"max_retries": int(value), "initial_delay": "0.2s",
+                                             "max_delay": "5s"}}, context)
+
+
+_ts_utils.get_ts_context = _ts_context
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
     override=True)
@@ -83,13 +106,15 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _saving(self):
-    """OS errors of a save (a full disk, a lost bucket permission) name the directory and the last complete
-    checkpoint; the failed step stays a temporary directory, which no reader lists and the next run removes."""
+    """A failed save (a full disk, a lost bucket permission, a bucket that stopped answering: tensorstore reports
+    that as ValueError) is an OSError naming the directory and the last complete checkpoint; the failed step stays
+    a temporary (on GCS: uncommitted) directory, which no reader lists and the next run removes."""
     try:
       yield
-    except OSError as e:
-      raise OSError(e.errno, f"saving a checkpoint in {self.directory} failed ({e.strerror or e}); the last "
-                             f"complete checkpoint is step {self.manager.latest_step()}") from e
+    except Exception as e:  # noqa: BLE001 - any failure of a save is a failed save; the cause is chained
+      cause = (e.strerror or e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+      raise OSError(getattr(e, "errno", None), f"saving a checkpoint in {self.directory} failed ({cause}); the "
+                    f"last complete checkpoint is step {self.manager.latest_step()}") from e
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> tuple[Any, dict]:
     """Restore `step` onto `abstract_state`'s shapes, dtypes and shardings (and the iterator, in place)."""

@@ -2,6 +2,7 @@
 (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL, EPATH_USE_TF=false: read once per process) reaches nothing else.
 
   python tests/gcs_worker.py BUCKET LOCAL_DIR OUT_JSON
+  python tests/gcs_worker.py --train BUCKET LOCAL_DIR NUM_STEPS      # the fault test: train alone, a save every 2
 
 Every run directory is gs://BUCKET/runs/<stage>; only the datasets (ArrayRecord: local files) are under LOCAL_DIR.
 train -> fit-box-prior -> sample -> classify -> quality -> audit (with membership inference on the bucket's
@@ -85,5 +86,28 @@ def main(bucket: str, local: str, out: str) -> None:
     json.dump(result, f, default=str)
 
 
+def train(bucket: str, local: str, num_steps: str) -> None:
+  """The tiny diffusion model trained to NUM_STEPS with a checkpoint every 2 steps in gs://BUCKET/fault/train,
+  resuming from its latest checkpoint; the phantom dataset is converted into LOCAL_DIR once. Prints the step it
+  resumes from and the last logged scalars as JSON."""
+  from busgen_jax.data import convert
+  from busgen_jax.train import diffusion
+  from helpers import convert_config, tiny_diffusion_config
+  data = os.path.join(local, "data")
+  if not os.path.isdir(data):
+    data = convert.convert(convert_config("phantom", "", data, **{"phantom.num_examples": 32, "phantom.size": 32}))
+  else:
+    data = os.path.join(data, "phantom", "1.0.0")
+  from busgen_jax import checkpoint
+  cfg = tiny_diffusion_config(data, int(num_steps))
+  cfg.checkpoint_every, cfg.log_every = 2, 2
+  resumes = checkpoint.Checkpointer(f"gs://{bucket}/fault/train/checkpoints").latest_step()
+  last = diffusion.train(cfg, f"gs://{bucket}/fault/train")
+  print(json.dumps({"resumes_from": resumes, "last": last}, default=str))
+
+
 if __name__ == "__main__":
-  main(*sys.argv[1:4])
+  if sys.argv[1] == "--train":
+    train(*sys.argv[2:5])
+  else:
+    main(*sys.argv[1:4])

