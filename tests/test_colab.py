@@ -22,6 +22,8 @@ def test_there_are_the_three_notebooks():
     assert "pip" in first and "find_spec(\"busgen_jax\")" in first, f"{p.name}: the first code cell installs"
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{p.name}: committed with outputs"
     assert "git+https://github.com/busgen-jax" not in first, f"{p.name}: a fictional default source"
+    second = nb.cells[2].source
+    assert 0 <= second.find("xla_env.apply()") < second.find("import jax"), f"{p.name}: XLA settings after jax"
     stray = [c.source[:20] for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("md#")]
     assert not stray, f"{p.name}: stray markdown prefixes {stray}"
 
