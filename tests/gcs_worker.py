@@ -88,17 +88,15 @@ def main(bucket: str, local: str, out: str) -> None:
 
 def train(bucket: str, local: str, num_steps: str) -> None:
   """The tiny diffusion model trained to NUM_STEPS with a checkpoint every 2 steps in gs://BUCKET/fault/train,
-  resuming from its latest checkpoint; the phantom dataset is converted into LOCAL_DIR once. Prints the step it
-  resumes from and the last logged scalars as JSON."""
+  resuming from its latest checkpoint; the phantom dataset is converted into LOCAL_DIR (once: a rerun's conversion
+  resumes). Prints the step it resumes from and the last logged scalars as JSON."""
+  from busgen_jax import checkpoint
   from busgen_jax.data import convert
   from busgen_jax.train import diffusion
   from helpers import convert_config, tiny_diffusion_config
-  data = os.path.join(local, "data")
-  if not os.path.isdir(data):
-    data = convert.convert(convert_config("phantom", "", data, **{"phantom.num_examples": 32, "phantom.size": 32}))
-  else:
-    data = os.path.join(data, "phantom", "1.0.0")
-  from busgen_jax import checkpoint
+  # A conversion whose shards exist resumes with nothing to do and returns the same dataset directory.
+  data = convert.convert(convert_config("phantom", "", os.path.join(local, "data"),
+                                        **{"phantom.num_examples": 32, "phantom.size": 32}))
   cfg = tiny_diffusion_config(data, int(num_steps))
   cfg.checkpoint_every, cfg.log_every = 2, 2
   resumes = checkpoint.Checkpointer(f"gs://{bucket}/fault/train/checkpoints").latest_step()

@@ -64,9 +64,11 @@ class Emulator:
   def read(self, name: str) -> bytes:
     return self._call("GET", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media")
 
-  def env(self) -> dict:
-    """What points a process's epath (gcsfs backend) and tensorstore (Orbax's arrays) at the emulator."""
-    return {**os.environ, "STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+  def env(self, url: str = "") -> dict:
+    """What points a process's epath (gcsfs backend) and tensorstore (Orbax's arrays) at the emulator, or at `url`
+    (a proxy in front of it)."""
+    url = url or self.url
+    return {**os.environ, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
             "EPATH_USE_TF": "false", "PYTHONPATH": str(HERE.parent)}
 
   def stop(self):
@@ -201,10 +203,9 @@ def test_a_bucket_that_goes_away_during_an_asynchronous_save_fails_the_run_and_k
   stops with an error that names the checkpoint directory and the last complete step, step 2 stays whole, and the
   run resumes from it once the bucket is back."""
   def train(url: str, num_steps: int):
-    env = {**emulator.env(), "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           "BUSGEN_STORAGE_RETRIES": "2"}
-    return subprocess.run([sys.executable, str(HERE / "gcs_worker.py"), "--train", BUCKET, str(tmp_path), str(num_steps)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(HERE / "gcs_worker.py"), "--train", BUCKET, str(tmp_path),
+                           str(num_steps)], env={**emulator.env(url), "BUSGEN_STORAGE_RETRIES": "2"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
 
   outage = Outage(emulator.url, trip="fault/train/checkpoints/4/state/ocdbt.process_0/")
   start = time.time()

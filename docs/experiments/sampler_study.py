@@ -202,7 +202,8 @@ def main():
   p.add_argument("--base", required=True, help="a finished `busgen-jax experiment --config ...:cpu` workdir")
   p.add_argument("--student", required=True, help="a guidance student's checkpoints (busgen-jax distill)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--variants", default="", help="|-separated substrings: run only these (besides the reference and the preset)")
+  p.add_argument("--variants", default="", help="|-separated substrings: run only these (besides the reference "
+                 "and the preset)")
   p.add_argument("--docs", default="", help="a Markdown file whose sampler-study section to rewrite: the decision "
                  "(the test fold is read only then)")
   a = p.parse_args()
