@@ -8,7 +8,7 @@ import pytest
 
 from busgen_jax import checkpoint, parallel
 from busgen_jax.data import convert, pipeline
-from busgen_jax.diffusion import objectives
+from busgen_jax.diffusion import objectives, schedule
 from busgen_jax.train import diffusion, loop
 from helpers import convert_config, run_two_processes
 
@@ -180,3 +180,42 @@ def test_two_processes_train_then_sigterm_to_one_saves_the_same_step_and_resumes
     a = checkpoint.load_params(tmp_path / "run" / "checkpoints", which=which)
     b = checkpoint.load_params(uninterrupted, which=which)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=one.optim.lr / 20), a, b)
+
+
+def test_mean_weight_adds_the_weighted_error_of_each_images_mean_and_nothing_else():
+  sched = schedule.Schedule.from_config(schedule.default_config())
+  x0 = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.array([0, 250, 499])
+  offset = jnp.array([0.1, -0.2, 0.3])[:, None, None, None] * jnp.ones((1, 1, 1, 3))
+  pattern = jnp.where(jnp.arange(8)[None, :, None, None] % 2 == 0, 0.05, -0.05) * jnp.ones((3, 1, 8, 3))
+  c = objectives.default_config()
+
+  def loss(mean_weight, error):   # an eps "network" that is exact but for `error`
+    c.mean_weight = mean_weight
+    return np.asarray(objectives.per_example_loss(lambda x, tt, cond: noise + error, x0, {}, t, noise, sched, c))
+
+  # a DC error d adds mean_weight * H * W * d^2; a zero-mean error adds nothing
+  np.testing.assert_allclose(loss(0.5, offset) - loss(0.0, offset), 0.5 * 64 * np.array([0.01, 0.04, 0.09]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss(0.5, pattern), loss(0.0, pattern), rtol=1e-6)
+
+
+def test_closing_a_run_calls_every_closer_and_raises_the_first_failure():
+  calls = []
+
+  def ok(name):
+    return lambda: calls.append(name)
+
+  def fail(name):
+    def close():
+      calls.append(name)
+      raise OSError(name)
+    return close
+
+  with pytest.raises(OSError, match="^writer$"):
+    loop._close(ok("bar"), fail("writer"), fail("checkpointer"), ok("iterator"))
+  assert calls == ["bar", "writer", "checkpointer", "iterator"]   # the checkpointer still waits for its save
+  calls.clear()
+  loop._close(fail("writer"), ok("iterator"), after_error=True)    # after the run's error: logged, not raised
+  assert calls == ["writer", "iterator"]

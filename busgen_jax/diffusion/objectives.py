@@ -24,6 +24,12 @@ def default_config() -> ml_collections.ConfigDict:
   # The schedule's last step keeps sqrt(ab_T) of the image, so without it the noisiest input still carries the
   # image's mean, which sampling from pure noise cannot supply: samples regress to mid-grey. 0: official.
   c.offset_noise = 0.0
+  # Weight of each image's per-channel mean (its DC) in the loss, in units of its pixel count: 0 official, 1 makes
+  # the DC's error weigh as much as all the other frequencies together. Per pixel, eps's mean has variance 1/(H W):
+  # an eps network barely learns it, yet an error d in it moves x0's brightness by d sigma_t / alpha_t (34x at the
+  # official schedule's last step), so generated brightness spreads too widely (docs/EXPERIMENTS.md, "The
+  # brightness spread"). Reweighting a linear function of the error keeps the same optimum (the posterior mean).
+  c.mean_weight = 0.0
   return c
 
 
@@ -67,7 +73,11 @@ def per_example_loss(eps_fn, x0: jax.Array, cond: Mapping[str, jax.Array], t: ja
     target = a * noise - s * x0
   else:
     raise ValueError(f"objective.prediction must be eps or v, got {c.prediction!r}")
-  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+  err = pred.astype(jnp.float32) - target
+  per_example = jnp.mean(jnp.square(err), axis=(1, 2, 3))
+  if c.get("mean_weight", 0.0):
+    dc = jnp.mean(err, axis=(1, 2))   # (B, C)
+    per_example = per_example + c.mean_weight * (err.shape[1] * err.shape[2]) * jnp.mean(jnp.square(dc), axis=-1)
   snr = jnp.asarray(sched.snr, jnp.float32)[t]
   if c.weighting == "min_snr":   # Hang et al. 2023: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v
     w = jnp.minimum(snr, c.min_snr_gamma) / (snr if c.prediction == "eps" else snr + 1)

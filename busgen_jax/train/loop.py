@@ -97,14 +97,21 @@ def run(state, it, step_fn: Callable[[Any, dict], tuple[Any, dict]], *, mesh, ck
 
 
 def _close(*closers: Callable[[], Any], after_error: bool = False) -> None:
-  """Calls each closer in turn. After an error, a closer that fails too (a bucket that went away fails the
-  writer's sync and the checkpointer's close again) is logged and the next one still called: the error that
-  stopped the run is the one raised, not the last cleanup's."""
+  """Calls every closer, even when one fails (the checkpointer still waits for its save when the writer's sync
+  failed). After an error, a failing closer (a bucket that went away fails the writer's sync and the checkpointer's
+  close again) is logged: the error that stopped the run is the one raised. Otherwise the first failure is raised
+  once all have run."""
+  first = None
   for close in closers:
     try:
       close()
     except Exception as e:  # noqa: BLE001
-      if not after_error:
-        raise
-      logging.warning("%s after the run's error failed too: %s: %s", getattr(close, "__qualname__", close),
-                      type(e).__name__, e)
+      name = getattr(close, "__qualname__", close)
+      if after_error:
+        logging.warning("%s after the run's error failed too: %s: %s", name, type(e).__name__, e)
+      elif first is None:
+        first = e
+      else:
+        logging.warning("%s failed too: %s: %s", name, type(e).__name__, e)
+  if first is not None:
+    raise first

@@ -15,10 +15,10 @@ prior, seed 0, guidance 2.8) and is scored on:
                                  generated data; its AUC on the real **validation** fold (which also selects its
                                  checkpoint) with a case-level bootstrap CI.
 The reference row is the official sampler (DPM-Solver++ singlestep order 3, 50 steps, guided on a doubled batch: 100
-evaluations per image). The cpu preset's row is the base run's own repository (a seeded random 1x subset of it for
-FD, its nested 1x classifier). With --docs (the decision this study makes, among the rows run), the test fold is
-read once, for the reference and the fewest-evaluation variant whose validation AUC and FD lie within the
-reference's CIs, and for no other row. Finished variants are reused; --variants runs some besides the reference
+evaluations per image). The cpu preset's row is its sampler, generated like every other row (not the base run's
+own 2x repository). With --docs (the decision this study makes, among the rows run), the test fold is read once,
+for the reference and the fewest-evaluation variant whose validation AUC and FD lie within the reference's CIs,
+and for no other row. Finished variants are reused; --variants runs some besides the reference
 and the preset (e.g. "guidance student|8 steps, guided").
 """
 
@@ -44,13 +44,13 @@ from busgen_jax.stages import classify, experiment  # noqa: E402
 BEGIN, END = "<!-- sampler-study:begin -->", "<!-- sampler-study:end -->"
 INTERVAL = (0.3, 3.0)   # guidance only where 0.3 < sigma/alpha <= 3 (Kynkaanniemi et al. 2024's range for EDM2)
 
-# name -> (model: "teacher" | "student", sampler overrides); None: the base run's own repository.
+# name -> (model: "teacher" | "student", overrides of the base run's sampler).
 # The reference is the official sampler (its solver and 50 steps; the start every row has, sampler.start="data").
 REFERENCE = "official sampler: DPM-Solver++ 3S, 50 steps, guided"
 PRESET = "DPM-Solver++ 2M, 10 steps, guided (the cpu preset)"
 VARIANTS = {
     REFERENCE: ("teacher", {"method": "singlestep", "order": 3, "steps": 50}),
-    PRESET: None,
+    PRESET: ("teacher", {}),
     "DPM-Solver++ 2M, 8 steps, guided": ("teacher", {"steps": 8}),
     "DPM-Solver++ 2M, 8 steps, guidance interval": ("teacher", {"steps": 8, "guidance_interval": INTERVAL}),
     "guidance student, DPM-Solver++ 2M, 8 steps": ("student", {}),
@@ -101,11 +101,8 @@ def tests(base: Path, with_test: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def tstr(base: Path, out: Path, generated: dict | None) -> dict:
+def tstr(base: Path, out: Path, generated: dict) -> dict:
   """The generated-only classifier's reports on the validation fold (and, later, the test fold)."""
-  if generated is None:   # the base run's nested 1x classifier, evaluated on the validation fold
-    return classify.evaluate_checkpoint(base / "classify" / "generated_x1" / "best", out / "eval",
-                                        tests=tests(base, False))
   cfg = base_experiment_config(base)
   data = json.loads((base / "stages" / "data.json").read_text())["result"]
   k = experiment.classifier_config(cfg, {"real": None, "generated": (1.0, 0)}, data,
@@ -114,10 +111,10 @@ def tstr(base: Path, out: Path, generated: dict | None) -> dict:
   return classify.run(k, out / "classify")
 
 
-def quality(base: Path, out: Path, dataset: str, limit: int) -> dict:
+def quality(base: Path, out: Path, dataset: str) -> dict:
   data = json.loads((base / "stages" / "data.json").read_text())["result"]
   q = fidelity.default_config()
-  q.update(real=data["dataset"], real_split="train", generated=dataset, generated_limit=limit,
+  q.update(real=data["dataset"], real_split="train", generated=dataset,
            encoder=str(base / "classify" / "real" / "best"), conditions=(), bootstrap=100)
   q.tstr.update(synthetic="", real="")
   return fidelity.run(q, out / "quality")["fidelity"]["all"]
@@ -130,20 +127,11 @@ def run_variant(base: Path, work: Path, student: str, name: str, spec) -> dict:
     return json.loads(done.read_text())
   out.mkdir(parents=True, exist_ok=True)
   print(f"sampler study: {name} ...", flush=True)
-  n_real = sum(c["num"] for c in conditions_1x(base))
-  if spec is None:
-    gen = json.loads((base / "stages" / "generate.json").read_text())["result"]
-    cfg = json.loads((base / "config.json").read_text())
-    s = cfg["generate"]["sampler"]
-    generated = {"dataset": gen["dataset"], "evals": 2 * s["steps"], "images": n_real, "sampler": s,
-                 "seconds": None}
-    val = tstr(base, out, None)["validation"]
-  else:
-    model, overrides = spec
-    checkpoint = str(base / "diffusion" / "checkpoints") if model == "teacher" else student
-    generated = run_generate(base, out, checkpoint, overrides)
-    val = tstr(base, out, generated)["validation"]
-  fid = quality(base, out, generated["dataset"], n_real)
+  model, overrides = spec
+  checkpoint = str(base / "diffusion" / "checkpoints") if model == "teacher" else student
+  generated = run_generate(base, out, checkpoint, overrides)
+  val = tstr(base, out, generated)["validation"]
+  fid = quality(base, out, generated["dataset"])
   result = {"variant": name, "evals": generated["evals"], "images": generated["images"],
             "generate_seconds": generated["seconds"], "sampler": generated["sampler"],
             "val_auc": val["auc"], "val_ci": val["auc_ci95"], "fd": fid["fd"], "kid": fid["kid"],
@@ -219,8 +207,7 @@ def main():
   for r in ([ref] + ([chosen] if chosen else [])) if a.docs else ():
     f = Path(r["dir"]) / "test.json"
     if not f.exists():
-      best = (Path(a.base) / "classify" / "generated_x1" / "best") if r["variant"] == PRESET else \
-          Path(r["dir"]) / "classify" / "best"
+      best = Path(r["dir"]) / "classify" / "best"
       only_test = ml_collections.ConfigDict({experiment.INTERNAL: tests(base, True)[experiment.INTERNAL].to_dict()})
       res = classify.evaluate_checkpoint(best, Path(r["dir"]) / "eval_test", tests=only_test)[experiment.INTERNAL]
       f.write_text(json.dumps({"auc": res["auc"], "auc_ci95": res["auc_ci95"]}))
