@@ -106,8 +106,9 @@ TOSHIBA = "Toshiba Aplio 300 @12-14 MHz"   # BUS-BRA's other vendor (139 images,
 
 def _fewshot(c):
   """The few-shot arm alone, on 2 CPU cores: the `cpu` preset's model pretrained without the Toshiba scanner
-  (about 24 minutes; or `--config.pretrained=DIR` of a run with the same fewshot.device), then k = 32 shots per
-  class of Toshiba in three seeded draws: LoRA adaptation, two site repositories, four classifiers each."""
+  (about 40 minutes; or `--config.pretrained=DIR` of a run with the same fewshot.device), then k = 32 shots per
+  class of Toshiba in three seeded draws (about 14 minutes each): LoRA adaptation, two site repositories, four
+  classifiers each."""
   _cpu(c)
   c.skip = ("generate",)
   f = c.fewshot
