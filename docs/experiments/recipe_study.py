@@ -14,8 +14,7 @@ Families:
   classifier  the classifier recipe on generated images (the base's 2x repository)
   mixing      the generated share of the real + generated stream (the base's 2x repository)
   pretraining the diffusion model itself: the objective (v prediction with min-SNR weighting; offset
-              noise, against the generated images' mean-brightness error; the image-mean weight, against
-              their brightness spread); each
+              noise, against the generated images' mean-brightness error); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
   schedule    steps vs batch, learning rate and EMA of pretraining (each its own model, as pretraining)
@@ -84,8 +83,6 @@ FAMILIES = {
                                                        "generate.multiples": (1.0,)}),
         ("eps prediction, offset noise 0.1", {"diffusion.objective.offset_noise": 0.1,
                                               "generate.multiples": (1.0,)}),
-        ("eps prediction, image-mean weight 1", {"diffusion.objective.mean_weight": 1.0,
-                                                 "generate.multiples": (1.0,)}),
     ]),
     # The optimisation at about the base's CPU minutes: more, smaller steps; a higher learning rate; a longer EMA.
     "schedule": ("generated", "generated x1", [
