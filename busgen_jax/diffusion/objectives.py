@@ -24,11 +24,12 @@ def default_config() -> ml_collections.ConfigDict:
   # The schedule's last step keeps sqrt(ab_T) of the image, so without it the noisiest input still carries the
   # image's mean, which sampling from pure noise cannot supply: samples regress to mid-grey. 0: official.
   c.offset_noise = 0.0
-  # Weight of each image's per-channel mean (its DC) in the loss, in units of its pixel count: 0 official, 1 makes
-  # the DC's error weigh as much as all the other frequencies together. Per pixel, eps's mean has variance 1/(H W):
-  # an eps network barely learns it, yet an error d in it moves x0's brightness by d sigma_t / alpha_t (34x at the
-  # official schedule's last step), so generated brightness spreads too widely (docs/EXPERIMENTS.md, "The
-  # brightness spread"). Reweighting a linear function of the error keeps the same optimum (the posterior mean).
+  # Experimental. Weight of each image's per-channel mean (its DC) in the loss, in units of its pixel count: 0
+  # official, 1 makes the DC's error weigh as much as all the other frequencies together. Per pixel, eps's mean has
+  # variance 1/(H W): an eps network barely learns it, yet an error d in it moves x0's brightness by
+  # d sigma_t / alpha_t (34x at the official schedule's last step), so generated brightness spreads too widely
+  # (docs/EXPERIMENTS.md, "The brightness spread"). At 1 it over-corrects (every image mid-grey after 400 steps);
+  # v prediction is the measured remedy there.
   c.mean_weight = 0.0
   return c
 

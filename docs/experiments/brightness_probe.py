@@ -115,7 +115,7 @@ def dc_response(checkpoint: str, data: str, ts=(499, 450, 400), n: int = 128) ->
     n_sd = float(noise.std())
     out[t] = {"error_sd": round(float(err.std()) * 127.5, 1), "slope": round(float(np.polyfit(noise, err, 1)[0]), 3),
               "best_error_sd": round(data_sd * n_sd / np.hypot(data_sd, n_sd) * 127.5, 1),
-              "best_slope": round(n_sd ** 2 / (data_sd ** 2 + n_sd ** 2), 3)}
+              "best_slope": round(data_sd ** 2 / (data_sd ** 2 + n_sd ** 2), 3)}
   return out
 
 
