@@ -27,8 +27,6 @@ study's and the preset's job).
 """
 
 import argparse
-import collections
-import functools
 import json
 import sys
 from pathlib import Path
@@ -63,16 +61,15 @@ def grey(path: str, split: str, size: int) -> dict:
 
 
 def spread(path: str, split: str, size: int) -> dict:
-  """Per device: the sd over images of their mean grey level (0-255) through the model's view."""
+  """Per device: the sd over images of their mean grey level (0-255) through the model's view (the per-image means
+  a model card's start statistics come from, here over the evaluation pipeline's centre crops)."""
   import numpy as np
 
   from busgen_jax.data import pipeline
   pipe = pipeline.build_eval(path, split, image_size=size, batch_size=64, process_index=0, process_count=1)
-  names, by = pipe.vocab.get("device", []), collections.defaultdict(list)
-  for b in pipe:
-    for m, d in zip(b["image"].mean(axis=(1, 2, 3))[b["valid"]], b["device"][b["valid"]]):
-      by[names[d]].append((m + 1) * 127.5)
-  return {d: round(float(np.std(v)), 1) for d, v in sorted(by.items()) if len(v) > 1}
+  stats = pipeline.image_means(pipe, len(reader.open_dataset(path).records(split)))  # the padded rows left out
+  grey, devices = (stats["means"] + 1) * 127.5, stats["devices"]
+  return {d: round(float(np.std(grey[devices == d])), 1) for d in sorted(set(devices)) if (devices == d).sum() > 1}
 
 
 def dc_response(checkpoint: str, data: str, ts=(499, 450, 400), n: int = 128) -> dict:
@@ -98,23 +95,22 @@ def dc_response(checkpoint: str, data: str, ts=(499, 450, 400), n: int = 128) ->
   cond = {k: b[k][b["valid"]] for k in model.cfg.conditions}
   net = nnx.merge(nnx.graphdef(unet.abstract(model.cfg)), model.params)
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def predicted_x0(x0, t, eps, cond):
-    a, s = float(sched.sqrt_ab[t]), float(sched.sqrt_1m_ab[t])
-    xt = a * x0 + s * eps
-    tt = np.full((x0.shape[0],), t)
-    return (xt - s * objectives.eps_from_prediction(net(xt, tt, cond), xt, tt, sched, prediction)) / a
+  @jax.jit
+  def predicted_eps(xt, tt, cond):
+    return objectives.eps_from_prediction(net(xt, tt, cond), xt, tt, sched, prediction)
 
   data_sd = float(x0.mean(axis=(1, 2, 3)).std())
   out = {}
   for t in ts:
     a, s = float(sched.sqrt_ab[t]), float(sched.sqrt_1m_ab[t])
     eps = np.asarray(jax.random.normal(jax.random.key(t), x0.shape))
-    err = np.asarray(predicted_x0(x0, t, eps, cond)).mean(axis=(1, 2, 3)) - x0.mean(axis=(1, 2, 3))
+    xt = a * x0 + s * eps
+    x0_hat = (xt - s * np.asarray(predicted_eps(xt, np.full((len(x0),), t), cond))) / a
+    err = x0_hat.mean(axis=(1, 2, 3)) - x0.mean(axis=(1, 2, 3))
     noise = eps.mean(axis=(1, 2, 3)) * s / a       # the noise's mean, in x0 units
     n_sd = float(noise.std())
     out[t] = {"error_sd": round(float(err.std()) * 127.5, 1), "slope": round(float(np.polyfit(noise, err, 1)[0]), 3),
-              "best_error_sd": round(data_sd * n_sd / np.hypot(data_sd, n_sd) * 127.5, 1),
+              "best_error_sd": round(float(data_sd * n_sd / np.hypot(data_sd, n_sd)) * 127.5, 1),
               "best_slope": round(data_sd ** 2 / (data_sd ** 2 + n_sd ** 2), 3)}
   return out
 
