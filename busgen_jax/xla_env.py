@@ -1,6 +1,7 @@
 """Process-wide XLA settings, applied before jax is first imported (the CLI, the tests, bench's children).
 
     from busgen_jax import xla_env; xla_env.apply()      # then import jax
+    from busgen_jax import xla_env; xla_env.script()     # a script outside the CLI: the same, absl flags parsed
 
 XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK, whose kernel gradients run at about a third of the forward
 convolutions' rate inside a training step; with XLA's Eigen convolutions the `cpu` preset's UNet trains 1.3x and
@@ -27,3 +28,11 @@ def xla_flags(current: str) -> str:
 def apply(environ: MutableMapping[str, str] = os.environ) -> None:
   """Adds CPU_FLAGS to XLA_FLAGS (read once, when jax creates its first backend)."""
   environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
+
+
+def script() -> None:
+  """The process setup of a script outside the CLI (docs/experiments, test workers): apply(), and absl's flags
+  marked parsed, since Grain's worker processes read them and only absl.app.run would mark them."""
+  apply()
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()

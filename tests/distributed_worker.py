@@ -10,11 +10,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backen
 # and the production XLA:CPU settings, as conftest gives the single-process runs these are compared with
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402

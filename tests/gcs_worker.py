@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import flags  # noqa: E402
+from busgen_jax import xla_env  # noqa: E402
 
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # the production XLA:CPU settings, absl flags parsed
 
 
 def main(bucket: str, local: str, out: str) -> None:

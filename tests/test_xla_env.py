@@ -1,8 +1,11 @@
 """The process-wide XLA settings (busgen_jax/xla_env.py): appended once, a user's own value kept, and in effect
 with the pinned jaxlib (conftest applies them, as the CLI does)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from busgen_jax import xla_env
 
@@ -16,6 +19,16 @@ def test_flags_appended_once_and_user_setting_kept():
   env = {"XLA_FLAGS": "--a=1"}
   xla_env.apply(env)
   assert env["XLA_FLAGS"] == "--a=1 " + " ".join(xla_env.CPU_FLAGS)
+
+
+def test_script_setup_applies_flags_and_marks_absl_parsed():
+  flags.FLAGS.unparse_flags()
+  try:
+    xla_env.script()
+    assert flags.FLAGS.is_parsed()
+    assert set(xla_env.CPU_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
+  finally:
+    flags.FLAGS.mark_as_parsed()
 
 
 def test_convolutions_leave_ynnpack_and_dots_keep_it():

@@ -23,11 +23,7 @@ import numpy as np
 
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()   # as the CLI does, before jax is first imported
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # as the CLI does, before jax is first imported
 
 from busgen_jax import checkpoint  # noqa: E402
 from busgen_jax.models import card  # noqa: E402

@@ -33,11 +33,7 @@ from pathlib import Path
 
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()   # as the CLI does, before jax is first imported
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # as the CLI does, before jax is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ml_collections  # noqa: E402

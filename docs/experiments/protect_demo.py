@@ -16,11 +16,7 @@ from pathlib import Path
 
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()   # as the CLI does, before jax is first imported
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # as the CLI does, before jax is first imported
 
 from busgen_jax import generate  # noqa: E402
 from busgen_jax.stages import demo  # noqa: E402

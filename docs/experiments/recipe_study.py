@@ -13,8 +13,8 @@ Families:
   steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
   classifier  the classifier recipe on generated images (the base's 2x repository)
   mixing      the generated share of the real + generated stream (the base's 2x repository)
-  pretraining the diffusion model itself: the objective (v prediction with min-SNR weighting; offset
-              noise, against the generated images' mean-brightness error); each
+  pretraining the diffusion model itself: the objective (v prediction, alone and with min-SNR weighting,
+              against the eps network's brightness error; offset noise); each
               variant trains its own model on the base run's converted data (about 24 minutes here) and
               generates a 1x repository
   schedule    steps vs batch, learning rate and EMA of pretraining (each its own model, as pretraining)
@@ -32,11 +32,7 @@ from pathlib import Path
 
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()   # as the CLI does, before jax is first imported
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # as the CLI does, before jax is first imported
 
 from busgen_jax.stages import experiment  # noqa: E402
 from busgen_jax.evaluate import report  # noqa: E402
@@ -78,6 +74,7 @@ FAMILIES = {
     ]),
     "pretraining": ("generated", "generated x1", [
         ("eps prediction, 1400 steps x batch 16 (base)", None),
+        ("v prediction, uniform weighting", {"diffusion.objective.prediction": "v", "generate.multiples": (1.0,)}),
         ("v prediction, min-SNR weighting (gamma 5)", {"diffusion.objective.prediction": "v",
                                                        "diffusion.objective.weighting": "min_snr",
                                                        "generate.multiples": (1.0,)}),

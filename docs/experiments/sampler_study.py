@@ -29,11 +29,7 @@ from pathlib import Path
 
 from busgen_jax import xla_env  # noqa: E402
 
-xla_env.apply()   # as the CLI does, before jax is first imported
-
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()
+xla_env.script()   # as the CLI does, before jax is first imported
 
 import ml_collections  # noqa: E402
 
