@@ -93,6 +93,20 @@ def test_plans_have_the_official_evaluation_counts_and_lower_orders():
     samplers.dpm_solver_plan(BETAS, steps=2, order=3, method="multistep")
 
 
+def test_lower_order_final_below_sets_where_multistep_plans_end_first_order():
+  """The last multistep update reads one model output at first order, two at second. The official rule ends
+  with lower orders below 10 steps only; lower_order_final_below moves that bound (the cpu preset: 15)."""
+  def last_order(steps, **kw):
+    p = samplers.make_plan(BETAS, method="multistep", order=2, steps=steps, **kw)
+    return int(np.count_nonzero(p.out_m[-1]))
+  assert (last_order(9), last_order(10), last_order(14)) == (1, 2, 2)          # official
+  assert (last_order(10, lower_order_final_below=15), last_order(15, lower_order_final_below=15)) == (1, 2)
+  assert last_order(9, lower_order_final=False) == 2
+  c = samplers.default_config()
+  c.update(method="multistep", order=2, steps=10, lower_order_final_below=15)
+  assert np.count_nonzero(samplers.plan_from_config(BETAS, c).out_m[-1]) == 1
+
+
 def test_ddim_and_ddpm():
   ab = jnp.asarray(AB, jnp.float32)
   eps_fn = gaussian_eps(ab)

@@ -132,15 +132,16 @@ ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")
 
 def make_plan(betas, *, algorithm: str = "dpmsolver++", method: str = "singlestep", order: int = 3,
               steps: int | None = None, skip_type: str = "time_uniform", lower_order_final: bool = True,
-              eta: float = 0.0, grid=()) -> Plan:
+              eta: float = 0.0, grid=(), lower_order_final_below: int = 10) -> Plan:
   """The plan of any sampler by name (official defaults: DPM-Solver++ single-step order 3, 50 steps).
-  steps=None: 50, or every timestep for DDPM. method, order, skip_type and lower_order_final are
-  DPM-Solver's; eta and grid (explicit timesteps) are DDIM's."""
+  steps=None: 50, or every timestep for DDPM. method, order, skip_type, lower_order_final and
+  lower_order_final_below are DPM-Solver's; eta and grid (explicit timesteps) are DDIM's."""
   if steps is None or steps <= 0:
     steps = len(betas) if algorithm == "ddpm" else 50
   if algorithm in ("dpmsolver", "dpmsolver++"):
     return dpm_solver_plan(betas, steps=steps, order=order, skip_type=skip_type, method=method,
-                           algorithm=algorithm, lower_order_final=lower_order_final)
+                           algorithm=algorithm, lower_order_final=lower_order_final,
+                           lower_order_final_below=lower_order_final_below)
   if algorithm == "ddim":
     return ddim_plan(betas, steps=steps, eta=eta, grid=grid)
   if algorithm == "ddpm":
@@ -157,6 +158,9 @@ def default_config():
   c.steps = 50                  # 0: every timestep (DDPM)
   c.skip_type = "time_uniform"  # time_uniform | logSNR | time_quadratic
   c.lower_order_final = True
+  # Multistep plans of fewer steps than this end with lower orders: 10 in the official code. 15 (the official
+  # docstring's and diffusers' value) makes a 10-step plan's last step first order (docs/SAMPLING.md).
+  c.lower_order_final_below = 10
   c.eta = 0.0                   # DDIM
   c.grid = ()                   # DDIM: explicit decreasing timesteps (a progressive student's card sets them)
   c.guidance_scale = 2.8        # official: w + 1 = 2.8
@@ -174,7 +178,8 @@ def default_config():
   return c
 
 
-PLAN_KEYS = ("algorithm", "method", "order", "steps", "skip_type", "lower_order_final", "eta", "grid")
+PLAN_KEYS = ("algorithm", "method", "order", "steps", "skip_type", "lower_order_final", "lower_order_final_below",
+             "eta", "grid")
 
 
 def for_student(c, student: dict | None):
@@ -203,7 +208,7 @@ def with_guidance_input(eps_fn: Callable, scale) -> Callable:
 def plan_from_config(betas, c) -> Plan:
   return make_plan(betas, algorithm=c.algorithm, method=c.method, order=c.order, steps=c.steps,
                    skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta,
-                   grid=tuple(c.get("grid", ())))
+                   grid=tuple(c.get("grid", ())), lower_order_final_below=c.get("lower_order_final_below", 10))
 
 
 def sample_with_eps_fn(eps_fn: Callable, x_T: jax.Array, *, betas, cond=None, uncond=None,
