@@ -50,7 +50,7 @@ def _cpu(c):
   d.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
   c.generate.update(multiples=(0.5, 1.0, 2.0), per_device_batch=64, local_devices=1)
   # The 10-step plan's last step first order (the official rule keeps it second order at 10 steps, which leaves
-  # an artefact the real classifier's features read: docs/SAMPLING.md).
+  # an artefact the real classifier's features read: the repository's FD 1.50 -> 0.54, docs/EXPERIMENTS.md).
   c.generate.sampler.lower_order_final_below = 15
   # The recipe study (validation fold): label smoothing for generated data. Its sampler winners (6 steps at 3x,
   # guidance 4) scored lower together than apart, so the sampler stays at 10 steps and guidance 2.8.
