@@ -15,7 +15,7 @@ Families:
   mixing      the generated share of the real + generated stream (the base's 2x repository)
   pretraining the diffusion model itself: the objective (v prediction, alone and with min-SNR weighting,
               against the eps network's brightness error; offset noise); each
-              variant trains its own model on the base run's converted data (about 24 minutes here) and
+              variant trains its own model on the base run's converted data (about 27 minutes here) and
               generates a 1x repository
   schedule    steps vs batch, learning rate and EMA of pretraining (each its own model, as pretraining)
   architecture width, attention placement and image size (each its own model, trained for the base's
