@@ -293,10 +293,15 @@ def _singlestep_orders(steps: int, order: int) -> list[int]:
   raise ValueError(f"order must be 1, 2 or 3, got {order}")
 
 
+# The official DPM-Solver code ends multistep plans with lower orders only when they have fewer steps than this.
+OFFICIAL_LOWER_ORDER_FINAL_BELOW = 10
+
+
 def dpm_solver_plan(betas, *, steps: int = 20, order: int = 2, skip_type: str = "time_uniform",
                     method: str = "multistep", algorithm: str = "dpmsolver++", lower_order_final: bool = True,
                     solver_type: str = "dpmsolver", t_start: float | None = None, t_end: float | None = None,
-                    denoise_to_zero: bool = False, lower_order_final_below: int = 10) -> Plan:
+                    denoise_to_zero: bool = False,
+                    lower_order_final_below: int = OFFICIAL_LOWER_ORDER_FINAL_BELOW) -> Plan:
   """DPM_Solver.sample(...) of dpm_solver_pytorch.py as a plan (same arguments and defaults).
 
   lower_order_final_below: multistep plans of fewer steps than this end with lower orders (the last step first

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from busgen_jax.diffusion.plans import (  # noqa: F401  (plans are part of the sampling API)
-    K, SKIP_TYPES, Plan, VPSchedule, ddim_grid, ddim_plan, ddpm_plan, dpm_solver_plan)
+    K, OFFICIAL_LOWER_ORDER_FINAL_BELOW, SKIP_TYPES, Plan, VPSchedule, ddim_grid, ddim_plan, ddpm_plan,
+    dpm_solver_plan)
 
 
 def guided(eps_fn: Callable, cond, uncond, scale: float) -> Callable:
@@ -132,7 +133,7 @@ ALGORITHMS = ("dpmsolver++", "dpmsolver", "ddim", "ddpm")
 
 def make_plan(betas, *, algorithm: str = "dpmsolver++", method: str = "singlestep", order: int = 3,
               steps: int | None = None, skip_type: str = "time_uniform", lower_order_final: bool = True,
-              eta: float = 0.0, grid=(), lower_order_final_below: int = 10) -> Plan:
+              eta: float = 0.0, grid=(), lower_order_final_below: int = OFFICIAL_LOWER_ORDER_FINAL_BELOW) -> Plan:
   """The plan of any sampler by name (official defaults: DPM-Solver++ single-step order 3, 50 steps).
   steps=None: 50, or every timestep for DDPM. method, order, skip_type, lower_order_final and
   lower_order_final_below are DPM-Solver's; eta and grid (explicit timesteps) are DDIM's."""
@@ -160,7 +161,7 @@ def default_config():
   c.lower_order_final = True
   # Multistep plans of fewer steps than this end with lower orders: 10 in the official code. 15 (the official
   # docstring's and diffusers' value) makes a 10-step plan's last step first order (docs/SAMPLING.md).
-  c.lower_order_final_below = 10
+  c.lower_order_final_below = OFFICIAL_LOWER_ORDER_FINAL_BELOW
   c.eta = 0.0                   # DDIM
   c.grid = ()                   # DDIM: explicit decreasing timesteps (a progressive student's card sets them)
   c.guidance_scale = 2.8        # official: w + 1 = 2.8
@@ -208,7 +209,8 @@ def with_guidance_input(eps_fn: Callable, scale) -> Callable:
 def plan_from_config(betas, c) -> Plan:
   return make_plan(betas, algorithm=c.algorithm, method=c.method, order=c.order, steps=c.steps,
                    skip_type=c.skip_type, lower_order_final=c.lower_order_final, eta=c.eta,
-                   grid=tuple(c.get("grid", ())), lower_order_final_below=c.get("lower_order_final_below", 10))
+                   grid=tuple(c.get("grid", ())),
+                   lower_order_final_below=c.get("lower_order_final_below", OFFICIAL_LOWER_ORDER_FINAL_BELOW))
 
 
 def sample_with_eps_fn(eps_fn: Callable, x_T: jax.Array, *, betas, cond=None, uncond=None,

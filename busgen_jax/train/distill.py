@@ -116,7 +116,8 @@ def student_card(cfg, rc, teacher: card.Model, vocab: dict, grid) -> card.Card:
   else:
     grid = distill_lib.student_grid(grid)
     plan = {"algorithm": "ddim", "method": "singlestep", "order": 1, "steps": len(grid), "skip_type": "time_uniform",
-            "lower_order_final": True, "lower_order_final_below": 10, "eta": 0.0, "grid": grid.tolist()}
+            "lower_order_final": True,
+            "lower_order_final_below": plans.OFFICIAL_LOWER_ORDER_FINAL_BELOW, "eta": 0.0, "grid": grid.tolist()}
   lineage = (teacher.card.student or {}).get("lineage", []) + [{
       "kind": kind, "teacher": teacher.name, "teacher_step": teacher.step, "checkpoint": str(cfg.teacher)}]
   return card.Card(model=rc.model.to_dict(), image_size=teacher.image_size, vocab=vocab,
