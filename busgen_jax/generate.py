@@ -280,7 +280,8 @@ def make_sampler(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Confi
                  prediction: str, mesh: jax.sharding.Mesh, *, protected: bool = False):
   """The jitted sampler on `mesh` (params replicated, examples over "data"): (params, index, cond, start) ->
   images in [-1, 1] (start: (B, 2), card.Card.start_rows), or (params, index, cond, start, bank) with privacy
-  protection (bank: protect.load_bank's (descriptors, radius), replicated). Pure and device-agnostic, so `busgen-jax aot` compiles the same program for a TPU host."""
+  protection (bank: protect.load_bank's (descriptors, radius), replicated). Pure and device-agnostic, so
+  `busgen-jax aot` compiles the same program for a TPU host."""
   sched = schedule.Schedule.from_config(cfg.schedule)
   if sched.T != model_cfg.T:
     raise ValueError(f"schedule.T={sched.T} differs from the model's T={model_cfg.T}")
@@ -514,7 +515,7 @@ def _record(e: dict, image: np.ndarray, cfg, provenance: dict, task: dict | None
          "boxes": np.round(e["boxes"], 5).tolist(), "mask": e["mask"] is not None,
          "sampler": f"{cfg.sampler.algorithm}/{cfg.sampler.method}/order{cfg.sampler.order}/"
                     f"{cfg.sampler.steps}steps/{cfg.sampler.skip_type}",
-         "guidance_scale": cfg.sampler.guidance_scale}
+         "guidance_scale": cfg.sampler.guidance_scale, "guidance_interval": list(cfg.sampler.guidance_interval)}
   return schema.Example(
       id=f"{cfg.name}-{e['index']:08d}", image=image, boxes=e["boxes"], **labels, mask=e["mask"],
       device=e["device"], case_id=f"{cfg.name}-{e['index']:08d}", source_dataset=cfg.name,

@@ -1,6 +1,6 @@
 """The end-to-end demo on the built-in phantom data (the README's main command).
 
-  bash launch/local.sh demo --workdir /tmp/busgen_demo                      # ~15 minutes on 2 CPU cores
+  bash launch/local.sh demo --workdir /tmp/busgen_demo                      # ~7 minutes on 2 CPU cores
   busgen-jax demo --workdir /tmp/busgen_demo --config.docs=README.md,docs/PRIVACY.md  # and rewrite the docs' demo figures
   busgen-jax demo --config configs/demo.py:full --workdir gs://.../demo      # accelerator scale
   busgen-jax demo --config configs/demo.py:ci --workdir /tmp/demo_ci         # the reduced run the tests use

@@ -218,6 +218,12 @@ def test_guidance_in_a_limited_interval_of_noise_levels():
       np.asarray(samplers.run(plan, eps_fn, x_T, cond=cond, uncond=uncond, guidance_scale=2.8)))
   with pytest.raises(ValueError, match="low < high"):
     samplers.guided_rows(plan, (2.0, 1.0))
+  # Reports name the interval with the solver (samplers.describe).
+  c = samplers.default_config()
+  c.update(method="multistep", order=2, steps=8, guidance_interval=(0.3, 3.0))
+  assert samplers.describe(c) == "DPM-Solver++ multistep order 2, 8 steps, guidance 2.8 where 0.3 < sigma/alpha <= 3"
+  c.update(algorithm="ddim", guidance_scale=1.0)
+  assert samplers.describe(c) == "DDIM, 8 steps, unguided"
 
 # ------------------------------------------------------------------------------------------------ box prior
 
@@ -306,6 +312,7 @@ def test_generation_on_8_devices_then_through_the_grain_pipeline(trained, tmp_pa
   first = exs[0]
   gen = json.loads(first["gen_conditions"])
   assert gen["pathology"] == "benign" and gen["device"] == devices[0] and gen["sampler"].startswith("dpmsolver++")
+  assert gen["guidance_interval"] == []                        # every step guided (the official sampler)
   assert first["gen_seed"] == 0 and first["gen_step"] == 2 and first["gen_model"] == "run/checkpoints"
   assert first["source_file"] == "" and first["image"].shape == (16, 16, 1)
   for e in exs:                                                # every lesion image got a box from the prior

@@ -183,6 +183,23 @@ PLAN_KEYS = ("algorithm", "method", "order", "steps", "skip_type", "lower_order_
              "eta", "grid")
 
 
+def describe(c) -> str:
+  """A sampler config in words, for reports (e.g. "DPM-Solver++ multistep order 2, 8 steps, guidance 2.8 where
+  0.3 < sigma/alpha <= 3")."""
+  names = {"dpmsolver++": "DPM-Solver++", "dpmsolver": "DPM-Solver", "ddim": "DDIM", "ddpm": "DDPM"}
+  solver = names.get(c.algorithm, c.algorithm)
+  if c.algorithm in ("dpmsolver++", "dpmsolver"):
+    solver += f" {c.method} order {c.order}"
+  text = f"{solver}, {c.steps or 'every'} steps"
+  if c.guidance_scale == 1.0:
+    return text + ", unguided"
+  text += f", guidance {c.guidance_scale:g}"
+  if tuple(c.guidance_interval):
+    lo, hi = c.guidance_interval
+    text += f" where {lo:g} < sigma/alpha <= {hi:g}"
+  return text
+
+
 def for_student(c, student: dict | None):
   """The sampler config a model samples with: a distilled student's card (`student["sampler"]`, PLAN_KEYS) replaces
   the plan unless c.student_plan == "config"; the guidance scale stays the config's. Idempotent."""

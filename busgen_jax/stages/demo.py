@@ -27,6 +27,7 @@ from absl import logging
 
 from busgen_jax.data import convert, inspect, reader
 from busgen_jax.data import box_prior
+from busgen_jax.diffusion import samplers
 from busgen_jax.evaluate import demo_docs, fidelity, metrics, privacy, report
 from busgen_jax import console, generate, paths as paths_lib
 from busgen_jax.stages import classify, fewshot
@@ -36,7 +37,7 @@ VARIANTS = ("real", "generated", "mixed")
 
 
 def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  """scale: "cpu" (about 15 minutes on 2 cores), "ci" (a reduced run for the test suite), "full" (accelerators)."""
+  """scale: "cpu" (about 7 minutes on 2 cores), "ci" (a reduced run for the test suite), "full" (accelerators)."""
   c = ml_collections.ConfigDict()
   c.scale = scale
   c.data = convert.default_config()
@@ -58,8 +59,11 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
 
   c.generate = ml_collections.ConfigDict({
       "num_per_class": 150,            # generated images per pathology (spread over the devices)
-      "steps": 10, "method": "multistep", "order": 2, "guidance_scale": 2.8, "per_device_batch": 50,
-      "local_devices": 0})             # 0: every device of the host
+      "per_device_batch": 50, "local_devices": 0})   # 0: every device of the host
+  # The experiment's cpu preset's sampler (chosen on BUS-BRA's validation fold, docs/SAMPLING.md): DPM-Solver++
+  # 2M, 8 steps (the last first order), guidance only where 0.3 < sigma/alpha <= 3: 12 evaluations per image.
+  c.generate.sampler = generate.default_config().sampler
+  c.generate.sampler.update(method="multistep", order=2, steps=8, guidance_scale=2.8, guidance_interval=(0.3, 3.0))
 
   k = classifier.default_config()
   k.num_steps, k.log_every, k.eval_every, k.checkpoint_every = 120, 20, 40, 40
@@ -92,7 +96,7 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.diffusion.num_steps, c.diffusion.checkpoint_every, c.diffusion.log_every = 6, 6, 3
     c.diffusion.data.image_size = 16
     c.diffusion.model.update(ch=16, num_groups=4, ch_mult=(1,), attn_levels=(0,))   # one resolution: 1/3 the compile
-    c.generate.num_per_class, c.generate.steps, c.generate.per_device_batch = 16, 3, 8
+    c.generate.num_per_class, c.generate.sampler.steps, c.generate.per_device_batch = 16, 3, 8
     c.generate.local_devices = 1       # the tests simulate 8 CPU devices; 32 images fill one
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 10, 5, 5
     c.classifier.data.image_size, c.classifier.data.batch_size = 16, 16
@@ -113,7 +117,8 @@ def default_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.diffusion.model.update(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, num_groups=32, attn_levels=(2, 3),
                              dropout=0.1, dtype="bfloat16")
     c.diffusion.optim.update(lr=2e-4, warmup_steps=500, ema_decay=0.9999)
-    c.generate.update(num_per_class=5000, steps=50, method="singlestep", order=3, per_device_batch=64)
+    c.generate.update(num_per_class=5000, per_device_batch=64)
+    c.generate.sampler.update(steps=50, method="singlestep", order=3, guidance_interval=())   # the official sampler
     c.classifier.num_steps, c.classifier.eval_every, c.classifier.checkpoint_every = 5000, 500, 500
     c.classifier.data.image_size, c.classifier.data.batch_size = 128, 128
     c.classifier.model.name = "resnet18"
@@ -259,7 +264,7 @@ def fewshot_config(cfg, site_dir: Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "seed": 0, "fewshot": f, "classifier": cfg.classifier.to_dict(),
       "generate": {"pathology": tuple(cfg.classifier.task.classes), "per_device_batch": g.per_device_batch,
-                   "local_devices": g.local_devices, "sampler": _sampler(cfg)}})
+                   "local_devices": g.local_devices, "sampler": g.sampler.to_dict()}})
 
 
 @contextlib.contextmanager
@@ -278,13 +283,8 @@ def sample_config(cfg, ds: reader.Dataset, checkpoint_dir: str, box_prior_path: 
   g.update(checkpoint=checkpoint_dir, device=("all",), box_prior=box_prior_path, name="phantom_generated",
            num_per_condition=max(1, cfg.generate.num_per_class // max(1, len(devices))), examples_per_shard=256,
            per_device_batch=cfg.generate.per_device_batch, local_devices=cfg.generate.local_devices)
-  g.sampler.update(_sampler(cfg))
+  g.sampler.update(cfg.generate.sampler.to_dict())
   return g
-
-
-def _sampler(cfg) -> dict:
-  """The demo's sampler settings (`cfg.generate`) as `busgen-jax sample`'s sampler config keys."""
-  return {k: cfg.generate[k] for k in ("steps", "method", "order", "guidance_scale")}
 
 
 def quality_config(work: str | Path) -> ml_collections.ConfigDict:
@@ -425,8 +425,7 @@ def write_report(work: Path, cfg, summary, sheet, ds_dir, gen_dir, last_diffusio
         f"{cfg.diffusion.num_steps} steps of batch {cfg.diffusion.data.batch_size}; final loss "
         f"{last_diffusion.get('loss', float('nan')):.4f}."], []),
       (f"3. Generated repository: {gen['converted']} images",
-       [f"`{gen_dir}`: DPM-Solver++ ({cfg.generate.method}, order {cfg.generate.order}, {cfg.generate.steps} "
-        f"steps), guidance {cfg.generate.guidance_scale}, lesion boxes from the fitted box prior; "
+       [f"`{gen_dir}`: {samplers.describe(cfg.generate.sampler)}, lesion boxes from the fitted box prior; "
         f"per-condition sheets in `{Path(gen_dir) / 'sheets'}`.",
         "Rows: real benign, real malignant, generated benign, generated malignant."],
        [(comparison, "real vs generated", 640)]),

@@ -43,14 +43,15 @@ INTERVAL = (0.3, 3.0)   # guidance only where 0.3 < sigma/alpha <= 3 (Kynkaannie
 # name -> (model: "teacher" | "student", overrides of the base run's sampler).
 # The reference is the official sampler (its solver and 50 steps; the start every row has, sampler.start="data").
 REFERENCE = "official sampler: DPM-Solver++ 3S, 50 steps, guided"
-PRESET = "DPM-Solver++ 2M, 10 steps, guided, last step first order (the cpu preset)"
+TEN_STEPS = "DPM-Solver++ 2M, 10 steps, guided, last step first order"
+PRESET = "DPM-Solver++ 2M, 8 steps, guidance interval (the cpu preset)"
 OFFICIAL_RULE = "DPM-Solver++ 2M, 10 steps, guided, last step second order (the official rule)"
 VARIANTS = {
     REFERENCE: ("teacher", {"method": "singlestep", "order": 3, "steps": 50}),
-    PRESET: ("teacher", {"lower_order_final_below": 15}),
+    TEN_STEPS: ("teacher", {"lower_order_final_below": 15}),
     OFFICIAL_RULE: ("teacher", {"lower_order_final_below": 10}),
     "DPM-Solver++ 2M, 8 steps, guided": ("teacher", {"steps": 8}),
-    "DPM-Solver++ 2M, 8 steps, guidance interval": ("teacher", {"steps": 8, "guidance_interval": INTERVAL}),
+    PRESET: ("teacher", {"steps": 8, "guidance_interval": INTERVAL}),
     "guidance student, DPM-Solver++ 2M, 8 steps": ("student", {}),
     "guidance student, DPM-Solver++ 2M, 4 steps": ("student", {"steps": 4, "student_plan": "config"}),
 }
