@@ -15,7 +15,7 @@ import pytest
 from busgen_jax import checkpoint, cli, config_files, generate
 from busgen_jax.models import card
 from busgen_jax.stages import experiment, fewshot
-from busgen_jax.data import convert, reader
+from busgen_jax.data import box_prior, convert, reader
 from helpers import convert_config, gray, lesion_mask, make_busi, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,6 +364,15 @@ def test_fewshot_guards(fewshot_run, tmp_path):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "dataset": str(tmp_path)}), tmp_path, data)
   with pytest.raises(ValueError, match="too small for any k"):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "k": (500,)}), tmp_path, data)
+  # fewshot.box_prior: the shots' prior, or the pretraining corpus's without the site's device
+  pretraining = (data["dataset"], "train")
+  assert fewshot.repository_box_prior(cfg, tmp_path, "shots.json", pretraining) == "shots.json"
+  path = fewshot.repository_box_prior(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "pretraining"}),
+                                      tmp_path, "shots.json", pretraining)
+  assert box_prior.BoxPrior.load(path).source["excluded_devices"] == [cfg.fewshot.device]
+  with pytest.raises(ValueError, match="fewshot.box_prior must be one of"):
+    fewshot.repository_box_prior(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "site"}), tmp_path,
+                                 "shots.json", pretraining)
   # a model pretrained on the site's device cannot stand in for the held-out pretraining
   plain = _with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": ""})
   experiment.run(plain, str(tmp_path / "plain"))

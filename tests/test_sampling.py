@@ -278,6 +278,20 @@ def trained(tmp_path_factory):
   return {"data": data, "checkpoint": root / "run" / "checkpoints", "prior": prior, "root": root}
 
 
+def test_box_prior_can_leave_out_devices(trained):
+  """A few-shot site's repositories may take the pretraining corpus's boxes (fewshot.box_prior=pretraining): the
+  site's own device stays out of that prior, and its source says so."""
+  ds = reader.open_dataset(trained["data"])
+  left_out = ds.vocab("device")[1]
+  full = box_prior.fit_datasets([str(trained["data"])], by_device=True, min_group_size=1)
+  part = box_prior.fit_datasets([str(trained["data"])], exclude_devices=(left_out,), by_device=True, min_group_size=1)
+  assert any(k.endswith(f"|{left_out}") for k in full.groups)
+  assert not any(k.endswith(f"|{left_out}") for k in part.groups)
+  kept = sum(len(v) for k, v in full.groups.items() if "|" in k and not k.endswith(f"|{left_out}"))
+  assert sum(len(v) for k, v in part.groups.items() if "|" not in k) == kept > 0
+  assert part.source["excluded_devices"] == [left_out] and "excluded_devices" not in full.source
+
+
 def gen_config(trained, **kw):
   c = generate.default_config()
   c.checkpoint = str(trained["checkpoint"])

@@ -139,8 +139,9 @@ def fit(boxes: Sequence[np.ndarray], pathologies: Sequence[str], devices: Sequen
   return BoxPrior(bandwidth, out, source or {})
 
 
-def fit_datasets(paths: Sequence[str], split: str = "train", **kw) -> BoxPrior:
-  """Fits on the boxes of datasets in the record format (images are not decoded)."""
+def fit_datasets(paths: Sequence[str], split: str = "train", exclude_devices: Sequence[str] = (), **kw) -> BoxPrior:
+  """Fits on the boxes of datasets in the record format (images are not decoded), leaving out the images of
+  `exclude_devices` (e.g. a few-shot site's scanner)."""
   from busgen_jax.data import reader
   boxes, paths_, devices, counts = [], [], [], {}
   for p in paths:
@@ -149,11 +150,16 @@ def fit_datasets(paths: Sequence[str], split: str = "train", **kw) -> BoxPrior:
     records = ds.records(split)
     for i in range(len(records)):
       ex = ds.decode(records[i], skip=("image", "mask"))
+      if device[ex["device"]] in exclude_devices:
+        continue
       boxes.append(ex["boxes"])
       paths_.append(pathology[ex["pathology"]])
       devices.append(device[ex["device"]])
     counts[str(ds.dir)] = len(records)
-  return fit(boxes, paths_, devices, source={"datasets": counts, "split": split}, **kw)
+  source = {"datasets": counts, "split": split}
+  if exclude_devices:
+    source["excluded_devices"] = list(exclude_devices)
+  return fit(boxes, paths_, devices, source=source, **kw)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> Path:

@@ -401,7 +401,8 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_o
     site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
 
   def one(key):
-    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external)
+    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external,
+                           (data["dataset"], cfg.data.train_split))
     if out is None:
       raise Interrupted(f"few-shot {key} stopped early")
     return out

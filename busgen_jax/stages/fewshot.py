@@ -8,7 +8,8 @@
   k and draw: k shots per class from the other cases (seeded; every view of a case, so few cases are used up) and
   the test images: the site's images outside the validation set and the shots' cases -> LoRA adaptation of the
   pretrained model on the shots (the site's unseen devices get new rows) -> a repository for the site from the
-  adapted model, and one from the un-adapted model (the device's null row), both with the shots' box prior ->
+  adapted model, and one from the un-adapted model (the device's null row), both with the shots' box prior (or
+  the pretraining corpus's: fewshot.box_prior) ->
   classifiers on the shots | shots + un-adapted | shots + adapted | adapted alone -> AUC on the site's test
   images and every external test set -> mean and spread over the draws, per k, and a k-curve per test set.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from busgen_jax import checkpoint, generate
 from busgen_jax.stages import classify
-from busgen_jax.data import pipeline, reader, writer
+from busgen_jax.data import box_prior, pipeline, reader, writer
 from busgen_jax.evaluate import report
 from busgen_jax.train import adapt, classifier
 
@@ -46,6 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_test_per_class = 8     # a k that leaves fewer test images of a class is skipped (and reported)
   c.generated_per_class = 192  # images per class in each site repository (adapted and un-adapted)
   c.shots_weight = 0.5         # share of the shots in the shots + generated streams
+  # Lesion boxes of the site's repositories: "shots" (the draw's shots' boxes per class: k shapes per class) or
+  # "pretraining" (the pretraining corpus's training boxes per pathology, the site's device left out: lesion
+  # geometry is the patient's, not the scanner's).
+  c.box_prior = "shots"
   a = adapt.default_config()
   a.task.update(field="pathology", classes=("benign", "malignant"), rows="existing")
   a.update(num_steps=200, eval_every=25, checkpoint_every=100, log_every=25, new_devices=True)
@@ -154,9 +159,27 @@ def validation_cases(label: np.ndarray, cases: np.ndarray, classes: list[str], f
 
 # ------------------------------------------------------------------------------------------------ one draw
 
-def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: dict) -> dict | None:
+BOX_PRIORS = ("shots", "pretraining")
+PRIOR_WORDS = {"shots": "lesion boxes from the shots' box prior",
+               "pretraining": "lesion boxes from the pretraining corpus's box prior (the site's device left out)"}
+
+
+def repository_box_prior(cfg, out: Path, shots_prior: str, pretraining: tuple[str, str]) -> str:
+  """The box prior of a draw's site repositories (fewshot.box_prior); pretraining: (dataset, training split)."""
+  if cfg.fewshot.box_prior not in BOX_PRIORS:
+    raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
+  if cfg.fewshot.box_prior == "shots":
+    return shots_prior
+  dataset, split = pretraining
+  prior = box_prior.fit_datasets([dataset], split, exclude_devices=held_out_devices(cfg, dataset))
+  return str(prior.save(out / "box_prior_pretraining.json"))
+
+
+def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: dict,
+             pretraining: tuple[str, str]) -> dict | None:
   """Adaptation, the two site repositories and the four classifiers of one (k, draw); None when a trainer
-  stopped early on a preemption notice (the experiment's rerun continues it)."""
+  stopped early on a preemption notice (the experiment's rerun continues it). pretraining: the pretraining
+  dataset and its training split (fewshot.box_prior=pretraining)."""
   fs, draw = cfg.fewshot, site["draws"][key]
   out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
@@ -173,6 +196,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
     return None
   times = {"adapt": time.time() - t0}
 
+  prior = repository_box_prior(cfg, out, summary["box_prior"], pretraining)
   total = fs.generated_per_class * len(classes)
   conds = generate.proportional_conditions(draw["shot_devices"], classes, total, "train")
   repos = {}
@@ -182,7 +206,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
     cond_file = out / f"conditions_{name}.json"
     cond_file.write_text(json.dumps([{**c, "device": devices or c["device"]} for c in conds], indent=1))
     g = generate.default_config()
-    g.update(checkpoint=str(ckpt), box_prior=summary["box_prior"], condition_file=str(cond_file),
+    g.update(checkpoint=str(ckpt), box_prior=prior, condition_file=str(cond_file),
              per_device_batch=cfg.generate.per_device_batch, local_devices=cfg.generate.local_devices,
              name=f"fewshot_{name}", seed=cfg.seed + 17 * draw["draw"])
     g.sampler.update(cfg.generate.sampler.to_dict())
@@ -298,8 +322,9 @@ def markdown(cfg, s: dict, work: Path) -> str:
         f". Validation (selection of adapters and classifiers): {site['val_counts']} images of whole cases, the "
         "same for every draw; test: the site's other images outside the shots' cases. Adaptation: LoRA rank "
         f"{a.lora.rank}, {a.num_steps} steps of batch {a.data.batch_size}, lr {a.optim.lr}; each repository "
-        f"{cfg.fewshot.generated_per_class} images per class (un-adapted: the null device row), the shots' box "
-        f"prior; shots weigh {cfg.fewshot.shots_weight} of a shots + generated stream.", ""]
+        f"{cfg.fewshot.generated_per_class} images per class (un-adapted: the null device row), "
+        f"{PRIOR_WORDS[cfg.fewshot.box_prior]}; shots weigh {cfg.fewshot.shots_weight} of a shots + generated "
+        "stream.", ""]
   for k, reason in site["skipped"].items():
     md += [f"k = {k} skipped: {reason}.", ""]
   for test, per_k in sorted(s["tests"].items(), key=lambda kv: kv[0] != SITE):   # the site first

@@ -5,6 +5,9 @@
   # a few-shot draw of the experiment:  --adapt /tmp/fs/fewshot/k32_d0/adapt --generated /tmp/fs/fewshot/k32_d0/generated_adapted
   # grey levels alone, of any datasets (a dataset or a `sample` workdir, optionally :split; default train):
   python docs/experiments/adapt_diagnosis.py --grey /tmp/exp_cpu/generated /tmp/exp_cpu/data:val [--size 64]
+  # a pretrained model as a classifier on a dataset's images (its pathology rows; default split val):
+  python docs/experiments/adapt_diagnosis.py --conditioning /tmp/busgen_demo/diffusion/checkpoints \
+      /tmp/busgen_demo/data
 
 Two measurements on the adaptation's own validation images (other cases than the shots):
   1. The model as a classifier: each image's denoising loss under each class's label row (fixed timesteps and
@@ -70,6 +73,19 @@ def lesion_grey(path: str, split: str, field: str, classes: list[str], size: int
           for c, d in out.items()}
 
 
+def conditioning(checkpoints: str, path: str, split: str, repeats: int) -> dict:
+  """A trained model's benign and malignant rows as a classifier on a dataset split's images of those classes."""
+  from busgen_jax.data import pipeline, reader
+  ds = reader.open_dataset(path)
+  names = ds.vocab("pathology")
+  label = np.asarray([names[i] for i in pipeline.scan_labels(ds, split)["pathology"]])
+  idx = np.flatnonzero(np.isin(label, ["benign", "malignant"]))
+  model = card.load(checkpoints)
+  rows = {c: model.card.vocab["pathology"].index(c) for c in ("benign", "malignant")}
+  return {"checkpoints": checkpoints, "dataset": path, "split": split, "rows": rows,
+          **as_classifier(scores(model, path, split, idx, rows, repeats), (label[idx] == "malignant").astype(int))}
+
+
 def _dataset(path: str) -> Path:
   found = sorted(Path(path).rglob("dataset_info.json"))   # a `sample` workdir holds data/<name>/<version>
   if len(found) != 1:
@@ -82,6 +98,8 @@ def main():
   p.add_argument("--adapt", help="a `busgen-jax adapt` workdir (or a demo's / few-shot draw's adapt/)")
   p.add_argument("--grey", nargs="*", default=(), help="DIR[:split] ...: grey levels of these datasets only")
   p.add_argument("--size", type=int, default=64, help="--grey: the model view's size")
+  p.add_argument("--conditioning", nargs=2, metavar=("CHECKPOINTS", "DATASET[:split]"),
+                 help="score a trained model's benign / malignant rows as a classifier on a dataset's images")
   p.add_argument("--generated", default="", help="the repository generated from it")
   p.add_argument("--repeats", type=int, default=4)
   p.add_argument("--json", default="")
@@ -93,8 +111,13 @@ def main():
       print(f"{spec}: " + ", ".join(f"{c} inside {v['inside']:.1f} outside {v['outside']:.1f} (n {v['n']})"
                                     for c, v in g.items()))
     return
+  if a.conditioning:
+    ckpt, spec = a.conditioning
+    path, _, split = spec.partition(":")
+    print(json.dumps(conditioning(ckpt, str(_dataset(path)), split or "val", a.repeats), indent=1))
+    return
   if not a.adapt:
-    p.error("--adapt or --grey is required")
+    p.error("--adapt, --conditioning or --grey is required")
   work = Path(a.adapt)
   _, meta = checkpoint.load_meta(work / adapt.ADAPTERS)
   task, data = card.Card.from_meta(meta).task, meta["data"]
