@@ -371,8 +371,7 @@ def test_fewshot_guards(fewshot_run, tmp_path):
                                       tmp_path, "shots.json", pretraining)
   assert box_prior.BoxPrior.load(path).source["excluded_devices"] == [cfg.fewshot.device]
   with pytest.raises(ValueError, match="fewshot.box_prior must be one of"):
-    fewshot.repository_box_prior(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "site"}), tmp_path,
-                                 "shots.json", pretraining)
+    fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "site"}), tmp_path, data)
   # a model pretrained on the site's device cannot stand in for the held-out pretraining
   plain = _with(cfg, fewshot={**cfg.fewshot.to_dict(), "device": ""})
   experiment.run(plain, str(tmp_path / "plain"))

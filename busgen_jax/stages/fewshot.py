@@ -35,6 +35,9 @@ from busgen_jax.train import adapt, classifier
 SITE = "site"                      # the site's test images, as a test set of every classifier
 SHOTS, SHOTS_BASE, SHOTS_ADAPTED, ADAPTED = "shots", "shots + un-adapted", "shots + adapted", "adapted"
 ARMS = (SHOTS, SHOTS_BASE, SHOTS_ADAPTED, ADAPTED)
+BOX_PRIORS = ("shots", "pretraining")
+PRIOR_WORDS = {"shots": "lesion boxes from the shots' box prior",
+               "pretraining": "lesion boxes from the pretraining corpus's box prior (the site's device left out)"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -92,6 +95,7 @@ def held_out_devices(cfg, internal: str) -> list[str]:
 def stage_site(cfg, work: Path, data: dict) -> dict:
   """The site's images as their own dataset; its fixed validation set; the shots and test images per draw."""
   fs, classes = cfg.fewshot, list(cfg.generate.pathology)
+  _check_box_prior(cfg)   # before hours of adaptation, not after
   ds, _ = _site_source(cfg, data["dataset"])
   if fs.device != "all" and fs.device not in ds.vocab("device"):
     raise ValueError(f"fewshot.device={fs.device!r} is not a device of {ds.dir} ({ds.vocab('device')}); or 'all'")
@@ -159,15 +163,14 @@ def validation_cases(label: np.ndarray, cases: np.ndarray, classes: list[str], f
 
 # ------------------------------------------------------------------------------------------------ one draw
 
-BOX_PRIORS = ("shots", "pretraining")
-PRIOR_WORDS = {"shots": "lesion boxes from the shots' box prior",
-               "pretraining": "lesion boxes from the pretraining corpus's box prior (the site's device left out)"}
+def _check_box_prior(cfg) -> None:
+  if cfg.fewshot.box_prior not in BOX_PRIORS:
+    raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
 
 
 def repository_box_prior(cfg, out: Path, shots_prior: str, pretraining: tuple[str, str]) -> str:
   """The box prior of a draw's site repositories (fewshot.box_prior); pretraining: (dataset, training split)."""
-  if cfg.fewshot.box_prior not in BOX_PRIORS:
-    raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
+  _check_box_prior(cfg)
   if cfg.fewshot.box_prior == "shots":
     return shots_prior
   dataset, split = pretraining
