@@ -15,6 +15,7 @@ shutdown or a scheduler's notice saves the next step and exits instead of losing
 from __future__ import annotations
 
 import contextlib
+import logging as logging_std
 import os
 import signal
 import threading
@@ -56,6 +57,18 @@ def _ts_context(**kwargs) -> ts.Context:
 
 
 _ts_utils.get_ts_context = _ts_context
+
+
+class _SameFailure(logging_std.Filter):
+  """After a failed save, the save's other tensorstore futures fail with the same cause and nobody awaits them:
+  asyncio prints each one's spec at exit (pages of it), burying the error that names the checkpoint directory."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return not record.getMessage().endswith("exception was never retrieved")   # a Future's or a Task's
+
+
+_SAME_FAILURE = _SameFailure()
+
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES),
     override=True)
@@ -113,6 +126,7 @@ class Checkpointer:
       yield
     except Exception as e:  # noqa: BLE001 - any failure of a save is a failed save; the cause is chained
       cause = (e.strerror or e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+      logging_std.getLogger("asyncio").addFilter(_SAME_FAILURE)   # once; the cause is chained
       raise OSError(getattr(e, "errno", None), f"saving a checkpoint in {self.directory} failed ({cause}); the "
                     f"last complete checkpoint is step {self.manager.latest_step()}") from e
 

@@ -4,6 +4,7 @@ unknown keys, bad model settings, impossible meshes. Each is a clear error namin
 loses data silently."""
 
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -92,6 +93,11 @@ def test_full_disk_during_a_checkpoint_then_a_damaged_checkpoint(data, tmp_path,
                                     r"is step (\d)") as e:
     diffusion.train(_tiny(data), work)
   assert e.value.errno == errno.ENOSPC
+  # The failed save's other, unawaited futures would each print their spec at exit, burying the error above.
+  asyncio_log = logging.getLogger("asyncio")
+  for left in ("Future", "Task"):
+    assert not asyncio_log.filter(logging.makeLogRecord({"msg": f"{left} exception was never retrieved"}))
+  assert asyncio_log.filter(logging.makeLogRecord({"msg": "Task was destroyed but it is pending!"}))
   monkeypatch.undo()
   # Step 4's asynchronous write may still be running when the disk fills: then 2 is the last complete one.
   last = int(str(e.value).rsplit(" ", 1)[-1])
