@@ -90,6 +90,15 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   within = quality.kid(benign[:half], benign[half:], subsets=20, subset_size=half)
   assert apart["ci"][0] > within["ci"][1], (apart, within)
   assert out["probs"].shape == (len(f), 2) and out["classes"] == ["benign", "malignant"]
+  # Images in memory (a probe's samples) get the same features, in batches with a padded last one.
+  b = next(iter(pipeline.build_eval(str(phantom), "train", image_size=enc.image_size, batch_size=8)))
+  keep = np.flatnonzero(b["valid"])[:5]
+  mine = enc.encode(b["image"][keep])
+  rows = [out["index"].tolist().index(i) for i in b["index"][keep]]
+  np.testing.assert_allclose(mine[0], f[rows], atol=1e-4)
+  np.testing.assert_allclose(mine[1], out["probs"][rows], atol=1e-5)
+  with pytest.raises(ValueError, match="expected n >= 1 images of shape"):
+    enc.encode(b["image"][keep, :16])
 
   # `busgen-jax quality` with the phantom's train split standing in for a generated repository: the report
   # carries the encoder, per-condition metrics, the classifier's agreement with the labels (here its training

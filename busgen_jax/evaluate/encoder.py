@@ -46,6 +46,31 @@ class ClassifierEncoder:
                              in_shardings=(setup.repl, setup.repl, parallel.batch_sharding(setup.mesh, setup.rules, 4)),
                              out_shardings=(rows, rows))
 
+  def _batch(self, local_images: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(features, probs) of one batch: this process's rows in, the global batch's sharded arrays out."""
+    batch = parallel.global_batch({"image": local_images}, self.setup.mesh, self.setup.rules)
+    return self._features(self.params, self.stats, batch["image"])
+
+  def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, d), probs (n, len(classes))) of images in memory, (n, size, size, 3) in [-1, 1] as the
+    pipeline gives them: a probe's or a notebook's samples before any dataset is written. One process."""
+    images = np.asarray(images, np.float32)
+    size = self.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or not len(images):
+      raise ValueError(f"{self.name}: expected n >= 1 images of shape (n, {size}, {size}, 3), got {images.shape}")
+    if jax.process_count() != 1:
+      raise RuntimeError("ClassifierEncoder.encode runs on one process; a multi-host job reads a dataset "
+                         "(calling the encoder on a path)")
+    feats, probs = [], []
+    with jax.set_mesh(self.setup.mesh):
+      for start in range(0, len(images), self.batch_size):
+        chunk = images[start:start + self.batch_size]
+        pad = np.zeros((self.batch_size - len(chunk), size, size, 3), np.float32)   # a whole last batch
+        f, p = self._batch(np.concatenate([chunk, pad]))
+        feats.append(np.asarray(f)[:len(chunk)])
+        probs.append(np.asarray(p)[:len(chunk)])
+    return np.concatenate(feats), np.concatenate(probs)
+
   def __call__(self, path: str | Path, split: str, *, filters: Mapping | None = None, indices=()) -> dict:
     """Features of every selected example of a split, in record order, with its labels as names and the
     classifier's own predictions: {"features": (n, d) float32, "probs": (n, len(classes)), "classes", "index",
@@ -59,8 +84,7 @@ class ClassifierEncoder:
     try:
       with jax.set_mesh(self.setup.mesh):
         for local in it:
-          batch = parallel.global_batch({"image": local["image"]}, self.setup.mesh, self.setup.rules)
-          f, p = self._features(self.params, self.stats, batch["image"])
+          f, p = self._batch(local["image"])
           rows = parallel.gather_rows({"f": f, "p": p, "valid": local["valid"], "index": local["index"],
                                          **{k: local[k] for k in fields}})
           keep = rows["valid"]

@@ -60,9 +60,7 @@ def main():
 
   def features(x):
     x = np.round((x + 1) * 127.5).clip(0, 255) / 127.5 - 1     # as a generated dataset stores them (8-bit)
-    with jax.set_mesh(enc.setup.mesh):
-      f, _ = enc._features(enc.params, enc.stats, jnp.asarray(x, jnp.float32))
-    return np.asarray(f)
+    return enc.encode(x)[0]
 
   ref = images(method="singlestep", order=3, steps=50)
   f_ref = features(ref)
