@@ -4,6 +4,7 @@ report's figures, resuming, and the pieces it is built from."""
 
 import csv
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -166,12 +167,16 @@ def test_rerun_reuses_every_stage_and_refuses_another_config(run):
   assert r.returncode != 0 and "another config" in r.stderr and "diffusion.num_steps" in r.stderr
 
 
-def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path):
+def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, caplog):
   cfg = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci")
   cfg.update(pretrained=str(run["work"]), skip=("quality", "audit"))
   cfg.generate.sampler.guidance_scale = 1.5
   cfg.generate.multiples = (1.0,)
-  summary = experiment.run(cfg, str(tmp_path / "variant"))
+  cfg.diffusion.optim.lr *= 2       # a pretraining setting the reused model was not trained with: said, not lost
+  with caplog.at_level(logging.WARNING):
+    summary = experiment.run(cfg, str(tmp_path / "variant"))
+  assert any("its diffusion settings are used" in r.getMessage() and "diffusion.optim.lr" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
   base = json.loads((run["work"] / "report.json").read_text())
   assert summary["data"] == base["data"] and summary["diffusion"]["final"] == base["diffusion"]["final"]
   assert not (tmp_path / "variant" / "diffusion").exists()         # no second model was trained

@@ -206,6 +206,19 @@ def _model_dir(cfg, work: Path) -> Path:
 PRETRAINED_STAGES = ("data", "pretrain", "box_prior")
 
 
+def _differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
+  """The flattened keys where two config dicts (as JSON would store them) disagree."""
+  mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
+  out = []
+  for k in sorted(set(mine) | set(theirs)):
+    a, b = mine.get(k), theirs.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}")
+  return out
+
+
 def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
   """With `pretrained`: its settings for the reused stages, and their recorded results copied into this run."""
   src = _existing(cfg.pretrained, "--config.pretrained")
@@ -216,6 +229,9 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
   old = json.loads((src / "config.json").read_text())
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   for key in ("data", "diffusion", "box_prior"):
+    if differ := _differences(cfg[key].to_dict(), old[key], f"{key}."):
+      logging.warning("--config.pretrained=%s: its %s settings are used (the reused stages were made with them); "
+                      "this config's differ at %s", src, key, ", ".join(differ[:8]) + (" ..." if differ[8:] else ""))
     cfg[key] = ml_collections.ConfigDict(old[key])
   (work / "stages").mkdir(parents=True, exist_ok=True)
   reuse = list(PRETRAINED_STAGES)

@@ -144,6 +144,7 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict)
     # A model of its own on the base run's converted data; the real-only classifier is the base's (same data,
     # same recipe), restored and only evaluated.
     cfg.data.dataset = json.loads((base / "stages" / "data.json").read_text())["result"]["dataset"]
+    cfg.pretrained = ""   # a base that itself reused a model (its own `pretrained`) must not lend it here
     if not (out / "classify" / "real").exists():
       shutil.copytree(base / "classify" / "real", out / "classify" / "real",
                       ignore=shutil.ignore_patterns("eval", "events.*"))
