@@ -64,7 +64,8 @@ class _SameFailure(logging_std.Filter):
   asyncio prints each one's spec at exit (pages of it), burying the error that names the checkpoint directory."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return not record.getMessage().endswith("exception was never retrieved")   # a Future's or a Task's
+    # asyncio's record: "Future (or Task) exception was never retrieved", then a line per detail.
+    return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
 
 
 _SAME_FAILURE = _SameFailure()
