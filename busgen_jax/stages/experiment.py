@@ -206,17 +206,18 @@ def _model_dir(cfg, work: Path) -> Path:
 PRETRAINED_STAGES = ("data", "pretrain", "box_prior")
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+  """A config dict as {dotted key: its JSON}, so two configs compare key by key."""
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": json.dumps(v)})
+  return out
+
+
 def _differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
   """The flattened keys where two config dicts (as JSON would store them) disagree."""
-  mine, theirs = json.loads(json.dumps(mine)), json.loads(json.dumps(theirs))
-  out = []
-  for k in sorted(set(mine) | set(theirs)):
-    a, b = mine.get(k), theirs.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _differences(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(f"{prefix}{k}")
-  return out
+  a, b = _flat(mine, prefix), _flat(theirs, prefix)
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
@@ -392,13 +393,7 @@ def _check_same_config(cfg, path: Path) -> None:
   if not path.exists():
     return
 
-  def flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": json.dumps(v)})
-    return out
-
-  a, b = flatten(json.loads(path.read_text())), flatten(json.loads(cfg.to_json()))
+  a, b = _flat(json.loads(path.read_text())), _flat(json.loads(cfg.to_json()))
   # Keys the saved config lacks are settings added since (an older busgen-jax wrote it): not a change.
   free = lambda k: any(k == r or k.startswith(r + ".") for r in RERUN_KEYS)
   changed = sorted(k for k in a if a[k] != b.get(k) and not free(k))
