@@ -314,10 +314,12 @@ def test_fewshot_report_has_every_k_arm_and_test_set(fewshot_run):
       assert cell["auc_mean"] == pytest.approx(np.mean(aucs)) and (cell["auc_min"], cell["auc_max"]) == (
           min(aucs), max(aucs))
       assert all(d["auc_ci95"][0] <= d["auc"] <= d["auc_ci95"][1] for d in cell["draws"])
+      assert cell["val_auc_mean"] == pytest.approx(np.mean([d["val_auc"] for d in cell["draws"]]))
     d = entry["differences"][f"{fewshot.SHOTS_ADAPTED} − {fewshot.SHOTS}"]
     assert d["mean"] == pytest.approx(entry["arms"][fewshot.SHOTS_ADAPTED]["auc_mean"] -
                                       entry["arms"][fewshot.SHOTS]["auc_mean"])
   md = (work / "report.md").read_text()
+  assert "**validation** (" in md
   assert "Few-shot adaptation to a new site" in md and (work / f"fewshot_{fewshot.SITE}.png").stat().st_size > 0
   assert f["held_out"] and f["site"]["device"] == cfg.fewshot.device
 
@@ -369,12 +371,20 @@ def test_fewshot_guards(fewshot_run, tmp_path):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "dataset": str(tmp_path)}), tmp_path, data)
   with pytest.raises(ValueError, match="too small for any k"):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "k": (500,)}), tmp_path, data)
-  # fewshot.box_prior: the shots' prior, or the pretraining corpus's without the site's device
-  pretraining = (data["dataset"], "train")
-  assert fewshot.repository_box_prior(cfg, tmp_path, "shots.json", pretraining) == "shots.json"
-  path = fewshot.repository_box_prior(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "pretraining"}),
-                                      tmp_path, "shots.json", pretraining)
-  assert box_prior.BoxPrior.load(path).source["excluded_devices"] == [cfg.fewshot.device]
+  # the experiment's box prior (fewshot.box_prior=pretraining) leaves the site's device out; a record from before
+  # that rule is refitted on the next run
+  stage = fewshot_run["work"] / "stages" / "box_prior.json"
+  rec = json.loads(stage.read_text())
+  assert rec["result"]["held_out_devices"] == [cfg.fewshot.device]
+  prior = box_prior.BoxPrior.load(rec["result"]["path"])
+  assert prior.source["excluded_devices"] == [cfg.fewshot.device]
+  assert not any(k.endswith("|" + cfg.fewshot.device) for k in prior.groups)
+  again = tmp_path / "again"
+  shutil.copytree(fewshot_run["work"], again)
+  (again / "stages" / "box_prior.json").write_text(json.dumps({**rec, "result": {"path": rec["result"]["path"]}}))
+  experiment.run(cfg, str(again))
+  redone = json.loads((again / "stages" / "box_prior.json").read_text())["result"]
+  assert redone == {"path": str(again / "box_prior.json"), "held_out_devices": [cfg.fewshot.device]}
   with pytest.raises(ValueError, match="fewshot.box_prior must be one of"):
     fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "box_prior": "site"}), tmp_path, data)
   # a model pretrained on the site's device cannot stand in for the held-out pretraining

@@ -235,7 +235,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
     site = fewshot.stage_site(fcfg, work, {"dataset": str(ds_dir)})
   key = next(iter(site["draws"]))
   with console.stage(f"demo: few-shot {key}"):
-    draw = fewshot.run_draw(fcfg, work, site, key, work / "diffusion", {}, (str(ds_dir), "train"))
+    draw = fewshot.run_draw(fcfg, work, site, key, work / "diffusion", {}, str(prior_path))
   if draw is None:
     raise RuntimeError(f"the few-shot trainers stopped early (a preemption notice): run the demo again on {work} "
                        "to continue")

@@ -268,9 +268,12 @@ def stage_pretrain(cfg, work: Path, data: dict, held_out: list[str]) -> dict:
   return {**last, "held_out_devices": held_out}
 
 
-def stage_box_prior(cfg, work: Path, data: dict) -> dict:
-  prior = box_prior.fit_datasets([data["dataset"]], cfg.data.train_split, **cfg.box_prior.to_dict())
-  return {"path": str(prior.save(work / "box_prior.json"))}
+def stage_box_prior(cfg, work: Path, data: dict, held_out: list[str]) -> dict:
+  """Lesion boxes of the training split, without the devices pretraining left out: the few-shot site's boxes are
+  not the corpus's (its repositories sample this prior's per-pathology groups with fewshot.box_prior=pretraining)."""
+  prior = box_prior.fit_datasets([data["dataset"]], cfg.data.train_split, exclude_devices=held_out,
+                                 **cfg.box_prior.to_dict())
+  return {"path": str(prior.save(work / "box_prior.json")), "held_out_devices": held_out}
 
 
 def stage_generate(cfg, work: Path, data: dict, prior: dict, held_out: list[str]) -> dict:
@@ -403,8 +406,10 @@ def _check_same_config(cfg, path: Path) -> None:
                      "to continue it")
 
 
-def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_out: list[str]) -> tuple[dict, str]:
-  """The few-shot arm: the site stage, then one stage per (k, draw); its summary and report section."""
+def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_out: list[str], prior: str
+                ) -> tuple[dict, str]:
+  """The few-shot arm: the site stage, then one stage per (k, draw); its summary and report section. prior: the
+  pretraining corpus's box prior (the site's device left out)."""
   site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
   wanted = {f"k{k}_d{d}" for k in cfg.fewshot.k for d in range(cfg.fewshot.draws)}
   if not wanted <= set(site["draws"]) | {f"k{k}_d{d}" for k in site["skipped"] for d in range(cfg.fewshot.draws)}:
@@ -412,8 +417,7 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_o
     site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
 
   def one(key):
-    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external,
-                           (data["dataset"], cfg.data.train_split))
+    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external, prior)
     if out is None:
       raise Interrupted(f"few-shot {key} stopped early")
     return out
@@ -436,14 +440,17 @@ def _run(cfg, work: Path, rec: Record) -> dict:
   if missing:
     raise ValueError(f"the diffusion model (in {_model_dir(cfg, work)}) was pretrained on the few-shot site's device "
                      f"{sorted(missing)}: pretrain with fewshot.device set, or give another --config.pretrained")
-  prior = rec.run("box_prior", stage_box_prior, cfg, work, data)
+  prior = rec.run("box_prior", stage_box_prior, cfg, work, data, held_out)
+  if set(held_out) - set(prior.get("held_out_devices", ())):   # fitted before the site's device was left out
+    (rec.dir / "box_prior.json").unlink()
+    prior = rec.run("box_prior", stage_box_prior, cfg, work, data, held_out)
   gen = results = quality = audit = None
   if "generate" not in cfg.skip:
     gen = rec.run("generate", stage_generate, cfg, work, data, prior, held_out)
     results = rec.run("classify", stage_classify, cfg, work, data, gen, external)
     quality = None if "quality" in cfg.skip else rec.run("quality", stage_quality, cfg, work, data, gen)
     audit = None if "audit" in cfg.skip else rec.run("audit", stage_audit, cfg, work, data, gen)
-  few = run_fewshot(cfg, work, rec, data, external, held_out) if fewshot.enabled(cfg) else None
+  few = run_fewshot(cfg, work, rec, data, external, held_out, prior["path"]) if fewshot.enabled(cfg) else None
   t = time.time()
   summary = experiment_report.write(work, cfg, data, external, last, gen, results, quality, audit, rec.times, few)
   rec.times["report"] = time.time() - t

@@ -28,7 +28,7 @@ import numpy as np
 
 from busgen_jax import checkpoint, generate
 from busgen_jax.stages import classify
-from busgen_jax.data import box_prior, pipeline, reader, writer
+from busgen_jax.data import pipeline, reader, writer
 from busgen_jax.evaluate import report
 from busgen_jax.train import adapt, classifier
 
@@ -168,21 +168,12 @@ def _check_box_prior(cfg) -> None:
     raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
 
 
-def repository_box_prior(cfg, out: Path, shots_prior: str, pretraining: tuple[str, str]) -> str:
-  """The box prior of a draw's site repositories (fewshot.box_prior); pretraining: (dataset, training split)."""
-  _check_box_prior(cfg)
-  if cfg.fewshot.box_prior == "shots":
-    return shots_prior
-  dataset, split = pretraining
-  prior = box_prior.fit_datasets([dataset], split, exclude_devices=held_out_devices(cfg, dataset))
-  return str(prior.save(out / "box_prior_pretraining.json"))
-
-
-def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: dict,
-             pretraining: tuple[str, str]) -> dict | None:
+def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: dict, pretraining_prior: str
+             ) -> dict | None:
   """Adaptation, the two site repositories and the four classifiers of one (k, draw); None when a trainer
-  stopped early on a preemption notice (the experiment's rerun continues it). pretraining: the pretraining
-  dataset and its training split (fewshot.box_prior=pretraining)."""
+  stopped early on a preemption notice (the experiment's rerun continues it). pretraining_prior: the experiment's
+  box prior, fitted without the site's device (fewshot.box_prior=pretraining: a device it lacks samples the
+  pathology's boxes)."""
   fs, draw = cfg.fewshot, site["draws"][key]
   out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
@@ -199,7 +190,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
     return None
   times = {"adapt": time.time() - t0}
 
-  prior = repository_box_prior(cfg, out, summary["box_prior"], pretraining)
+  prior = summary["box_prior"] if fs.box_prior == "shots" else pretraining_prior
   total = fs.generated_per_class * len(classes)
   conds = generate.proportional_conditions(draw["shot_devices"], classes, total, "train")
   repos = {}
@@ -286,8 +277,10 @@ def summarise(site: dict, draws: dict[str, dict]) -> dict:
       per_arm = entry["arms"]
       for cell in per_arm.values():
         a = np.array([d["auc"] for d in cell["draws"]])
+        v = [d["val_auc"] for d in cell["draws"] if d["val_auc"] is not None]
         cell.update(auc_mean=float(a.mean()), auc_std=float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                    auc_min=float(a.min()), auc_max=float(a.max()), n_draws=len(a))
+                    auc_min=float(a.min()), auc_max=float(a.max()), n_draws=len(a),
+                    val_auc_mean=float(np.mean(v)) if v else None)
       entry["differences"] = {
           f"{x} − {y}": _paired(per_arm[x], per_arm[y])
           for x, y in ((SHOTS_ADAPTED, SHOTS), (SHOTS_ADAPTED, SHOTS_BASE), (SHOTS_BASE, SHOTS), (ADAPTED, SHOTS))
@@ -330,6 +323,14 @@ def markdown(cfg, s: dict, work: Path) -> str:
         "stream.", ""]
   for k, reason in site["skipped"].items():
     md += [f"k = {k} skipped: {reason}.", ""]
+  # What selection saw: the same for every test set (the site's validation images), so read from the site's.
+  val = s["tests"].get(SITE, {})
+  if val:
+    rows = [["k", *ARMS]] + [[k, *(f"{c[a]['val_auc_mean']:.3f}" if c.get(a, {}).get("val_auc_mean") is not None
+                                   else "–" for a in ARMS)]
+                             for k in sorted(val, key=int) for c in [val[k]["arms"]]]
+    md += [f"**validation** ({sum(site['val_counts'].values())} site images: each classifier's selected "
+           "checkpoint's AUC, mean over draws; the decisions are made here)", "", report.markdown_table(rows), ""]
   for test, per_k in sorted(s["tests"].items(), key=lambda kv: kv[0] != SITE):   # the site first
     rows = [["k", *ARMS, "shots + adapted − shots", "shots + adapted − shots + un-adapted"]]
     for k in sorted(per_k, key=int):
