@@ -31,8 +31,11 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> None:
 
 
 def script() -> None:
-  """The process setup of a script outside the CLI (docs/experiments, test workers): apply(), and absl's flags
-  marked parsed, since Grain's worker processes read them and only absl.app.run would mark them."""
+  """The process setup of a script outside the CLI (docs/experiments, test workers): apply(), the CLI's quiet
+  imports (no TensorFlow start-up lines on the console), and absl's flags marked parsed, since Grain's worker
+  processes read them and only absl.app.run would mark them."""
   apply()
+  from busgen_jax import console
+  console.quiet_imports()
   from absl import flags
   flags.FLAGS.mark_as_parsed()

@@ -2,6 +2,8 @@
 with the pinned jaxlib (conftest applies them, as the CLI does)."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,16 @@ def test_script_setup_applies_flags_and_marks_absl_parsed():
     assert set(xla_env.CPU_FLAGS) <= set(os.environ["XLA_FLAGS"].split())
   finally:
     flags.FLAGS.mark_as_parsed()
+
+
+def test_a_script_starts_tensorflow_quietly():
+  """docs/experiments scripts go through script(): TensorFlow (clu's writers import it) must not print its C++
+  start-up lines on their console, as it did before script() took the CLI's quiet imports."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+  out = subprocess.run([sys.executable, "-c", "from busgen_jax import xla_env; xla_env.script(); import tensorflow"],
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "oneDNN custom operations" not in out.stderr and "InitializeLog" not in out.stderr, out.stderr[-3000:]
 
 
 def test_convolutions_leave_ynnpack_and_dots_keep_it():

@@ -21,7 +21,9 @@ Families:
   architecture width, attention placement and image size (each its own model, trained for the base's
               training FLOPs: steps x the model's FLOPs per image, unet.flops_per_image, held equal)
 `--families` runs some of them (finished variants are reused); `--variants` reruns some and keeps the rows
-study.json holds for the others; `--docs` rewrites only their tables.
+study.json holds for the others; `--docs` rewrites only their tables. `--seeds N` runs every variant, the base
+too, at N seeds and selects on the mean: one repository's validation AUC moves by about 0.02 with the seed alone
+(docs/EXPERIMENTS.md, Schedule), more than most variants differ.
 """
 
 import argparse
@@ -29,6 +31,8 @@ import copy
 import json
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from busgen_jax import xla_env  # noqa: E402
 
@@ -153,6 +157,25 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict)
   return experiment.run(cfg, str(out))
 
 
+def base_rerun(family: str, base_cfg) -> dict:
+  """The base recipe as a variant (for its runs at other seeds): the same repository size as the family's
+  variants, and for the own-model families a model of its own (any diffusion key makes one)."""
+  ov = {"generate.multiples": (1.0,)} if FAMILIES[family][1] == "generated x1" else {}
+  if SIZES[family] == _OWN_MODEL:
+    ov["diffusion.num_steps"] = base_cfg.diffusion.num_steps
+  return ov
+
+
+def combine(runs: list[dict]) -> dict:
+  """One variant's row from its runs at several seeds: the means (what selects), the spread, and every run."""
+  if len(runs) == 1:
+    return runs[0]
+  mean = lambda k: float(np.mean([r[k] for r in runs]))
+  sd = lambda k: float(np.std([r[k] for r in runs], ddof=1))
+  return {**{k: mean(k) for k in ("val_auc", "test_auc", "tstr_over_trtr", "mixed_minus_real", "real_test_auc")},
+          "val_sd": sd("val_auc"), "test_sd": sd("test_auc"), "test_ci": runs[0]["test_ci"], "runs": runs}
+
+
 def row(summary: dict, arm: str) -> dict:
   t = summary["tests"][experiment.INTERNAL]
   a = t["arms"][arm]
@@ -164,11 +187,19 @@ def row(summary: dict, arm: str) -> dict:
 def markdown(family: str, rows: list[dict]) -> str:
   arm = FAMILIES[family][0]
   best = max(rows, key=lambda r: r["val_auc"])
-  lines = [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC)", "",
-           "| variant | validation AUC | test AUC [95% CI] |", "|---|---|---|"]
+  seeds = max(len(r.get("runs", ())) or 1 for r in rows)
+  over = (f", mean ± sd over {seeds} seeds: repositories, classifiers and own models; the base's other seeds "
+          "are runs of their own" if seeds > 1 else "")
+  lines = [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC{over})", "",
+           f"| variant | validation AUC | test AUC {'(mean ± sd)' if seeds > 1 else '[95% CI]'} |", "|---|---|---|"]
+  spread = lambda r, k: f" ± {r[k]:.3f}" if k in r else ""
   for r in rows:
-    test = (f"{r['test_auc']:.3f} [{r['test_ci'][0]:.3f}, {r['test_ci'][1]:.3f}]" if r is best else "–")
-    lines.append(f"| {'**' + r['variant'] + '**' if r is best else r['variant']} | {r['val_auc']:.3f} | {test} |")
+    test = "–"
+    if r is best:
+      test = (f"{r['test_auc']:.3f}{spread(r, 'test_sd')}" if "test_sd" in r else
+              f"{r['test_auc']:.3f} [{r['test_ci'][0]:.3f}, {r['test_ci'][1]:.3f}]")
+    lines.append(f"| {'**' + r['variant'] + '**' if r is best else r['variant']} | "
+                 f"{r['val_auc']:.3f}{spread(r, 'val_sd')} | {test} |")
   lines += ["", f"Selected: {best['variant']}; on the test fold TSTR/TRTR {best['tstr_over_trtr']:.3f}, real + "
             f"generated − real {best['mixed_minus_real']:+.3f} (real only {best['real_test_auc']:.3f}).", ""]
   return "\n".join(lines)
@@ -182,9 +213,13 @@ def main():
   p.add_argument("--variants", default="", help="run only the variants whose names contain one of these "
                  "|-separated strings (default: all); the family's table then holds these and the base")
   p.add_argument("--docs", default="", help="a Markdown file whose recipe-study section to rewrite")
+  p.add_argument("--seeds", type=int, default=1, help="runs per variant, the base included, at seeds base + 0, "
+                 "1, ...: a new repository and classifiers (and model, in the own-model families) each; rows are "
+                 "means and selection is on the mean (one repository's validation AUC moves by ~0.02)")
   a = p.parse_args()
   base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
   base_summary = json.loads((base / "report.json").read_text())
+  base_cfg = base_config(base)
   results_file = work / "study.json"
   results = json.loads(results_file.read_text()) if results_file.exists() else {}
   for family in a.families.split(","):
@@ -198,8 +233,16 @@ def main():
         if name in recorded:
           rows.append(recorded[name])
         continue
-      summary = base_summary if overrides is None else run_variant(base, work, family, name, overrides)
-      rows.append({"variant": name, **row(summary, base_arm if overrides is None else arm)})
+      runs = []
+      for r in range(a.seeds):
+        if overrides is None and r == 0:   # the base run itself
+          runs.append(row(base_summary, base_arm))
+          continue
+        ov = {**(base_rerun(family, base_cfg) if overrides is None else overrides)}
+        if r:
+          ov["seed"] = base_cfg.seed + r
+        runs.append(row(run_variant(base, work, family, name + (f" seed {r}" if r else ""), ov), arm))
+      rows.append({"variant": name, **combine(runs)})
       print(f"RESULT {family} | {name} | validation AUC {rows[-1]['val_auc']:.4f}", flush=True)
     results[family] = rows
     work.mkdir(parents=True, exist_ok=True)
