@@ -261,6 +261,20 @@ def test_interrupted_stage_is_not_recorded(tmp_path):
   assert rec.run("pretrain", lambda: {"loss": 2.0}) == {"loss": 1.0}     # done: not run again
 
 
+def test_stale_record_is_rerun_with_the_stages_built_on_it(tmp_path):
+  rec = experiment.Record(tmp_path)
+  rec.run("external", lambda: {"a": 1})
+  rec.run("classify", lambda: {"auc": 0.7})
+  rec.run("other", lambda: {"x": 1})
+  has = lambda names: lambda r: set(r) == set(names)
+  assert rec.run("external", lambda: {"a": 9}, valid=has({"a"}), stale=("classify",)) == {"a": 1}   # valid: kept
+  assert (tmp_path / "stages" / "classify.json").exists()
+  assert rec.run("external", lambda: {"a": 1, "b": 2}, valid=has({"a", "b"}), stale=("classify",)) == {"a": 1, "b": 2}
+  assert not (tmp_path / "stages" / "classify.json").exists() and (tmp_path / "stages" / "other.json").exists()
+  assert rec.run("classify", lambda: {"auc": 0.8}) == {"auc": 0.8}     # reruns on the new external sets
+  assert rec.run("external", lambda: {}, valid=has({"a", "b"})) == {"a": 1, "b": 2}   # the new record is kept
+
+
 def test_open_config_keys_take_any_name():
   argv, added = cli._open_key_overrides(
       ["busgen-jax experiment", "--config.external.siteA=/a", "--config.seed=1", "--config.external.b=gs://x/y"],

@@ -105,13 +105,19 @@ class Record:
     self.dir.mkdir(parents=True, exist_ok=True)
     self.times: dict[str, float] = {}
 
-  def run(self, name: str, fn, *args) -> dict:
+  def run(self, name: str, fn, *args, valid=None, stale=()) -> dict:
+    """fn(*args), or the recorded result. valid(result) False: the record predates a setting that may change
+    between runs (RERUN_KEYS), so it and the records of `stale` (stages built on it) are dropped and fn reruns."""
     f = self.dir / f"{name}.json"
     if f.exists():
       done = json.loads(f.read_text())
-      self.times[name] = done["seconds"]
-      logging.info("experiment: stage %s already done (%.0f s)", name, done["seconds"])
-      return done["result"]
+      if valid is None or valid(done["result"]):
+        self.times[name] = done["seconds"]
+        logging.info("experiment: stage %s already done (%.0f s)", name, done["seconds"])
+        return done["result"]
+      logging.info("experiment: stage %s's record is stale: rerunning it", name)
+      for x in (name, *stale):
+        (self.dir / f"{x}.json").unlink(missing_ok=True)
     print(f"experiment: {name} ...", flush=True)
     t = time.time()
     result = fn(*args)
@@ -410,11 +416,10 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_o
                 ) -> tuple[dict, str]:
   """The few-shot arm: the site stage, then one stage per (k, draw); its summary and report section. prior: the
   pretraining corpus's box prior (the site's device left out)."""
-  site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
   wanted = {f"k{k}_d{d}" for k in cfg.fewshot.k for d in range(cfg.fewshot.draws)}
-  if not wanted <= set(site["draws"]) | {f"k{k}_d{d}" for k in site["skipped"] for d in range(cfg.fewshot.draws)}:
-    (rec.dir / "fewshot_site.json").unlink()   # k or draws added since: the same seeds give the same draws
-    site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data)
+  # k or draws added since: the site is drawn again (the same seeds give the same draws).
+  covers = lambda s: wanted <= set(s["draws"]) | {f"k{k}_d{d}" for k in s["skipped"] for d in range(cfg.fewshot.draws)}
+  site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data, valid=covers)
 
   def one(key):
     out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external, prior)
@@ -429,21 +434,18 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_o
 
 def _run(cfg, work: Path, rec: Record) -> dict:
   data = rec.run("data", stage_data, cfg, work)
-  external = rec.run("external", stage_external, cfg, work)
-  if set(external) != set(cfg.external.keys()):   # external sets added after the stage ran: redo the stage
-    (rec.dir / "external.json").unlink()
-    (rec.dir / "classify.json").unlink(missing_ok=True)
-    external = rec.run("external", stage_external, cfg, work)
+  # External sets added since: convert them, and test the classifiers on them.
+  external = rec.run("external", stage_external, cfg, work, valid=lambda r: set(r) == set(cfg.external.keys()),
+                     stale=("classify",))
   held_out = fewshot.held_out_devices(cfg, data["dataset"])
   last = rec.run("pretrain", stage_pretrain, cfg, work, data, held_out)
   missing = set(held_out) - set(last.get("held_out_devices", ()))
   if missing:
     raise ValueError(f"the diffusion model (in {_model_dir(cfg, work)}) was pretrained on the few-shot site's device "
                      f"{sorted(missing)}: pretrain with fewshot.device set, or give another --config.pretrained")
-  prior = rec.run("box_prior", stage_box_prior, cfg, work, data, held_out)
-  if set(held_out) - set(prior.get("held_out_devices", ())):   # fitted before the site's device was left out
-    (rec.dir / "box_prior.json").unlink()
-    prior = rec.run("box_prior", stage_box_prior, cfg, work, data, held_out)
+  # A prior fitted before the site's device was left out is refitted (seconds).
+  prior = rec.run("box_prior", stage_box_prior, cfg, work, data, held_out,
+                  valid=lambda r: set(held_out) <= set(r.get("held_out_devices", ())))
   gen = results = quality = audit = None
   if "generate" not in cfg.skip:
     gen = rec.run("generate", stage_generate, cfg, work, data, prior, held_out)
