@@ -408,6 +408,29 @@ def test_fewshot_guards(fewshot_run, tmp_path):
     experiment.run(_with(cfg, pretrained=str(tmp_path / "plain")), str(tmp_path / "reuse"))
 
 
+def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, tmp_path, monkeypatch):
+  """docs/experiments/adapt_study.py: a variant adapts on the base run's own draws (same start, paired), and the
+  experiment run it prints takes that adaptation up instead of adapting again."""
+  monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))   # its neighbour recipe_study, as when run
+  study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
+  base, cfg = fewshot_run["work"], fewshot_run["cfg"]
+  overrides = {"optim.lr": 3e-3}
+  draws = study.run_variant(base, tmp_path, "lr", "lr 3e-3", overrides, ["k4_d0"])
+  done = json.loads((base / "stages" / "fewshot_k4_d0.json").read_text())["result"]["adapt"]
+  assert draws["k4_d0"]["val_loss_start"] == pytest.approx(done["val_loss_start"])   # the same site and draw
+  assert draws["k4_d0"]["val_loss_best"] != done["val_loss_best"]                     # another recipe
+  out = study.variant_dir(tmp_path, "lr", "lr 3e-3")
+  history = (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text()
+  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("lr 3e-3", overrides, draws)]
+  md = study.markdown("lr", rows, base, tmp_path)
+  assert "--config.fewshot.adapt.optim.lr=0.003" in md or "lr 3e-3**" not in md
+  variant = _with(cfg, pretrained=str(base))
+  variant.fewshot.adapt.optim.lr, variant.fewshot.draws = 3e-3, 1
+  s = experiment.run(variant, str(out))
+  assert (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text() == history   # not re-adapted
+  assert set(s["fewshot"]["tests"][fewshot.SITE]["4"]["arms"]) == set(fewshot.ARMS)
+
+
 def test_validation_cases_are_whole_cases_near_the_fraction():
   label = np.array(["benign"] * 30 + ["malignant"] * 20)
   cases = np.array([f"c{i // 2}" for i in range(50)])          # two views per case

@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   a.update(num_steps=200, eval_every=25, checkpoint_every=100, log_every=25, new_devices=True)
   a.data.update(batch_size=16, val_per_class=0)
   a.lora.rank = 8
+  # The adaptation study (docs/EXPERIMENTS.md, docs/experiments/adapt_study.py) on the site's validation loss:
+  # 3e-3 over 1e-3 (the adapters still improving at the last step) and 1e-2 (unstable for its first 100 steps).
+  a.optim.lr = 3e-3
   c.adapt = a                  # the adaptation recipe (base, data and shots are filled in)
   c.classifier_overrides = ()  # "key=value" for the few-shot classifiers (all four arms), e.g. "num_steps=600"
   return c
@@ -178,12 +181,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
   t0 = time.time()
-  a = ml_collections.ConfigDict(fs.adapt.to_dict())
-  a.base = str(model_dir / "checkpoints")
-  a.data.update(path=site["dataset"], split=SITE, val_split=SITE, shot_indices=tuple(draw["shots"]),
-                val_indices=tuple(site["val"]))
-  a.task.classes = tuple(classes)
-  a.seed = cfg.seed + draw["draw"]
+  a = adapt_config(cfg, site, key, model_dir)
   summary = adapt.adapt(a, out / "adapt")
   step, _ = checkpoint.load_meta(out / "adapt" / "checkpoints")
   if step < a.num_steps:
@@ -221,6 +219,18 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   return {"k": draw["k"], "draw": draw["draw"], "adapt": {x: summary[x] for x in ("val_loss_start", "val_loss_best",
                                                                                   "best_step", "new_rows")},
           "repositories": repos, "results": results, "times_s": times}
+
+
+def adapt_config(cfg, site: dict, key: str, model_dir: Path) -> ml_collections.ConfigDict:
+  """fewshot.adapt on one draw: the pretrained model, the draw's shots, the site's validation images."""
+  draw = site["draws"][key]
+  a = ml_collections.ConfigDict(cfg.fewshot.adapt.to_dict())
+  a.base = str(model_dir / "checkpoints")
+  a.data.update(path=site["dataset"], split=SITE, val_split=SITE, shot_indices=tuple(draw["shots"]),
+                val_indices=tuple(site["val"]))
+  a.task.classes = tuple(cfg.generate.pathology)
+  a.seed = cfg.seed + draw["draw"]
+  return a
 
 
 def draw_dir(work: Path, key: str) -> Path:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busgen_jax import xla_env  # noqa: E402
+from busgen_jax import console, xla_env  # noqa: E402
 
 xla_env.script()   # as the CLI does, before jax is first imported
 
@@ -219,6 +219,7 @@ def main():
   a = p.parse_args()
   base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
   base_summary = json.loads((base / "report.json").read_text())
+  console.setup(str(work), "recipe_study")   # progress bars on the console, library INFO into work/logs
   base_cfg = base_config(base)
   results_file = work / "study.json"
   results = json.loads(results_file.read_text()) if results_file.exists() else {}

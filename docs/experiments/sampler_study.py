@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from busgen_jax import xla_env  # noqa: E402
+from busgen_jax import console, xla_env  # noqa: E402
 
 xla_env.script()   # as the CLI does, before jax is first imported
 
@@ -196,6 +196,7 @@ def main():
   a = p.parse_args()
   base, work = Path(a.base).expanduser(), Path(a.workdir).expanduser()
   work.mkdir(parents=True, exist_ok=True)
+  console.setup(str(work), "sampler_study")   # progress bars on the console, library INFO into work/logs
   rows = [run_variant(base, work, a.student, name, spec) for name, spec in VARIANTS.items()
           if name in (REFERENCE, PRESET) or not a.variants or any(v in name for v in a.variants.split("|"))]
   # The decision: the fewest evaluations within the reference's CIs. Its test fold (and the reference's) once.
