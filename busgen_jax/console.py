@@ -73,6 +73,11 @@ def setup(workdir: str | None, stage: str, verbose: bool = False) -> str:
     os.close(fd)
   absl_logging.set_verbosity(absl_logging.INFO)
   root = logging.getLogger()
+  # A console handler from someone's logging.basicConfig() (a library, in scripts outside absl.app.run) would
+  # print every INFO record: the absl handler below is the console's only one.
+  for h in list(root.handlers):
+    if type(h) is logging.StreamHandler:
+      root.removeHandler(h)
   handler = absl_logging.get_absl_handler()
   if handler not in root.handlers:
     root.addHandler(handler)

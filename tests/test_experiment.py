@@ -414,18 +414,19 @@ def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, t
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))   # its neighbour recipe_study, as when run
   study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
   base, cfg = fewshot_run["work"], fewshot_run["cfg"]
-  overrides = {"optim.lr": 3e-3}
-  draws = study.run_variant(base, tmp_path, "lr", "lr 3e-3", overrides, ["k4_d0"])
+  lr = 3 * cfg.fewshot.adapt.optim.lr                                  # another recipe than the base run's
+  overrides = {"optim.lr": lr}
+  draws = study.run_variant(base, tmp_path, "lr", "lr x3", overrides, ["k4_d0"])
   done = json.loads((base / "stages" / "fewshot_k4_d0.json").read_text())["result"]["adapt"]
   assert draws["k4_d0"]["val_loss_start"] == pytest.approx(done["val_loss_start"])   # the same site and draw
   assert draws["k4_d0"]["val_loss_best"] != done["val_loss_best"]                     # another recipe
-  out = study.variant_dir(tmp_path, "lr", "lr 3e-3")
+  out = study.variant_dir(tmp_path, "lr", "lr x3")
   history = (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text()
-  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("lr 3e-3", overrides, draws)]
-  md = study.markdown("lr", rows, base, tmp_path)
-  assert "--config.fewshot.adapt.optim.lr=0.003" in md or "lr 3e-3**" not in md
+  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("lr x3", overrides, draws)]
+  md = study.markdown("lr", rows, base, tmp_path, str(base))
+  assert (f"--config.fewshot.adapt.optim.lr={lr}" in md) == (draws["k4_d0"]["val_loss_best"] < done["val_loss_best"])
   variant = _with(cfg, pretrained=str(base))
-  variant.fewshot.adapt.optim.lr, variant.fewshot.draws = 3e-3, 1
+  variant.fewshot.adapt.optim.lr, variant.fewshot.draws = lr, 1
   s = experiment.run(variant, str(out))
   assert (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text() == history   # not re-adapted
   assert set(s["fewshot"]["tests"][fewshot.SITE]["4"]["arms"]) == set(fewshot.ARMS)

@@ -300,6 +300,8 @@ def test_adaptation_resumes_to_the_same_adapters(adapted, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert json.loads((tmp_path / "val_history.json").read_text()) == \
       json.loads((adapted["work"] / "val_history.json").read_text())
+  took = json.loads((tmp_path / adapt.SUMMARY).read_text())["seconds"]
+  assert took > 0 and adapt.adapt(cfg, tmp_path)["seconds"] == took   # a rerun of a finished one keeps its time
 
 
 def test_generation_from_adapters_and_from_the_merged_checkpoint(adapted, tmp_path):

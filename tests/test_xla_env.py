@@ -43,6 +43,18 @@ def test_a_script_starts_tensorflow_quietly():
   assert "oneDNN custom operations" not in out.stderr and "InitializeLog" not in out.stderr, out.stderr[-3000:]
 
 
+def test_a_script_with_the_console_shows_warnings_and_logs_the_chatter(tmp_path):
+  """A docs/experiments script that calls console.setup: library INFO goes to its log file, not to the console,
+  even when a library installed logging.basicConfig's console handler first."""
+  code = ("import logging; from busgen_jax import console, xla_env; xla_env.script(); logging.basicConfig(); "
+          f"console.setup({str(tmp_path)!r}, 'study'); logging.info('chatter'); logging.warning('heads up')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "chatter" not in out.stderr and "heads up" in out.stderr, out.stderr[-3000:]
+  log = (tmp_path / "logs" / "study.log").read_text()
+  assert "chatter" in log and "heads up" in log
+
+
 def test_convolutions_leave_ynnpack_and_dots_keep_it():
   """The flag's name and value are ones this jaxlib knows (an unknown value aborts at backend start, an unknown
   name is ignored): a convolution compiles to XLA's own (Eigen) convolution, a dot still to a YNNPACK fusion."""

@@ -371,6 +371,9 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,
                                  async_save=cfg.async_checkpoints, catch_sigterm=True)
   state, it = ckpt.restore_or_init(setup.abstract_state, pipe, setup.init_state)
+  # Time spent adapting, over the calls that trained: a rerun of a finished adaptation keeps its figure.
+  before = json.loads((work / SUMMARY).read_text())["seconds"] if (work / SUMMARY).exists() else 0.0
+  trains = int(state["step"]) < cfg.num_steps or not before
   history_path = work / "val_history.json"
   history = [h for h in (json.loads(history_path.read_text()) if history_path.exists() else [])
              if h["step"] <= int(state["step"])]
@@ -409,7 +412,8 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   _, step, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                               num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
                               meta=lambda: {"adapt": meta}, stop_after=stop_after, name="adapt", hooks=tuple(hooks))
-  return _finish(cfg, setup, work, history, last, time.time() - t_start, complete=step >= cfg.num_steps)
+  seconds = before + (time.time() - t_start if trains else 0.0)
+  return _finish(cfg, setup, work, history, last, seconds, complete=step >= cfg.num_steps)
 
 
 def _sampler(setup: Setup, model_card: card.Card, vocab: dict):

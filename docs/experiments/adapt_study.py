@@ -15,6 +15,7 @@ A variant's adapters land where the whole arm looks for them, so the selected va
   busgen-jax experiment --config configs/experiment.py:fewshot --workdir <its directory> --config.pretrained=BASE \
       --config.fewshot.adapt.<key>=<value> ...
 which reuses the adaptation and adds the repositories and classifiers (the command is printed with the table).
+Finished variants are read from WORKDIR/adapt_study.json; `--variants` runs only some of the others.
 """
 
 import argparse
@@ -31,13 +32,21 @@ from busgen_jax.evaluate import report  # noqa: E402
 from busgen_jax.stages import experiment, fewshot  # noqa: E402
 from busgen_jax.train import adapt  # noqa: E402
 
-# family -> variants: (name, {fewshot.adapt key: value}); None is the base run's own adaptation.
+# family -> variants: (name, {fewshot.adapt key: value}). The base run is a row of every family, under its own
+# values; a variant with the base's values is that row, not run again.
 FAMILIES = {
-    "lr": [("lr 1e-3 (base)", None), ("lr 3e-3", {"optim.lr": 3e-3}), ("lr 1e-2", {"optim.lr": 1e-2})],
-    "rank": [("rank 4", {"lora.rank": 4, "lora.alpha": 4.0}), ("rank 8 (base)", None),
+    "lr": [("lr 1e-3", {"optim.lr": 1e-3}), ("lr 3e-3", {"optim.lr": 3e-3}), ("lr 1e-2", {"optim.lr": 1e-2})],
+    "rank": [("rank 4", {"lora.rank": 4, "lora.alpha": 4.0}), ("rank 8", {"lora.rank": 8, "lora.alpha": 8.0}),
              ("rank 32", {"lora.rank": 32, "lora.alpha": 32.0})],
-    "steps": [("200 steps (base)", None), ("400 steps", {"num_steps": 400, "checkpoint_every": 200})],
+    "steps": [("200 steps", {"num_steps": 200, "checkpoint_every": 100}),
+              ("400 steps", {"num_steps": 400, "checkpoint_every": 200})],
 }
+
+
+def _get(cfg, key: str):
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
 
 
 def markers(family: str) -> tuple[str, str]:
@@ -53,7 +62,7 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict,
   """Adaptation of every draw in `keys` with the overrides; per draw the validation losses, best step, minutes."""
   from recipe_study import base_config
   cfg = base_config(base)
-  cfg.pretrained = str(base)
+  cfg.pretrained = cfg.pretrained or str(base)   # the run that trained the model (the base may have reused one)
   cfg.fewshot.adapt.update_from_flattened_dict(overrides)
   out = variant_dir(work, family, name)
   data = json.loads((base / "stages" / "data.json").read_text())["result"]
@@ -87,7 +96,7 @@ def row(name: str, overrides: dict | None, draws: dict) -> dict:
           "gain": float(np.mean(1 - best / start)), "minutes": float(np.mean([d["minutes"] for d in draws.values()]))}
 
 
-def markdown(family: str, rows: list[dict], base: Path, work: Path) -> str:
+def markdown(family: str, rows: list[dict], base: Path, work: Path, model_run: str) -> str:
   best = min(rows, key=lambda r: r["val_loss"])
   n = len(best["draws"])
   lines = [f"**{family}** (adaptation alone, {n} draws of `{base}`; selected on the site's validation denoising "
@@ -103,7 +112,7 @@ def markdown(family: str, rows: list[dict], base: Path, work: Path) -> str:
   if best["overrides"]:
     flags = " ".join(f"--config.fewshot.adapt.{k}={v}" for k, v in best["overrides"].items())
     lines += [f"Its classifiers: `busgen-jax experiment --config configs/experiment.py:fewshot --workdir "
-              f"{variant_dir(work, family, best['variant'])} --config.pretrained={base} {flags}` (the adaptation is "
+              f"{variant_dir(work, family, best['variant'])} --config.pretrained={model_run} {flags}` (the adaptation is "
               "reused)."]
   return "\n".join(lines + [""])
 
@@ -125,6 +134,8 @@ def main():
   if not keys or set(keys) - set(done):
     raise SystemExit(f"--base {base}: draws {sorted(set(keys) - set(done)) or keys} are not finished there "
                      f"(finished: {done})")
+  from recipe_study import base_config   # this script's neighbour (its folder is on sys.path when run)
+  base_cfg = base_config(base)
   results_file = work / "adapt_study.json"
   results = json.loads(results_file.read_text()) if results_file.exists() else {}
   families = a.families.split(",")
@@ -132,21 +143,26 @@ def main():
     if family not in FAMILIES:
       raise SystemExit(f"--families: {family!r} is not one of {sorted(FAMILIES)}")
     recorded = {r["variant"]: r for r in results.get(family, ())}
-    rows = []
+    own = {k: _get(base_cfg.fewshot.adapt, k) for _, ov in FAMILIES[family] for k in ov}
+    rows = [row("base run (" + ", ".join(f"{k}={v}" for k, v in own.items()) + ")", None, base_draws(base, keys))]
+    print(f"RESULT {family} | {rows[0]['variant']} | validation loss {rows[0]['val_loss']:.5f}", flush=True)
     for name, overrides in FAMILIES[family]:
-      if overrides is None:
-        rows.append(row(name, None, base_draws(base, keys)))
+      old = recorded.get(name)
+      if all(own[k] == v for k, v in overrides.items()):
+        continue   # the base run's own recipe: its row above
+      elif old and old["overrides"] == overrides and sorted(old["draws"]) == sorted(keys):
+        rows.append(old)   # finished: recorded with its times (the adapters stay where they are)
       elif not a.variants or any(v in name for v in a.variants.split("|")):
         rows.append(row(name, overrides, run_variant(base, work, family, name, overrides, keys)))
-      elif name in recorded:
-        rows.append(recorded[name])
+      elif old:
+        rows.append(old)
       else:
         continue
       print(f"RESULT {family} | {name} | validation loss {rows[-1]['val_loss']:.5f}", flush=True)
     results[family] = rows
     work.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=1))
-  md = {family: markdown(family, rows, base, work) for family, rows in results.items()}
+  md = {family: markdown(family, rows, base, work, base_cfg.pretrained or str(base)) for family, rows in results.items()}
   (work / "adapt_study.md").write_text("\n".join(md.values()))
   print("\n".join(md.values()))
   for family in families if a.docs else ():
