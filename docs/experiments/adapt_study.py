@@ -12,8 +12,8 @@ at fixed (t, noise) draws, here its mean over the draws, lowest wins. The base r
 adaptation, not repeated.
 
 A variant's adapters land where the whole arm looks for them, so the selected variant's classifiers follow with
-  busgen-jax experiment --config configs/experiment.py:fewshot --workdir <its directory> --config.pretrained=BASE \
-      --config.fewshot.adapt.<key>=<value> ...
+  busgen-jax experiment --config configs/experiment.py:fewshot --workdir <its directory> \
+      --config.pretrained=<the run that trained BASE's model> --config.fewshot.adapt.<key>=<value> ...
 which reuses the adaptation and adds the repositories and classifiers (the command is printed with the table).
 Finished variants are read from WORKDIR/adapt_study.json; `--variants` runs only some of the others.
 """
