@@ -69,12 +69,9 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict,
   # The site as the experiment records it, so `busgen-jax experiment --workdir <out>` takes these adapters up.
   site = experiment.Record(out).run("fewshot_site", fewshot.stage_site, cfg, out, data)
   draws = {}
-  for key in keys:
-    where = fewshot.draw_dir(out, key) / "adapt"
-    done = where / adapt.SUMMARY
-    s = json.loads(done.read_text()) if done.exists() else {}
-    if not s.get("merged"):   # not finished (a finished one is read, its time with it)
-      s = adapt.adapt(fewshot.adapt_config(cfg, site, key, experiment._model_dir(cfg, out)), where)
+  for key in keys:   # adapt resumes a stopped adaptation; a finished one keeps its summary and time
+    s = adapt.adapt(fewshot.adapt_config(cfg, site, key, experiment._model_dir(cfg, out)),
+                    fewshot.draw_dir(out, key) / "adapt")
     draws[key] = {"val_loss_start": s["val_loss_start"], "val_loss_best": s["val_loss_best"],
                   "best_step": s["best_step"], "minutes": s["seconds"] / 60}
   return draws
