@@ -53,6 +53,38 @@ def test_zero_init_then_merge_equals_unmerged():
   np.testing.assert_allclose(np.asarray(model(x, t, c)), adapted, atol=2e-5)
 
 
+def test_folded_kernel_equals_branch():
+  """fold="kernel" (one conv with W + delta: the CPU default) and fold="branch" (the rank-r path beside the base)
+  give the same outputs and adapter gradients; adapter dropout always takes the branch."""
+  x, t, c = inputs()
+  forms = {}
+  for fold in ("kernel", "branch"):
+    model = unet.create(tiny(), 0)
+    cfg = lora.default_config()
+    cfg.update(rank=4, fold=fold, dropout=0.5)
+    lora.inject(model, cfg)
+    _randomise_b(model)
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    loss = lambda a: jnp.mean(nnx.merge(graphdef, a, rest)(x, t, c) ** 2)
+    grads = jax.grad(loss)(adapters)
+
+    def dropped(a):
+      with lora.dropout(jax.random.PRNGKey(3)):
+        return nnx.merge(graphdef, a, rest)(x, t, c)
+
+    forms[fold] = (model(x, t, c), nnx.to_pure_dict(grads), jax.jit(dropped)(adapters))
+  (y_k, g_k, d_k), (y_b, g_b, d_b) = forms["kernel"], forms["branch"]
+  np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_b), atol=2e-5)
+  scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g_b))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale), g_k, g_b)
+  np.testing.assert_array_equal(np.asarray(d_k), np.asarray(d_b))
+  assert np.abs(np.asarray(d_k) - np.asarray(y_b)).max() > 1e-3          # dropout was on
+  bad = lora.default_config()
+  bad.fold = "merged"
+  with pytest.raises(ValueError, match="lora.fold"):
+    lora.inject(unet.create(tiny(), 0), bad)
+
+
 def test_training_moves_adapters_only():
   model = unet.create(tiny(), 0)
   cfg = lora.default_config()

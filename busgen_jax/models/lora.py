@@ -17,6 +17,12 @@ their meaning; `merge` turns an extended table back into a plain, larger one.
 Dropout on the adapter branch's input (`cfg.dropout`, as in PEFT) is active only inside `with lora.dropout(key)`
 (the train step); the key reaches the wrapped layers through a context variable at trace time, because the
 UNet calls its layers without RNGs.
+
+`cfg.fold` picks how a wrapped layer computes: "branch" runs the rank-r path beside the base (fewer FLOPs: the
+base kernel gets no gradient); "kernel" adds the delta to the base kernel and runs one convolution, whose
+kernel gradient gives dA and dB by two small products. On XLA:CPU the branch's thin convolutions (r output
+channels) and their gradients run far below the matmul rate and cost more than the full kernel gradient they
+avoid, so "auto" folds on CPU and keeps the branch elsewhere. Dropout on the branch input needs the branch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.targets = (r".*",)
   c.exclude = ()               # paths matching these are skipped
   c.dropout = 0.0              # dropout on the adapter branch's input while training
+  c.fold = "auto"              # "kernel" | "branch" | "auto" (kernel on CPU): how wrapped layers compute
   c.seed = 0
   return c
 
@@ -57,6 +64,16 @@ def dropout(key: jax.Array | None):
     _DROPOUT_KEY.reset(token)
 
 
+FOLDS = ("auto", "kernel", "branch")
+
+
+def _folds(fold: str, rate: float) -> bool:
+  """Whether a wrapped layer adds its delta to the base kernel (trace time: the backend and dropout are known)."""
+  if rate and _DROPOUT_KEY.get() is not None:
+    return False
+  return fold == "kernel" or (fold == "auto" and jax.default_backend() == "cpu")
+
+
 def _drop(x, rate: float, uid: int):
   key = _DROPOUT_KEY.get()
   if key is None or not rate:
@@ -67,8 +84,8 @@ def _drop(x, rate: float, uid: int):
 
 class LoRADense(nnx.Module):
   def __init__(self, base: nnx.Linear, rank: int, alpha: float, rng: np.random.Generator, rate: float = 0.0,
-               uid: int = 0):
-    self.base, self.rate, self.uid = base, float(rate), int(uid)
+               uid: int = 0, fold: str = "auto"):
+    self.base, self.rate, self.uid, self.fold = base, float(rate), int(uid), fold
     fan_in, out = base.in_features, base.out_features
     self.lora_a = nnx.LoRAParam(jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), (fan_in, rank)), jnp.float32))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out), jnp.float32))
@@ -78,15 +95,21 @@ class LoRADense(nnx.Module):
     return self.scale * self.lora_a.value @ self.lora_b.value
 
   def __call__(self, x):
-    y = self.base(x)
+    b = self.base
+    if _folds(self.fold, self.rate):
+      bias = b.bias[...] if b.bias is not None else None
+      x, kernel, bias = b.promote_dtype((x, b.kernel[...] + self.delta(), bias), dtype=b.dtype)
+      y = b.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=b.precision)
+      return y if bias is None else y + bias
+    y = b(x)
     x = _drop(x.astype(jnp.float32), self.rate, self.uid)
     return y + (self.scale * (x @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
 
 
 class LoRAConv(nnx.Module):
   def __init__(self, base: nnx.Conv, rank: int, alpha: float, rng: np.random.Generator, rate: float = 0.0,
-               uid: int = 0):
-    self.base, self.rate, self.uid = base, float(rate), int(uid)
+               uid: int = 0, fold: str = "auto"):
+    self.base, self.rate, self.uid, self.fold = base, float(rate), int(uid), fold
     k = tuple(base.kernel_size)
     cin, cout = base.in_features, base.out_features
     fan_in = cin * int(np.prod(k))
@@ -97,13 +120,20 @@ class LoRAConv(nnx.Module):
   def delta(self) -> jax.Array:
     return self.scale * jnp.einsum("...ir,ro->...io", self.lora_a.value, self.lora_b.value)
 
+  def _conv(self, x, kernel, conv=jax.lax.conv_general_dilated):
+    b, n = self.base, len(self.base.kernel_size)
+    return conv(x, kernel, _tuple(b.strides, n), _padding(b.padding, n), rhs_dilation=_tuple(b.kernel_dilation, n),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=b.precision)
+
   def __call__(self, x):
     b = self.base
+    if _folds(self.fold, self.rate):
+      bias = b.bias[...] if b.bias is not None else None
+      x, kernel, bias = b.promote_dtype((x, b.kernel[...] + self.delta(), bias), dtype=b.dtype)
+      y = self._conv(x, kernel, b.conv_general_dilated)
+      return y if bias is None else y + bias
     y = b(x)
-    h = jax.lax.conv_general_dilated(
-        _drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value, _tuple(b.strides, len(b.kernel_size)),
-        _padding(b.padding, len(b.kernel_size)), rhs_dilation=_tuple(b.kernel_dilation, len(b.kernel_size)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = self._conv(_drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value)
     return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
 
 
@@ -163,6 +193,9 @@ def _set(parent, key, value):
 def inject(model: nnx.Module, cfg: ml_collections.ConfigDict) -> list[str]:
   """Wraps the targeted Linear/Conv layers of `model` in place; returns their paths."""
   rng = np.random.default_rng(cfg.seed)
+  fold = cfg.get("fold", "auto")   # configs saved before the option lack it
+  if fold not in FOLDS:
+    raise ValueError(f"lora.fold must be one of {FOLDS}, got {fold!r}")
   targets = [re.compile(t) for t in cfg.targets]
   exclude = [re.compile(t) for t in cfg.exclude]
   done = []
@@ -174,7 +207,7 @@ def inject(model: nnx.Module, cfg: ml_collections.ConfigDict) -> list[str]:
     if isinstance(m, nnx.Conv) and (m.feature_group_count != 1 or _tuple(m.input_dilation, 2) != (1, 1)):
       continue
     kind = LoRADense if isinstance(m, nnx.Linear) else LoRAConv
-    wrap = kind(m, cfg.rank, cfg.alpha, rng, cfg.get("dropout", 0.0), len(done))
+    wrap = kind(m, cfg.rank, cfg.alpha, rng, cfg.get("dropout", 0.0), len(done), fold)
     _set(parent, key, wrap)
     done.append(path)
   if not done:
