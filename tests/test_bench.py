@@ -13,7 +13,8 @@ def test_bench_micro_case_and_docs_section(tmp_path):
   cfg = bench.default_config()
   with cfg.unlocked():
     cfg.cases = {"micro": bench.case("tiny", 16, 2, steps=1, sample_batch=2, sample_steps=2, official_steps=3,
-                                      student_steps=2, pipeline_batches=2, compare_attention=True)}
+                                      student_steps=2, pipeline_batches=2, compare_attention=True,
+                                      adapt_rank=2)}
   cfg.pipeline_images, cfg.docs = 16, str(docs)
   report = bench.run(cfg, tmp_path / "work")
   r = report["cases"]["micro"]
@@ -24,10 +25,12 @@ def test_bench_micro_case_and_docs_section(tmp_path):
   assert {k: v["network_evals"] for k, v in rows.items()} == {"official": 6, "solver": 4, "student": 2}
   assert all(v["images_per_s"] > 0 for v in rows.values())
   assert r["temp_gib_dense_attention"] > 0 and r["temp_gib_chunked_attention"] > 0
+  assert r["adapt_branch_images_per_s"] > 0 and r["adapt_kernel_images_per_s"] > 0
   assert r["pipeline_images_per_s_2_workers"] > 0 and 0.1 < r["peak_host_memory_gib"] < 20
   text = docs.read_text()
   assert "hand-written" in text and "more hand-written" in text and "old figures" not in text
   assert "| micro (tiny, 16 px, batch 2, float32) |" in text and text.count(bench.BEGIN) == 1
+  assert "| micro | 2 | " in text.split("fold=kernel")[1]
   assert "| micro (batch 2) | guidance student, DPM-Solver++ 2M, 2 steps | 2 |" in text
   assert (tmp_path / "work" / "bench.md").read_text() in text
 

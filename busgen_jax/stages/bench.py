@@ -12,7 +12,8 @@ peak (best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) be
 machines drift (fractions are of the higher); the train step's cold compile time, step time, images/s, model
 FLOPs (XLA's cost analysis, forward x 3) and their fraction of the measured peak, and on an accelerator the MFU
 against the chip's published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and
-memory-efficient (chunked) attention; generation's images/s and network evaluations per image for the official
+memory-efficient (chunked) attention; a LoRA adaptation step in both of lora.fold's forms (cases with
+adapt_rank); generation's images/s and network evaluations per image for the official
 sampler, the case's solver setting and a guidance-distilled student (_samplers); the Grain pipeline's images/s
 at the case's size for 0 and 2 workers, beside what the train step consumes. Results: WORKDIR/bench.json and
 bench.md; with --config.docs, the section between `<!-- bench:begin -->` and `<!-- bench:end -->` of that file.
@@ -42,14 +43,15 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, official_steps=0, student_steps=0,
-         pipeline_batches=0, dtype="float32", attention="auto", compare_attention=False) -> dict:
+         pipeline_batches=0, dtype="float32", attention="auto", compare_attention=False, adapt_rank=0) -> dict:
   """One bench case: the model (a MODELS key: the demo's "tiny", configs/experiment.py:cpu's "experiment_cpu", or
   "official"), image size and train batch, timed train steps, sampler batch and steps (0: no sampling), the
   official sampler's steps and a guidance student's (0: no such row; _samplers), pipeline batches (0: none),
-  compute dtype, attention implementation, and whether to compare dense with chunked attention's memory."""
+  compute dtype, attention implementation, whether to compare dense with chunked attention's memory, and the
+  LoRA rank of an adaptation step on every layer (0: none; _adapt)."""
   return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
               official_steps=official_steps, student_steps=student_steps, pipeline_batches=pipeline_batches,
-              dtype=dtype, attention=attention, compare_attention=compare_attention)
+              dtype=dtype, attention=attention, compare_attention=compare_attention, adapt_rank=adapt_rank)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
       "tiny_32px": case("tiny", 32, 16, steps=10, sample_batch=16, sample_steps=25, official_steps=50,
                         student_steps=8, pipeline_batches=40),
       "experiment_cpu_64px": case("experiment_cpu", 64, 16, steps=10, sample_batch=16, sample_steps=10,
-                                  pipeline_batches=20),
+                                  pipeline_batches=20, adapt_rank=8),
       "official_64px": case("official", 64, 4, sample_batch=2, sample_steps=10, official_steps=50, student_steps=8,
                              pipeline_batches=20, compare_attention=True),
       "official_128px": case("official", 128, 1, steps=2, pipeline_batches=10, compare_attention=True),
@@ -183,6 +185,42 @@ def _train(cfg, case: dict, fwd_flops: float) -> dict:
   out.update(train_step_s=step_s, train_images_per_s=B / step_s, gflop_per_image=flops / 1e9,
              train_gflop_per_s=flops * B / step_s / 1e9)
   return out
+
+
+def _adapt(cfg, case: dict) -> dict:
+  """The LoRA adaptation step (busgen-jax adapt's: adapters on every layer at `adapt_rank`, the base frozen) in
+  both of lora.fold's forms, alternating rounds in one process; the best round of each counts."""
+  import jax
+  from flax import nnx
+  from busgen_jax.diffusion import schedule
+  from busgen_jax.models import lora, unet
+  from busgen_jax.train import diffusion, state as train_state
+  tx = train_state.optimizer(cfg.optim, cfg.num_steps)
+  sched = schedule.Schedule.from_config(cfg.schedule)
+  steps = {}
+  for fold in ("branch", "kernel"):
+    lc = lora.default_config()
+    lc.update(rank=case["adapt_rank"], alpha=float(case["adapt_rank"]), fold=fold)
+    model = unet.create(cfg.model)
+    lora.inject(model, lc)
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    state = train_state.init_state(nnx.to_pure_dict(adapters), tx, 0)
+    step = jax.jit(diffusion.make_train_step(graphdef, sched, cfg, tx), donate_argnums=0)
+    batch = {k: v for k, v in _batch(case["batch"], case["size"]).items() if k in ("image", *cfg.model.conditions)}
+    frozen = nnx.to_pure_dict(frozen)
+    state, m = step(state, batch, frozen)          # compile and warm up
+    jax.block_until_ready(m)
+    steps[fold] = [state, step, batch, frozen]
+  best = {fold: float("inf") for fold in steps}
+  for _ in range(2):
+    for fold, (state, step, batch, frozen) in steps.items():
+      t = time.perf_counter()
+      for _ in range(case["steps"]):
+        state, m = step(state, batch, frozen)
+      jax.block_until_ready(m)
+      steps[fold][0] = state
+      best[fold] = min(best[fold], (time.perf_counter() - t) / case["steps"])
+  return {f"adapt_{fold}_images_per_s": case["batch"] / s for fold, s in best.items()}
 
 
 def _official_checkout(checkout: str) -> Path:
@@ -329,6 +367,8 @@ def run_case(case: dict, data: str) -> dict:
          "matmul_peak_gflop_per_s": _matmul_peak(dtype) / 1e9}
   fwd = unet.flops_per_image(cfg.model, case["size"], backward=False)
   out.update(_train(cfg, case, fwd))
+  if case.get("adapt_rank"):
+    out.update(_adapt(cfg, case))
   if case["sample_steps"] and case["sample_batch"]:
     out.update(_sample(cfg, case, fwd))
   out["matmul_peak_after_gflop_per_s"] = _matmul_peak(dtype) / 1e9
@@ -451,6 +491,12 @@ def markdown(report: dict) -> str:
       "rounds (s/step: ours, official)"], lambda n, r: [
       n, _f(r["train_images_per_s"]), _f(r["torch_train_images_per_s"]), f"{r['train_over_torch']:.2f}×",
       "; ".join(f"{x['step_s']:.2f}, {x['torch_step_s']:.2f}" for x in r["torch_rounds"])])
+  lines += _table(cases, "adapt_kernel_images_per_s", [
+      "case", "LoRA rank (every layer)", "adaptation images/s: fold=branch", "fold=kernel (CPU default)",
+      "kernel ÷ branch", "kernel ÷ full train step"], lambda n, r: [
+      n, str(r["case"]["adapt_rank"]), _f(r["adapt_branch_images_per_s"]), _f(r["adapt_kernel_images_per_s"]),
+      f"{r['adapt_kernel_images_per_s'] / r['adapt_branch_images_per_s']:.2f}×",
+      f"{r['adapt_kernel_images_per_s'] / r['train_images_per_s']:.2f}×"])
   rows = {f"{n}/{k}": {**r, **v, "name": n} for n, r in cases.items() for k, v in r.get("samplers", {}).items()}
   lines += _table(rows, "images_per_s", [
       "case", "sampler (guidance 2.8)", "network evaluations / image", "images/s", "GFLOP/s", "of peak", "MFU",
