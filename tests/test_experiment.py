@@ -409,26 +409,31 @@ def test_fewshot_guards(fewshot_run, tmp_path):
 
 
 def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, tmp_path, monkeypatch):
-  """docs/experiments/adapt_study.py: a variant adapts on the base run's own draws (same start, paired), and the
-  experiment run it prints takes that adaptation up instead of adapting again."""
+  """docs/experiments/adapt_study.py: a variant (prior preservation) adapts on the base run's own draws (same
+  start, paired), its prior images are the pretraining corpus without the site's device, and the experiment run
+  it prints takes that adaptation up instead of adapting again."""
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))   # its neighbour recipe_study, as when run
   study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
   base, cfg = fewshot_run["work"], fewshot_run["cfg"]
-  lr = 3 * cfg.fewshot.adapt.optim.lr                                  # another recipe than the base run's
-  overrides = {"optim.lr": lr}
-  draws = study.run_variant(base, tmp_path, "lr", "lr x3", overrides, ["k4_d0"])
+  overrides = {"prior.weight": 0.5}                                   # another recipe than the base run's
+  draws = study.run_variant(base, tmp_path, "prior", "prior 0.5", overrides, ["k4_d0"])
   done = json.loads((base / "stages" / "fewshot_k4_d0.json").read_text())["result"]["adapt"]
   assert draws["k4_d0"]["val_loss_start"] == pytest.approx(done["val_loss_start"])   # the same site and draw
   assert draws["k4_d0"]["val_loss_best"] != done["val_loss_best"]                     # another recipe
-  out = study.variant_dir(tmp_path, "lr", "lr x3")
-  history = (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text()
-  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("lr x3", overrides, draws)]
-  md = study.markdown("lr", rows, base, tmp_path, str(base))
-  assert (f"--config.fewshot.adapt.optim.lr={lr}" in md) == (draws["k4_d0"]["val_loss_best"] < done["val_loss_best"])
+  out = study.variant_dir(tmp_path, "prior", "prior 0.5")
+  adapted = fewshot.draw_dir(out, "k4_d0") / "adapt"
+  prior = json.loads(checkpoint.load_meta(adapted / "adapters")[1]["config"])["prior"]
+  data = json.loads((base / "stages" / "data.json").read_text())["result"]
+  assert prior["path"] == data["dataset"] and prior["split"] == cfg.data.train_split
+  assert cfg.fewshot.device not in prior["devices"] and len(prior["devices"]) >= 1
+  history = (adapted / "val_history.json").read_text()
+  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("prior 0.5", overrides, draws)]
+  md = study.markdown("prior", rows, base, tmp_path, str(base))
+  assert ("--config.fewshot.adapt.prior.weight=0.5" in md) == (draws["k4_d0"]["val_loss_best"] < done["val_loss_best"])
   variant = _with(cfg, pretrained=str(base))
-  variant.fewshot.adapt.optim.lr, variant.fewshot.draws = lr, 1
+  variant.fewshot.adapt.prior.weight, variant.fewshot.draws = 0.5, 1
   s = experiment.run(variant, str(out))
-  assert (fewshot.draw_dir(out, "k4_d0") / "adapt" / "val_history.json").read_text() == history   # not re-adapted
+  assert (adapted / "val_history.json").read_text() == history   # not re-adapted
   assert set(s["fewshot"]["tests"][fewshot.SITE]["4"]["arms"]) == set(fewshot.ARMS)
 
 

@@ -7,6 +7,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -228,6 +229,36 @@ def adapt_config(base, data):
   a.task.pathology = (("cyst", "benign"), ("fibroadenoma", "benign"))
   a.mesh = {"data": 2, "fsdp": 4}
   return a
+
+
+def test_prior_preservation_mixes_the_bases_images_at_its_weight(adapted, tmp_path):
+  """prior.weight of every batch comes from the base's training data (its devices only), the rest from the shots;
+  the settings that cannot work are refused before anything runs."""
+  from busgen_jax.data import pipeline, reader
+  from busgen_jax.train import adapt
+  ds = reader.open_dataset(adapted["data"])
+  labels, names = pipeline.scan_labels(ds, "train"), ds.vocab("device")
+  known = ("Phantom-L14", "Phantom-L9")                  # the base's devices; the shots come from another
+  site = [d for d in names if d.startswith("Phantom") and d not in known][0]
+  a = adapt_config(adapted["root"] / "base" / "checkpoints", adapted["data"])
+  a.task.update(field="pathology", classes=("benign", "malignant"), rows="existing", pathology=())
+  a.data.shot_indices = tuple(int(i) for p in (1, 2) for i in np.flatnonzero(
+      (labels["device"] == names.index(site)) & (labels["pathology"] == p))[:4])
+  a.prior.update(path=str(adapted["data"]), split="train", weight=0.5, devices=known)
+  a.update(num_steps=2, eval_every=2, checkpoint_every=2, sample_every=0)
+  pipe = pipeline.build(adapt.data_config(a, adapt.Setup(a)))
+  seen = np.concatenate([pipe.batches[i]["device"] for i in range(16)])
+  from_site = np.mean([pipe.vocab["device"][d] == site for d in seen])
+  assert 0.3 < from_site < 0.7, from_site
+  assert {pipe.vocab["device"][d] for d in seen} == {site, *known}
+  s = adapt.adapt(a, tmp_path / "prior")
+  assert np.isfinite(s["val_loss_best"])
+  for bad, match in (({"prior.weight": 1.0}, r"\[0, 1\)"), ({"prior.path": ""}, "prior.path"),
+                     ({"task.rows": "new"}, "task.rows=existing")):
+    b = ml_collections.ConfigDict(a.to_dict())
+    b.update_from_flattened_dict(bad)
+    with pytest.raises(ValueError, match=match):
+      adapt.Setup(b)
 
 
 def test_adaptation_lowers_validation_loss_with_a_frozen_sharded_base(adapted):

@@ -92,7 +92,7 @@ class LoRADense(nnx.Module):
     self.scale = alpha / rank
 
   def delta(self) -> jax.Array:
-    return self.scale * self.lora_a.value @ self.lora_b.value
+    return self.scale * jnp.dot(self.lora_a.value, self.lora_b.value)   # jnp: loaded adapters may be NumPy
 
   def __call__(self, x):
     b = self.base

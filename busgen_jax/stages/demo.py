@@ -232,10 +232,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Path:
   # 7. few-shot adaptation to a new site: its k shots -> LoRA -> the site's repositories -> four classifiers
   with step("new_site"):
     fcfg = fewshot_config(cfg, convert_site(cfg, work))
-    site = fewshot.stage_site(fcfg, work, {"dataset": str(ds_dir)})
+    data = {"dataset": str(ds_dir)}
+    site = fewshot.stage_site(fcfg, work, data)
   key = next(iter(site["draws"]))
   with console.stage(f"demo: few-shot {key}"):
-    draw = fewshot.run_draw(fcfg, work, site, key, work / "diffusion", {}, str(prior_path))
+    draw = fewshot.run_draw(fcfg, work, site, key, work / "diffusion", data, {}, str(prior_path))
   if draw is None:
     raise RuntimeError(f"the few-shot trainers stopped early (a preemption notice): run the demo again on {work} "
                        "to continue")

@@ -264,8 +264,7 @@ def stage_pretrain(cfg, work: Path, data: dict, held_out: list[str]) -> dict:
   d = ml_collections.ConfigDict(cfg.diffusion.to_dict())
   d.data.sources.real.update(path=data["dataset"], split=cfg.data.train_split)
   if held_out:   # the few-shot site's device: every other device of the dataset
-    d.data.sources.real.filters.device = [v for v in reader.open_dataset(data["dataset"]).vocab("device")
-                                          if v not in held_out]
+    d.data.sources.real.filters.device = fewshot.kept_devices(data["dataset"], held_out)
   d.seed = cfg.seed
   last = diffusion.train(d, work / "diffusion")
   step, _ = checkpoint.load_meta(work / "diffusion" / "checkpoints")
@@ -422,7 +421,7 @@ def run_fewshot(cfg, work: Path, rec: Record, data: dict, external: dict, held_o
   site = rec.run("fewshot_site", fewshot.stage_site, cfg, work, data, valid=covers)
 
   def one(key):
-    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), external, prior)
+    out = fewshot.run_draw(cfg, work, site, key, _model_dir(cfg, work), data, external, prior)
     if out is None:
       raise Interrupted(f"few-shot {key} stopped early")
     return out

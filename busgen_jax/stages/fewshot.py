@@ -93,6 +93,11 @@ def held_out_devices(cfg, internal: str) -> list[str]:
   return [cfg.fewshot.device]
 
 
+def kept_devices(dataset: str, held_out: list[str]) -> list[str]:
+  """The devices pretraining read: every device of `dataset` but the held-out ones ([]: all of them)."""
+  return [v for v in reader.open_dataset(dataset).vocab("device") if v not in held_out] if held_out else []
+
+
 # ------------------------------------------------------------------------------------------------ the site
 
 def stage_site(cfg, work: Path, data: dict) -> dict:
@@ -171,8 +176,8 @@ def _check_box_prior(cfg) -> None:
     raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
 
 
-def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: dict, pretraining_prior: str
-             ) -> dict | None:
+def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, data: dict, external: dict,
+             pretraining_prior: str) -> dict | None:
   """Adaptation, the two site repositories and the four classifiers of one (k, draw); None when a trainer
   stopped early on a preemption notice (the experiment's rerun continues it). pretraining_prior: the experiment's
   box prior, fitted without the site's device (fewshot.box_prior=pretraining: a device it lacks samples the
@@ -181,7 +186,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
   out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
   t0 = time.time()
-  a = adapt_config(cfg, site, key, model_dir)
+  a = adapt_config(cfg, site, key, model_dir, data)
   summary = adapt.adapt(a, out / "adapt")
   step, _ = checkpoint.load_meta(out / "adapt" / "checkpoints")
   if step < a.num_steps:
@@ -221,11 +226,15 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, external: d
           "repositories": repos, "results": results, "times_s": times}
 
 
-def adapt_config(cfg, site: dict, key: str, model_dir: Path) -> ml_collections.ConfigDict:
-  """fewshot.adapt on one draw: the pretrained model, the draw's shots, the site's validation images."""
+def adapt_config(cfg, site: dict, key: str, model_dir: Path, data: dict) -> ml_collections.ConfigDict:
+  """fewshot.adapt on one draw: the pretrained model, the draw's shots, the site's validation images, and with
+  prior preservation the pretraining images (the experiment's training split, the site's device left out)."""
   draw = site["draws"][key]
   a = ml_collections.ConfigDict(cfg.fewshot.adapt.to_dict())
   a.base = str(model_dir / "checkpoints")
+  if a.prior.weight and not a.prior.path:
+    a.prior.update(path=data["dataset"], split=cfg.data.train_split,
+                   devices=tuple(kept_devices(data["dataset"], held_out_devices(cfg, data["dataset"]))))
   a.data.update(path=site["dataset"], split=SITE, val_split=SITE, shot_indices=tuple(draw["shots"]),
                 val_indices=tuple(site["val"]))
   a.task.classes = tuple(cfg.generate.pathology)

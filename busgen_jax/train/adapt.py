@@ -60,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
       "shot_indices": (), "val_indices": (),
       "image_size": 0,         # 0: the base's training size
       "batch_size": 8, "crop": "random", "flip": True, "worker_count": 0})
+  # Prior preservation: images of the base's own training data (`path`, `split`, only `devices` when given), with
+  # their own labels on the base's rows, make up `weight` of every batch, so that the adapters learn the new
+  # images without drifting from what the base knew (DreamBooth's prior-preservation loss, as data).
+  c.prior = ml_collections.ConfigDict({"path": "", "split": "train", "weight": 0.0, "devices": ()})
   c.lora = lora.default_config()
   c.num_steps = 300
   c.accum_steps = 1
@@ -214,6 +218,13 @@ class Setup:
       raise ValueError(f"the base's schedule has T={self.sched.T}, its model T={base.cfg.T}")
     self.objective = ml_collections.ConfigDict(tc.get("objective") or objectives.default_config().to_dict())
     self.objective.cond_drop_prob = cfg.cond_drop_prob
+    p = cfg.prior
+    if not 0.0 <= p.weight < 1.0:
+      raise ValueError(f"prior.weight is the prior images' share of a batch, in [0, 1): got {p.weight}")
+    if p.weight and not p.path:
+      raise ValueError("prior.weight > 0 needs prior.path: the base's training data (a converted dataset)")
+    if p.weight and cfg.task.rows != "existing":
+      raise ValueError("prior preservation trains the prior images on the base's own rows: task.rows=existing")
 
     # The task's examples: k shots per class, validation images from other cases.
     self.classes = task_classes(cfg.task)
@@ -344,6 +355,20 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
+def data_config(cfg: ml_collections.ConfigDict, setup: Setup) -> ml_collections.ConfigDict:
+  """The adaptation stream: the shots, and with prior preservation the base's training images at prior.weight."""
+  pc = pipeline.default_config()
+  pc.sources = {"shots": {"path": cfg.data.path, "split": cfg.data.split, "weight": 1.0 - cfg.prior.weight,
+                          "filters": {cfg.task.field: setup.classes},
+                          "indices": tuple(int(i) for i in np.concatenate(list(setup.shots.values())))}}
+  if cfg.prior.weight:
+    pc.sources["prior"] = {"path": cfg.prior.path, "split": cfg.prior.split, "weight": cfg.prior.weight,
+                           "filters": {cfg.task.field: setup.classes, "device": list(cfg.prior.devices)}}
+  pc.update(image_size=setup.image_size, batch_size=cfg.data.batch_size, seed=cfg.seed, crop=cfg.data.crop,
+            flip=cfg.data.flip, worker_count=cfg.data.worker_count)
+  return pc
+
+
 def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None) -> dict:
   """Adapts (resuming from DIR/checkpoints); returns the summary written to DIR/adapt.json.
 
@@ -357,15 +382,9 @@ def adapt(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
                "(%.2f%% of the frozen %d); new rows %s", setup.base.name, cfg.task.field, setup.classes,
                min(map(len, setup.shots.values())), sum(map(len, setup.val.values())), setup.num_adapter_params,
                100 * setup.num_adapter_params / setup.num_frozen_params, setup.num_frozen_params, setup.new_rows)
-  pc = pipeline.default_config()
-  pc.sources = {"shots": {"path": cfg.data.path, "split": cfg.data.split, "weight": 1.0,
-                          "filters": {cfg.task.field: setup.classes},
-                          "indices": tuple(int(i) for i in np.concatenate(list(setup.shots.values())))}}
-  pc.update(image_size=setup.image_size, batch_size=cfg.data.batch_size, seed=cfg.seed, crop=cfg.data.crop,
-            flip=cfg.data.flip, worker_count=cfg.data.worker_count)
-  pipe = pipeline.build(pc)
+  pipe = pipeline.build(data_config(cfg, setup))
   val_batches = setup.val_batches(cfg.data.batch_size)
-  # The shots' mean grey level per device (sampling starts there; the base's for the devices they do not show).
+  # The stream's mean grey level per device (sampling starts there; the base's for the devices it does not show).
   image_mean = card.image_mean_stats(**pipeline.image_means(pipe, 1024), base=setup.base.card.image_mean)
   meta = _meta(cfg, setup, image_mean)
   ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=cfg.keep_checkpoints, every=cfg.checkpoint_every,

@@ -6,7 +6,7 @@
 
 Each variant adapts the base run's pretrained model to every draw of the base run (its site, shots and validation
 images: the same seeds give the same draws) with the base run's `fewshot.adapt` and the variant's overrides
-(keys under fewshot.adapt). Adaptation alone, about 7 minutes a draw here; no repositories, no classifiers. The
+(keys under fewshot.adapt: optim.lr, lora.rank, num_steps, prior.weight). Adaptation alone, about 7 minutes a draw here; no repositories, no classifiers. The
 criterion is the one that selects each adapter's checkpoint: the denoising loss on the site's validation images
 at fixed (t, noise) draws, here its mean over the draws, lowest wins. The base row is the base run's own
 adaptation, not repeated.
@@ -40,6 +40,9 @@ FAMILIES = {
              ("rank 32", {"lora.rank": 32, "lora.alpha": 32.0})],
     "steps": [("200 steps", {"num_steps": 200, "checkpoint_every": 100}),
               ("400 steps", {"num_steps": 400, "checkpoint_every": 200})],
+    # prior preservation: that share of each batch from the pretraining images (the site's device left out)
+    "prior": [("prior 0", {"prior.weight": 0.0}), ("prior 0.25", {"prior.weight": 0.25}),
+              ("prior 0.5", {"prior.weight": 0.5})],
 }
 
 
@@ -70,7 +73,7 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict,
   site = experiment.Record(out).run("fewshot_site", fewshot.stage_site, cfg, out, data)
   draws = {}
   for key in keys:   # adapt resumes a stopped adaptation; a finished one keeps its summary and time
-    s = adapt.adapt(fewshot.adapt_config(cfg, site, key, experiment._model_dir(cfg, out)),
+    s = adapt.adapt(fewshot.adapt_config(cfg, site, key, experiment._model_dir(cfg, out), data),
                     fewshot.draw_dir(out, key) / "adapt")
     draws[key] = {"val_loss_start": s["val_loss_start"], "val_loss_best": s["val_loss_best"],
                   "best_step": s["best_step"], "minutes": s["seconds"] / 60}
