@@ -427,7 +427,10 @@ def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, t
   assert prior["path"] == data["dataset"] and prior["split"] == cfg.data.train_split
   assert cfg.fewshot.device not in prior["devices"] and len(prior["devices"]) >= 1
   history = (adapted / "val_history.json").read_text()
-  rows = [study.row("base", None, study.base_draws(base, ["k4_d0"])), study.row("prior 0.5", overrides, draws)]
+  own = study.base_draws(base, ["k4_d0"])
+  seconds = json.loads((fewshot.draw_dir(base, "k4_d0") / "adapt" / "adapt.json").read_text())["seconds"]
+  assert own["k4_d0"]["minutes"] == pytest.approx(seconds / 60)        # the adaptation's own time
+  rows = [study.row("base", None, own), study.row("prior 0.5", overrides, draws)]
   md = study.markdown("prior", rows, base, tmp_path, str(base))
   assert ("--config.fewshot.adapt.prior.weight=0.5" in md) == (draws["k4_d0"]["val_loss_best"] < done["val_loss_best"])
   variant = _with(cfg, pretrained=str(base))

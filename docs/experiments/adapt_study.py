@@ -81,11 +81,14 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict,
 
 
 def base_draws(base: Path, keys: list[str]) -> dict:
+  """The base run's own adaptations; their minutes as the adaptation recorded them (the run's stage time is a
+  rebuild's when it reused an adaptation)."""
   out = {}
   for key in keys:
     r = json.loads((base / "stages" / f"fewshot_{key}.json").read_text())["result"]
+    s = json.loads((fewshot.draw_dir(base, key) / "adapt" / adapt.SUMMARY).read_text())
     out[key] = {**{x: r["adapt"][x] for x in ("val_loss_start", "val_loss_best", "best_step")},
-                "minutes": r["times_s"]["adapt"] / 60}
+                "minutes": s["seconds"] / 60}
   return out
 
 
