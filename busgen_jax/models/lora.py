@@ -74,6 +74,14 @@ def _folds(fold: str, rate: float) -> bool:
   return fold == "kernel" or (fold == "auto" and jax.default_backend() == "cpu")
 
 
+def _with_kernel(b, x, delta, op):
+  """The base layer `b` with `delta` added to its kernel: op(x, kernel) plus b's bias, in b's dtype rules."""
+  bias = b.bias[...] if b.bias is not None else None
+  x, kernel, bias = b.promote_dtype((x, b.kernel[...] + delta, bias), dtype=b.dtype)
+  y = op(x, kernel)
+  return y if bias is None else y + bias
+
+
 def _drop(x, rate: float, uid: int):
   key = _DROPOUT_KEY.get()
   if key is None or not rate:
@@ -97,10 +105,8 @@ class LoRADense(nnx.Module):
   def __call__(self, x):
     b = self.base
     if _folds(self.fold, self.rate):
-      bias = b.bias[...] if b.bias is not None else None
-      x, kernel, bias = b.promote_dtype((x, b.kernel[...] + self.delta(), bias), dtype=b.dtype)
-      y = b.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=b.precision)
-      return y if bias is None else y + bias
+      return _with_kernel(b, x, self.delta(), lambda x, k: b.dot_general(
+          x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=b.precision))
     y = b(x)
     x = _drop(x.astype(jnp.float32), self.rate, self.uid)
     return y + (self.scale * (x @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
@@ -128,10 +134,7 @@ class LoRAConv(nnx.Module):
   def __call__(self, x):
     b = self.base
     if _folds(self.fold, self.rate):
-      bias = b.bias[...] if b.bias is not None else None
-      x, kernel, bias = b.promote_dtype((x, b.kernel[...] + self.delta(), bias), dtype=b.dtype)
-      y = self._conv(x, kernel, b.conv_general_dilated)
-      return y if bias is None else y + bias
+      return _with_kernel(b, x, self.delta(), lambda x, k: self._conv(x, k, b.conv_general_dilated))
     y = b(x)
     h = self._conv(_drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value)
     return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
