@@ -124,6 +124,27 @@ def test_tiny_classifier_learns_the_phantom_task_and_evaluate_reproduces_it(phan
   md = (tmp_path / "quality" / "quality.md").read_text()
   assert f"TSTR / TRTR = {ratio:.2f}" in md and enc.name in md and (tmp_path / "quality" / "quality.html").is_file()
 
+  # Fine-tuning (`init`): training starts from the saved weights (an experiment's generated-then-real arm), a
+  # short gentle run keeps what they learned; a classifier that does not fit them is refused by name.
+  ft = classifier.with_overrides(c, ("num_steps=20", "eval_every=20", "optim.lr=1e-4", "optim.warmup_steps=1"),
+                                 "test")
+  ft.init = str(tmp_path / "run" / "best")
+  vocab = {"pathology": reader.open_dataset(phantom).vocab("pathology")}
+  setup = classifier.Setup(classifier._with_task_filters(ft), vocab)
+  saved, _ = classifier.load_classifier(ft.init)
+  start = setup.init_state(classifier.initial_weights(ft, setup))
+  for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(saved["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert int(start["step"]) == 0
+  tuned = classify.run(ft, tmp_path / "finetuned")
+  assert tuned["real_test"]["auc"] > 0.6, tuned["real_test"]["auc"]
+  wider = classifier.with_overrides(ft, ("model.name=vit_tiny",), "test")
+  with pytest.raises(ValueError, match="init .*best: its model differ"):
+    classifier.initial_weights(wider, classifier.Setup(classifier._with_task_filters(wider), vocab))
+  ft.init = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="init: no saved classifier at .*nowhere"):
+    classifier.check_paths(ft)
+
 
 def test_mixing_real_and_generated_in_the_classifier_pipeline(phantom, tmp_path):
   """Two sources with weights 0.7 / 0.3: batches hold about those shares, and the task filter keeps only the

@@ -188,8 +188,10 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, c
   real = summary["tests"]["internal"]["arms"]["real"]
   assert real["auc"] == base["tests"]["internal"]["arms"]["real"]["auc"]
   assert summary["generated"]["dataset"] != base["generated"]["dataset"]
-  # A classifier recipe for generated data alone: the repository is reused, the real arm untouched.
-  cfg2 = _with(cfg, generated_overrides=("num_steps=3", "data.ultrasound_augment=('gain',)"))
+  # A classifier recipe for generated data alone: the repository is reused, the real arm untouched; the mixed arm
+  # as the generated classifier fine-tuned on the real images.
+  cfg2 = _with(cfg, generated_overrides=("num_steps=3", "data.ultrasound_augment=('gain',)"), mixed="finetune",
+               finetune_overrides=("num_steps=2",))
   cfg2.generate = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci").generate
   s2 = experiment.run(cfg2, str(tmp_path / "variant2"))
   assert s2["generated"]["dataset"] == base["generated"]["dataset"]
@@ -199,6 +201,13 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, c
   assert k["num_steps"] == 3 and k["data"]["ultrasound_augment"] == ["gain"]
   _, meta = checkpoint.load_meta(tmp_path / "variant2" / "classify" / "real" / "best")
   assert json.loads(meta["config"])["num_steps"] == cfg.classifier.num_steps
+  _, meta = checkpoint.load_meta(tmp_path / "variant2" / "classify" / "mixed" / "best")
+  k = json.loads(meta["config"])
+  assert k["init"] == str(tmp_path / "variant2" / "classify" / "generated" / "best") and k["num_steps"] == 2
+  assert list(k["data"]["sources"]) == ["real"]
+  assert "generated-only classifier fine-tuned on the real" in (tmp_path / "variant2" / "report.md").read_text()
+  with pytest.raises(ValueError, match="mixed must be one of"):
+    experiment.arms(_with(cfg, mixed="blend"), 10, 20)
   with pytest.raises(ValueError, match="not a finished experiment"):
     experiment.adopt_pretrained(_with(cfg, pretrained=str(tmp_path)), tmp_path / "other")
 

@@ -241,6 +241,14 @@ def header(cfg, s: dict) -> list[str]:
               if s["external"] else " No external test set was given (`--config.external.NAME=PATH` adds one)."), ""]
 
 
+MIXED_RECIPE = {
+    "mix": "The mixed arm trains on one stream of real and generated images, {cfg.mixed_weight_generated:.0%} "
+           "generated.",
+    "finetune": "The mixed arm is the generated-only classifier fine-tuned on the real training images "
+                "(overrides {cfg.finetune_overrides}).",
+}
+
+
 def markdown(cfg, s: dict, scaling: Path, sheets, rocs) -> list[str]:
   g = s["generated"]
   dm = cfg.diffusion.model
@@ -265,7 +273,8 @@ def markdown(cfg, s: dict, scaling: Path, sheets, rocs) -> list[str]:
          f"{cfg.classifier.model.name} at {cfg.classifier.data.image_size} px, {cfg.classifier.num_steps} steps; "
          f"the checkpoint with the best validation AUC is tested. AUC 95% CIs are case-level bootstraps; DeLong's "
          "test compares each arm with real-only training on the same images. TSTR/TRTR is the AUC of the "
-         "generated-only classifier over the real-only one.", "", tables(cfg, s)]
+         "generated-only classifier over the real-only one. " + MIXED_RECIPE[cfg.mixed].format(cfg=cfg), "",
+         tables(cfg, s)]
   md += [" ".join(f"![ROC {t}]({p.name})" for t, p in rocs.items()), "", "## Data scaling", "",
          "Classifiers on generated images only, on nested subsets of the repository; dashed: real only.", "",
          f"![scaling]({scaling.name})", ""]

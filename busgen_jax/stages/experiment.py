@@ -73,7 +73,11 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   c.generate.sampler.update(method="multistep", order=2, steps=10, guidance_scale=2.8)
   c.classifier = classifier.default_config()
   c.classifier.test = ml_collections.ConfigDict()   # filled in: the internal test split and the external sets
-  c.mixed_weight_generated = 0.5          # share of generated images in the real + generated stream
+  # The real + generated arm: "mix" (one stream, `mixed_weight_generated` of it generated) or "finetune" (the
+  # generated arm's classifier fine-tuned on the real training images, with `finetune_overrides`).
+  c.mixed = "mix"
+  c.mixed_weight_generated = 0.5          # share of generated images in the real + generated stream ("mix")
+  c.finetune_overrides = ()               # "key=value" overrides of `classifier` for the "finetune" arm
   # "key=value" overrides of `classifier` for the arms that train on generated images (e.g. "num_steps=3000",
   # "data.ultrasound_augment=()"): the classifier recipe on generated data, the real arm untouched.
   c.generated_overrides = ()
@@ -303,19 +307,31 @@ def stage_generate(cfg, work: Path, data: dict, prior: dict, held_out: list[str]
 
 # ------------------------------------------------------------------------------------------------ classifiers
 
+MIXED_RECIPES = ("mix", "finetune")
+
+
 def arms(cfg, n_real: int, n_generated: int) -> dict[str, dict]:
-  """arm -> {"real": weight or None, "generated": (weight, limit) or None}; limit 0 = all generated images."""
-  out = {REAL: {"real": 1.0, "generated": None}, GENERATED: {"real": None, "generated": (1.0, 0)},
-         MIXED: {"real": 1.0 - cfg.mixed_weight_generated, "generated": (cfg.mixed_weight_generated, 0)}}
+  """arm -> {"real": weight or None, "generated": (weight, limit) or None, optional "init": the arm whose
+  classifier it fine-tunes (trained before it)}; limit 0 = all generated images."""
+  if cfg.mixed not in MIXED_RECIPES:
+    raise ValueError(f"mixed must be one of {MIXED_RECIPES}, got {cfg.mixed!r}")
+  mixed = ({"real": 1.0 - cfg.mixed_weight_generated, "generated": (cfg.mixed_weight_generated, 0)}
+           if cfg.mixed == "mix" else {"real": 1.0, "generated": None, "init": GENERATED})
+  out = {REAL: {"real": 1.0, "generated": None}, GENERATED: {"real": None, "generated": (1.0, 0)}, MIXED: mixed}
   for m in sorted(cfg.generate.multiples)[:-1]:
     out[scaling_arm(m)] = {"real": None, "generated": (1.0, min(n_generated, int(round(m * n_real))))}
   return out
 
 
-def classifier_config(cfg, arm: dict, data: dict, generated: dict, external: dict) -> ml_collections.ConfigDict:
+def classifier_config(cfg, arm: dict, data: dict, generated: dict, external: dict, init: str = ""
+                      ) -> ml_collections.ConfigDict:
+  """The classifier of one arm; `init`: the saved classifier it fine-tunes (the arm's "init", trained)."""
   k = ml_collections.ConfigDict(cfg.classifier.to_dict())
   if arm["generated"] is not None:
     k = classifier.with_overrides(k, cfg.generated_overrides, "generated_overrides")
+  if init:
+    k = classifier.with_overrides(k, cfg.finetune_overrides, "finetune_overrides")
+    k.init = init
   template = dict(k.data.sources[sorted(k.data.sources.keys())[0]].to_dict())
   sources = {}
   if arm["real"] is not None:
@@ -339,7 +355,9 @@ def stage_classify(cfg, work: Path, data: dict, generated: dict, external: dict)
   n_real = generated["real_images"]
   for name, arm in arms(cfg, n_real, generated["images"]).items():
     t = time.time()
-    res = classify.run(classifier_config(cfg, arm, data, generated, external), work / "classify" / arm_dir(name))
+    init = str(work / "classify" / arm_dir(arm["init"]) / "best") if arm.get("init") else ""
+    res = classify.run(classifier_config(cfg, arm, data, generated, external, init),
+                       work / "classify" / arm_dir(name))
     if not res:
       raise Interrupted(f"the {name!r} classifier stopped early")
     out[name] = {"seconds": time.time() - t, "train": arm, "tests": res}

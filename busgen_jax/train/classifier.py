@@ -9,6 +9,7 @@ The `classify` stage (busgen_jax/stages/classify.py) then evaluates it on every 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -49,6 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.n_bootstrap = 1000
   c.reference_sensitivity = 0.0  # > 0: also report specificity at this sensitivity (e.g. a radiologist's)
   c.label_smoothing = 0.0
+  # A saved classifier (its `DIR/best`) whose weights start training instead of a fresh init: fine-tuning, e.g. a
+  # classifier trained on generated images refined on the real ones. Its model, classes and image size must be
+  # this run's; the optimizer and step start afresh.
+  c.init = ""
   c.model = classifiers.default_config()
   c.optim = train_state.default_config()
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05, grad_clip=1.0)
@@ -93,12 +98,16 @@ class Setup:
     self.predict = jax.jit(self._predict, in_shardings=(repl, repl, batch_sh["image"]),
                            out_shardings=parallel.batch_sharding(self.mesh, self.rules, 2))
 
-  def _fresh_state(self) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "params": self.init_params, "batch_stats": self.init_stats,
-            "opt_state": self.tx.init(self.init_params), "rng": jax.random.PRNGKey(self.cfg.seed)}
+  def _fresh_state(self, params=None, stats=None) -> dict:
+    params = self.init_params if params is None else params
+    stats = self.init_stats if stats is None else stats
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": stats,
+            "opt_state": self.tx.init(params), "rng": jax.random.PRNGKey(self.cfg.seed)}
 
-  def init_state(self) -> dict:
-    return jax.device_put(self._fresh_state(), self.state_shardings)
+  def init_state(self, weights: dict | None = None) -> dict:
+    """The first state: a fresh init, or `weights` ({"params", "batch_stats"}, e.g. `initial_weights`)."""
+    w = weights or {}
+    return jax.device_put(self._fresh_state(w.get("params"), w.get("batch_stats")), self.state_shardings)
 
   def abstract_state(self):
     return jax.eval_shape(self._fresh_state)
@@ -238,6 +247,25 @@ def check_dataset(key: str, path: str, split: str = "") -> str:
   return str(found)
 
 
+def initial_weights(cfg, setup: Setup) -> dict | None:
+  """`cfg.init`'s weights, checked against this run's model ({"params", "batch_stats"}), or None without one."""
+  if not cfg.init:
+    return None
+  weights, meta = load_classifier(cfg.init)
+  theirs = {"model": meta.get("model"), "classes": list((meta.get("task") or {}).get("classes", ())),
+            "image size": meta.get("image_size")}
+  ours = {"model": cfg.model.to_dict(), "classes": list(cfg.task.classes), "image size": cfg.data.image_size}
+  differ = [k for k in ours if json.loads(json.dumps(theirs[k])) != json.loads(json.dumps(ours[k]))]
+  if differ:
+    raise ValueError(f"init {cfg.init}: its {', '.join(differ)} differ from this run's "
+                     f"({', '.join(f'{theirs[k]} vs {ours[k]}' for k in differ)})")
+  want = {"params": setup.init_params, "batch_stats": setup.init_stats}
+  shape = lambda t: jax.tree.map(lambda a: tuple(np.shape(a)), t)
+  if shape(weights) != shape(want):
+    raise ValueError(f"init {cfg.init}: its weights do not fit this run's {cfg.model.name} model")
+  return weights
+
+
 def check_paths(cfg) -> None:
   """Every dataset the run will read exists: a missing validation or test set fails now, not after training."""
   named = [(f"data.sources.{n}.path", cfg.data.sources[n].path) for n in cfg.data.sources.keys()]
@@ -245,6 +273,8 @@ def check_paths(cfg) -> None:
   named += [(f"test.{n}.path", cfg.test[n].path or default_real(cfg)) for n in cfg.test.keys()]
   for key, path in named:
     check_dataset(key, path)
+  if cfg.init and not paths.path(cfg.init).exists():
+    raise FileNotFoundError(f"init: no saved classifier at {cfg.init} (a classifier run's DIR/best)")
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -264,8 +294,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), setup.abstract_state(),
       setup.state_shardings), pipe)
   best = meta.get("best", {"step": -1, "value": -np.inf})
-  if state is None:
-    state = setup.init_state()
+  if state is None:   # not resuming: a fresh init, or the weights to fine-tune
+    state = setup.init_state(initial_weights(cfg, setup))
   meta = {"model": cfg.model.to_dict(), "task": cfg.task.to_dict(), "image_size": cfg.data.image_size,
           "vocab": pipe.vocab, "config": cfg.to_json()}
   writer, progress = writers.create(str(work), cfg.num_steps, process_index=jax.process_index(),

@@ -12,7 +12,8 @@ Families:
   guidance    guidance scale of the sampler (1x repositories; the base's own at 1x is its nested subset)
   steps       sampler steps: fewer steps, more images per CPU minute (1x repositories)
   classifier  the classifier recipe on generated images (the base's 2x repository)
-  mixing      the generated share of the real + generated stream (the base's 2x repository)
+  mixing      the real + generated arm: the generated share of one stream, or the generated-only classifier
+              fine-tuned on the real images (the base's 2x repository)
   pretraining the diffusion model itself: the objective (v prediction, alone and with min-SNR weighting,
               against the eps network's brightness error; offset noise); each
               variant trains its own model on the base run's converted data (about 27 minutes here) and
@@ -75,6 +76,11 @@ FAMILIES = {
         ("generated share 0.2", {"mixed_weight_generated": 0.2}),
         ("generated share 0.35", {"mixed_weight_generated": 0.35}),
         ("generated share 0.5 (base)", None),
+        # Pretrain on generated, then fine-tune on real: the synthetic images as an initialisation rather than
+        # as data in the same stream (the real arm's recipe, then a shorter, gentler one).
+        ("fine-tune the generated classifier on real", {"mixed": "finetune"}),
+        ("fine-tune on real, 750 steps at lr 1e-3", {"mixed": "finetune",
+                                                     "finetune_overrides": ("num_steps=750", "optim.lr=1e-3")}),
     ]),
     "pretraining": ("generated", "generated x1", [
         ("eps prediction, 1400 steps x batch 16 (base)", None),
