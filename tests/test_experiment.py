@@ -256,6 +256,11 @@ def test_scaling_arms_are_nested_subsets_of_one_repository():
   assert arms["generated"]["generated"] == (1.0, 0) and arms["real"]["generated"] is None
   assert arms["generated x0.25"]["generated"] == (1.0, 25) and arms["generated x1"]["generated"] == (1.0, 100)
   assert arms["mixed"]["real"] + arms["mixed"]["generated"][0] == pytest.approx(1.0)
+  # The classifiers' own seed (a recipe study's repeats on one repository); unset, the run's; a saved config.json
+  # from before the setting reads as the run's seed.
+  assert experiment.classifier_seed(cfg) == cfg.seed
+  assert experiment.classifier_seed(_with(cfg, classifier_seed=3)) == 3
+  assert experiment.classifier_seed({"seed": 2}) == 2
 
 
 def test_interrupted_stage_is_not_recorded(tmp_path):

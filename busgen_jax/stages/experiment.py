@@ -81,6 +81,7 @@ def default_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   # "key=value" overrides of `classifier` for the arms that train on generated images (e.g. "num_steps=3000",
   # "data.ultrasound_augment=()"): the classifier recipe on generated data, the real arm untouched.
   c.generated_overrides = ()
+  c.classifier_seed = -1                  # the classifiers' seed (init, data order, augmentations); -1: `seed`
   c.quality = ml_collections.ConfigDict({"conditions": ("pathology", "device"), "min_count": 10, "bootstrap": 100})
   c.audit = ml_collections.ConfigDict({"mia_per_group": 256})
   # Another experiment's run directory: its data, diffusion model and box prior are reused (and its data,
@@ -257,7 +258,8 @@ def adopt_pretrained(cfg, work: Path) -> ml_collections.ConfigDict:
       (work / "stages" / f"{s}.json").write_text((src / "stages" / f"{s}.json").read_text())
   # The real-only classifier, when trained the same way: it restores at its last step and is only evaluated.
   real = work / "classify" / REAL
-  if same(cfg.classifier.to_dict(), old["classifier"]) and cfg.seed == old["seed"] and not real.exists() \
+  if same(cfg.classifier.to_dict(), old["classifier"]) and classifier_seed(cfg) == classifier_seed(old) \
+      and not real.exists() \
       and (src / "classify" / REAL / "best").is_dir():
     shutil.copytree(src / "classify" / REAL, real, ignore=shutil.ignore_patterns("eval", "events.*"))
   return cfg
@@ -345,8 +347,14 @@ def classifier_config(cfg, arm: dict, data: dict, generated: dict, external: dic
   k.val = {"path": data["dataset"], "split": cfg.data.val_split}   # selection on real validation data only
   k.test = {INTERNAL: {"path": data["dataset"], "split": cfg.data.test_split},
             **{name: {"path": e["dataset"], "split": e["split"]} for name, e in external.items()}}
-  k.seed = cfg.seed
+  k.seed = classifier_seed(cfg)
   return k
+
+
+def classifier_seed(cfg) -> int:
+  """The classifiers' seed of a config (or a saved config.json's dict, which may predate `classifier_seed`)."""
+  own = cfg.get("classifier_seed", -1)
+  return cfg["seed"] if own < 0 else own
 
 
 def stage_classify(cfg, work: Path, data: dict, generated: dict, external: dict) -> dict:

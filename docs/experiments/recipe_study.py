@@ -24,7 +24,8 @@ Families:
 `--families` runs some of them (finished variants are reused); `--variants` reruns some and keeps the rows
 study.json holds for the others; `--docs` rewrites only their tables. `--seeds N` runs every variant, the base
 too, at N seeds and selects on the mean: one repository's validation AUC moves by about 0.02 with the seed alone
-(docs/EXPERIMENTS.md, Schedule), more than most variants differ.
+(docs/EXPERIMENTS.md, Schedule), more than most variants differ. In the classifier and mixing families, which
+train on the base's repository, the other seeds are the classifiers' (`classifier_seed`) and the repository stays.
 """
 
 import argparse
@@ -46,6 +47,8 @@ def markers(family: str) -> tuple[str, str]:
   """Each family's table has its own block in the docs: a run of some families rewrites only theirs."""
   return f"<!-- recipe-study-{family}:begin -->", f"<!-- recipe-study-{family}:end -->"
 
+# Families on the base's own repository: their other seeds are the classifiers' alone (the repository stays).
+CLASSIFIER_ONLY = ("classifier", "mixing")
 SAME_FLOPS = "the base's training FLOPs"   # a num_steps value: as many steps as the base's FLOPs buy
 # family -> (arm whose validation AUC selects, the base's arm at the same repository size, variants)
 # variant: (name, {config key: value}); "base" rows are the base run itself.
@@ -194,8 +197,10 @@ def markdown(family: str, rows: list[dict]) -> str:
   arm = FAMILIES[family][0]
   best = max(rows, key=lambda r: r["val_auc"])
   seeds = max(len(r.get("runs", ())) or 1 for r in rows)
-  over = (f", mean ± sd over {seeds} seeds: repositories, classifiers and own models; the base's other seeds "
-          "are runs of their own" if seeds > 1 else "")
+  what = ("the classifiers' (the base's repository)" if family in CLASSIFIER_ONLY else
+          "repositories, classifiers and own models")
+  over = (f", mean ± sd over {seeds} seeds: {what}; the base's other seeds are runs of their own"
+          if seeds > 1 else "")
   lines = [f"**{family}** ({SIZES[family]}; selected on the `{arm}` arm's validation AUC{over})", "",
            f"| variant | validation AUC | test AUC {'(mean ± sd)' if seeds > 1 else '[95% CI]'} |", "|---|---|---|"]
   spread = lambda r, k: f" ± {r[k]:.3f}" if k in r else ""
@@ -247,7 +252,7 @@ def main():
           continue
         ov = {**(base_rerun(family, base_cfg) if overrides is None else overrides)}
         if r:
-          ov["seed"] = base_cfg.seed + r
+          ov["classifier_seed" if family in CLASSIFIER_ONLY else "seed"] = base_cfg.seed + r
         runs.append(row(run_variant(base, work, family, name + (f" seed {r}" if r else ""), ov), arm))
       rows.append({"variant": name, **combine(runs)})
       print(f"RESULT {family} | {name} | validation AUC {rows[-1]['val_auc']:.4f}", flush=True)
