@@ -422,6 +422,31 @@ def test_fewshot_guards(fewshot_run, tmp_path):
     experiment.run(_with(cfg, pretrained=str(tmp_path / "plain")), str(tmp_path / "reuse"))
 
 
+def test_fewshot_finetune_arms_start_from_the_repositories_classifiers(fewshot_run, tmp_path):
+  """fewshot.mixed=finetune on the same adaptations and repositories: each shots + generated arm is the classifier
+  of its repository alone, fine-tuned on the shots only."""
+  work, cfg = fewshot_run["work"], fewshot_run["cfg"]
+  again = tmp_path / "finetune"
+  shutil.copytree(work, again, ignore=shutil.ignore_patterns("classify", "config.json", "fewshot_k*.json"))
+  ft = _with(cfg, fewshot={**cfg.fewshot.to_dict(), "mixed": "finetune", "finetune_overrides": ("num_steps=2",)})
+  summary = experiment.run(ft, str(again))
+  for key in json.loads((again / "stages" / "fewshot_site.json").read_text())["result"]["draws"]:
+    for arm, start in fewshot.FINETUNES.items():
+      _, meta = checkpoint.load_meta(fewshot.classifier_dir(again, key, arm) / "best")
+      k = json.loads(meta["config"])
+      assert k["init"] == str(fewshot.classifier_dir(again, key, start) / "best") and k["num_steps"] == 2
+      assert list(k["data"]["sources"]) == ["shots"]
+    _, meta = checkpoint.load_meta(fewshot.classifier_dir(again, key, fewshot.UNADAPTED) / "best")
+    assert list(json.loads(meta["config"])["data"]["sources"]) == ["generated"] and not json.loads(meta["config"])["init"]
+  site = summary["fewshot"]["tests"][fewshot.SITE]
+  assert set(next(iter(site.values()))["arms"]) == {*fewshot.ARMS, fewshot.UNADAPTED}
+  md = (again / "report.md").read_text()
+  assert "fine-tuned on the shots" in md and "| un-adapted |" in md
+  data = json.loads((work / "stages" / "data.json").read_text())["result"]
+  with pytest.raises(ValueError, match="fewshot.mixed must be one of"):
+    fewshot.stage_site(_with(cfg, fewshot={**cfg.fewshot.to_dict(), "mixed": "blend"}), tmp_path, data)
+
+
 def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, tmp_path, monkeypatch):
   """docs/experiments/adapt_study.py: a variant (prior preservation) adapts on the base run's own draws (same
   start, paired), its prior images are the pretraining corpus without the site's device, and the experiment run

@@ -34,7 +34,11 @@ from busgen_jax.train import adapt, classifier
 
 SITE = "site"                      # the site's test images, as a test set of every classifier
 SHOTS, SHOTS_BASE, SHOTS_ADAPTED, ADAPTED = "shots", "shots + un-adapted", "shots + adapted", "adapted"
+UNADAPTED = "un-adapted"           # the un-adapted repository alone: trained only to be fine-tuned (mixed=finetune)
 ARMS = (SHOTS, SHOTS_BASE, SHOTS_ADAPTED, ADAPTED)
+# Training order per `fewshot.mixed`: a fine-tuned arm after the classifier it starts from.
+ORDER = {"mix": ARMS, "finetune": (SHOTS, ADAPTED, UNADAPTED, SHOTS_BASE, SHOTS_ADAPTED)}
+FINETUNES = {SHOTS_BASE: UNADAPTED, SHOTS_ADAPTED: ADAPTED}   # arm -> the generated-only classifier it fine-tunes
 BOX_PRIORS = ("shots", "pretraining")
 PRIOR_WORDS = {"shots": "lesion boxes from the shots' box prior",
                "pretraining": "lesion boxes from the pretraining corpus's box prior (the site's device left out)"}
@@ -49,7 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.val_fraction = 0.2         # of the site's images per class, whole cases: selection of adapters and classifiers
   c.min_test_per_class = 8     # a k that leaves fewer test images of a class is skipped (and reported)
   c.generated_per_class = 192  # images per class in each site repository (adapted and un-adapted)
-  c.shots_weight = 0.5         # share of the shots in the shots + generated streams
+  # The shots + generated arms: "mix" (one stream, `shots_weight` of it the shots) or "finetune" (the classifier
+  # of the repository alone fine-tuned on the shots, with `finetune_overrides`).
+  c.mixed = "mix"
+  c.shots_weight = 0.5         # share of the shots in the shots + generated streams ("mix")
+  c.finetune_overrides = ()    # "key=value" overrides of the few-shot classifiers for the fine-tuning ("finetune")
   # Lesion boxes of the site's repositories: "shots" (the draw's shots' boxes per class: k shapes per class) or
   # "pretraining" (the pretraining corpus's training boxes per pathology, the site's device left out: lesion
   # geometry is the patient's, not the scanner's).
@@ -103,7 +111,7 @@ def kept_devices(dataset: str, held_out: list[str]) -> list[str]:
 def stage_site(cfg, work: Path, data: dict) -> dict:
   """The site's images as their own dataset; its fixed validation set; the shots and test images per draw."""
   fs, classes = cfg.fewshot, list(cfg.generate.pathology)
-  _check_box_prior(cfg)   # before hours of adaptation, not after
+  _check_choices(cfg)   # before hours of adaptation, not after
   ds, _ = _site_source(cfg, data["dataset"])
   if fs.device != "all" and fs.device not in ds.vocab("device"):
     raise ValueError(f"fewshot.device={fs.device!r} is not a device of {ds.dir} ({ds.vocab('device')}); or 'all'")
@@ -171,9 +179,11 @@ def validation_cases(label: np.ndarray, cases: np.ndarray, classes: list[str], f
 
 # ------------------------------------------------------------------------------------------------ one draw
 
-def _check_box_prior(cfg) -> None:
+def _check_choices(cfg) -> None:
   if cfg.fewshot.box_prior not in BOX_PRIORS:
     raise ValueError(f"fewshot.box_prior must be one of {BOX_PRIORS}, got {cfg.fewshot.box_prior!r}")
+  if cfg.fewshot.mixed not in ORDER:
+    raise ValueError(f"fewshot.mixed must be one of {tuple(ORDER)}, got {cfg.fewshot.mixed!r}")
 
 
 def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, data: dict, external: dict,
@@ -182,6 +192,7 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, data: dict,
   stopped early on a preemption notice (the experiment's rerun continues it). pretraining_prior: the experiment's
   box prior, fitted without the site's device (fewshot.box_prior=pretraining: a device it lacks samples the
   pathology's boxes)."""
+  _check_choices(cfg)   # also when the site's stage was recorded before a change of them
   fs, draw = cfg.fewshot, site["draws"][key]
   out = draw_dir(work, key)
   classes = list(cfg.generate.pathology)
@@ -211,9 +222,11 @@ def run_draw(cfg, work: Path, site: dict, key: str, model_dir: Path, data: dict,
     times[f"generate_{name}"] = time.time() - t
 
   results = {}
-  for arm in ARMS:
+  for arm in ORDER[fs.mixed]:
     t = time.time()
-    k = classifier_config(cfg, arm, site, draw, repos, external)
+    init = (str(classifier_dir(work, key, FINETUNES[arm]) / "best")
+            if fs.mixed == "finetune" and arm in FINETUNES else "")
+    k = classifier_config(cfg, arm, site, draw, repos, external, init)
     res = classify.run(k, classifier_dir(work, key, arm))
     if not res:
       return None
@@ -252,9 +265,10 @@ def classifier_dir(work: Path, key: str, arm: str) -> Path:
   return draw_dir(work, key) / "classify" / arm.replace(" + ", "_").replace("-", "")
 
 
-def classifier_config(cfg, arm: str, site: dict, draw: dict, repos: dict, external: dict):
+def classifier_config(cfg, arm: str, site: dict, draw: dict, repos: dict, external: dict, init: str = ""):
   """The experiment's classifier recipe (and fewshot.classifier_overrides) on one arm's training data; selected
-  on the site's validation images; tested on its test images and the external sets."""
+  on the site's validation images; tested on its test images and the external sets. `init`: the saved classifier
+  a shots + generated arm fine-tunes on the shots alone (fewshot.mixed=finetune)."""
   k = classifier.with_overrides(cfg.classifier, cfg.fewshot.classifier_overrides, "fewshot.classifier_overrides")
   template = {**k.data.sources[sorted(k.data.sources.keys())[0]].to_dict(), "limit": 0}
   shots = {**template, "path": site["dataset"], "split": SITE, "indices": tuple(draw["shots"])}
@@ -265,7 +279,12 @@ def classifier_config(cfg, arm: str, site: dict, draw: dict, repos: dict, extern
       SHOTS_BASE: {"shots": {**shots, "weight": w}, "generated": {**gen("base"), "weight": 1 - w}},
       SHOTS_ADAPTED: {"shots": {**shots, "weight": w}, "generated": {**gen("adapted"), "weight": 1 - w}},
       ADAPTED: {"generated": {**gen("adapted"), "weight": 1.0}},
+      UNADAPTED: {"generated": {**gen("base"), "weight": 1.0}},
   }[arm]
+  if init:
+    k = classifier.with_overrides(k, cfg.fewshot.finetune_overrides, "fewshot.finetune_overrides")
+    k.data.sources = {"shots": {**shots, "weight": 1.0}}
+    k.init = init
   k.data.device_vocab = ()
   k.val = {"path": site["dataset"], "split": SITE, "indices": tuple(site["val"])}
   k.test = {SITE: {"path": site["dataset"], "split": SITE, "indices": tuple(draw["test"])},
@@ -319,7 +338,7 @@ def kcurve_plot(path: Path, per_k: dict, title: str) -> Path:
   plt = report._plt()
   fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
   ks = sorted(int(k) for k in per_k)
-  for i, arm in enumerate(ARMS):
+  for i, arm in enumerate(ARMS):   # the un-adapted classifier alone (mixed=finetune) is in the tables only
     cells = [per_k[str(k)]["arms"].get(arm) for k in ks]
     if not any(cells):
       continue
@@ -330,6 +349,11 @@ def kcurve_plot(path: Path, per_k: dict, title: str) -> Path:
   return report.save_log_x(fig, ax, path, ks)
 
 
+MIXED_WORDS = {"mix": "shots weigh {fs.shots_weight} of a shots + generated stream.",
+               "finetune": "a shots + generated arm is the classifier of that repository alone (adapted, un-adapted) "
+                           "fine-tuned on the shots (overrides {fs.finetune_overrides})."}
+
+
 def markdown(cfg, s: dict, work: Path) -> str:
   site, a = s["site"], cfg.fewshot.adapt
   md = [f"Site: device **{site['device']}** of `{site['source']}` ({site['n']} images, {site['cases']} cases: "
@@ -338,26 +362,26 @@ def markdown(cfg, s: dict, work: Path) -> str:
         "same for every draw; test: the site's other images outside the shots' cases. Adaptation: LoRA rank "
         f"{a.lora.rank}, {a.num_steps} steps of batch {a.data.batch_size}, lr {a.optim.lr}; each repository "
         f"{cfg.fewshot.generated_per_class} images per class (un-adapted: the null device row), "
-        f"{PRIOR_WORDS[cfg.fewshot.box_prior]}; shots weigh {cfg.fewshot.shots_weight} of a shots + generated "
-        "stream.", ""]
+        f"{PRIOR_WORDS[cfg.fewshot.box_prior]}; " + MIXED_WORDS[cfg.fewshot.mixed].format(fs=cfg.fewshot), ""]
+  arms = ARMS + ((UNADAPTED,) if cfg.fewshot.mixed == "finetune" else ())
   for k, reason in site["skipped"].items():
     md += [f"k = {k} skipped: {reason}.", ""]
   # What selection saw: the same for every test set (the site's validation images), so read from the site's.
   val = s["tests"].get(SITE, {})
   if val:
-    rows = [["k", *ARMS]] + [[k, *(f"{c[a]['val_auc_mean']:.3f}" if c.get(a, {}).get("val_auc_mean") is not None
-                                   else "–" for a in ARMS)]
+    rows = [["k", *arms]] + [[k, *(f"{c[a]['val_auc_mean']:.3f}" if c.get(a, {}).get("val_auc_mean") is not None
+                                   else "–" for a in arms)]
                              for k in sorted(val, key=int) for c in [val[k]["arms"]]]
     md += [f"**validation** ({sum(site['val_counts'].values())} site images: each classifier's selected "
            "checkpoint's AUC, mean over draws; the decisions are made here)", "", report.markdown_table(rows), ""]
   for test, per_k in sorted(s["tests"].items(), key=lambda kv: kv[0] != SITE):   # the site first
-    rows = [["k", *ARMS, "shots + adapted − shots", "shots + adapted − shots + un-adapted"]]
+    rows = [["k", *arms, "shots + adapted − shots", "shots + adapted − shots + un-adapted"]]
     for k in sorted(per_k, key=int):
       c, d = per_k[k]["arms"], per_k[k]["differences"]
       cell = lambda arm: (f"{c[arm]['auc_mean']:.3f} ± {c[arm]['auc_std']:.3f}" if arm in c else "–")
       diff = lambda name: (f"{d[name]['mean']:+.3f} ± {d[name]['std']:.3f} ({d[name]['wins']}/{d[name]['n_draws']})"
                            if name in d else "–")
-      rows.append([k, *map(cell, ARMS), diff(f"{SHOTS_ADAPTED} − {SHOTS}"), diff(f"{SHOTS_ADAPTED} − {SHOTS_BASE}")])
+      rows.append([k, *map(cell, arms), diff(f"{SHOTS_ADAPTED} − {SHOTS}"), diff(f"{SHOTS_ADAPTED} − {SHOTS_BASE}")])
     plot = kcurve_plot(work / f"fewshot_{test}.png", per_k, f"few-shot: {test}")
     md += [f"**{test}** (test AUC, mean ± sd over draws; differences paired by draw, wins in parentheses)", "",
            report.markdown_table(rows), "", f"![k-curve {test}]({plot.name})", ""]
