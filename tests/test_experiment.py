@@ -210,6 +210,9 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, c
     experiment.arms(_with(cfg, mixed="blend"), 10, 20)
   with pytest.raises(ValueError, match="not a finished experiment"):
     experiment.adopt_pretrained(_with(cfg, pretrained=str(tmp_path)), tmp_path / "other")
+  # A run reusing this variant (itself a reuse) finds the model where it was trained.
+  assert experiment._model_dir(_with(cfg, pretrained=str(tmp_path / "variant")), tmp_path / "w") == \
+      run["work"] / "diffusion"
 
 
 def _with(cfg, **kw):

@@ -210,8 +210,16 @@ def stage_external(cfg, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ generative side
 
 def _model_dir(cfg, work: Path) -> Path:
-  """The diffusion model's run directory: this experiment's, or the `pretrained` experiment's."""
-  return (Path(cfg.pretrained).expanduser() if cfg.pretrained else work) / "diffusion"
+  """The diffusion model's run directory: this experiment's, or the `pretrained` experiment's; a pretrained run
+  that itself reused a model lends that one (the chain of `pretrained` followed to the run that trained it)."""
+  src, seen = (Path(cfg.pretrained).expanduser() if cfg.pretrained else work), set()
+  while not (src / "diffusion").is_dir() and (src / "config.json").is_file() and src not in seen:
+    seen.add(src)
+    lent = json.loads((src / "config.json").read_text()).get("pretrained", "")
+    if not lent:
+      break
+    src = Path(lent).expanduser()
+  return src / "diffusion"
 
 
 PRETRAINED_STAGES = ("data", "pretrain", "box_prior")
