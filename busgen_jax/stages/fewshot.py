@@ -363,7 +363,7 @@ def markdown(cfg, s: dict, work: Path) -> str:
         f"{a.lora.rank}, {a.num_steps} steps of batch {a.data.batch_size}, lr {a.optim.lr}; each repository "
         f"{cfg.fewshot.generated_per_class} images per class (un-adapted: the null device row), "
         f"{PRIOR_WORDS[cfg.fewshot.box_prior]}; " + MIXED_WORDS[cfg.fewshot.mixed].format(fs=cfg.fewshot), ""]
-  arms = ARMS + ((UNADAPTED,) if cfg.fewshot.mixed == "finetune" else ())
+  arms = ARMS + tuple(a for a in ORDER[cfg.fewshot.mixed] if a not in ARMS)   # + what fine-tuning starts from
   for k, reason in site["skipped"].items():
     md += [f"k = {k} skipped: {reason}.", ""]
   # What selection saw: the same for every test set (the site's validation images), so read from the site's.
