@@ -5,11 +5,13 @@ report's figures, resuming, and the pieces it is built from."""
 import csv
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -492,3 +494,31 @@ def test_validation_cases_are_whole_cases_near_the_fraction():
   assert np.array_equal(val, fewshot.validation_cases(label, cases, ["benign", "malignant"], 0.2, seed=0))
   with pytest.raises(ValueError, match="val_fraction"):
     fewshot.validation_cases(label, cases, ["benign"], 1.5, seed=0)
+
+
+def test_adapt_study_layer_variants_target_part_of_the_model_and_print_a_flag_that_parses(monkeypatch, tmp_path):
+  """The `layers` family's targets each wrap some of the `fewshot` preset's layers, not all; the selected variant's
+  printed command carries its tuple as one shell word that the config flag reads back."""
+  monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
+  study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
+  from busgen_jax.models import lora, unet
+  cfg = experiment.default_config("fewshot")
+  every = lora.inject(unet.create(cfg.diffusion.model), cfg.fewshot.adapt.lora)
+  for name, overrides in study.FAMILIES["layers"]:
+    lcfg = ml_collections.ConfigDict(cfg.fewshot.adapt.lora.to_dict())
+    lcfg.targets = overrides["lora.targets"]
+    wrapped = lora.inject(unet.create(cfg.diffusion.model), lcfg)
+    assert 0 < len(wrapped) < len(every), name
+  draws = {"k32_d0": {"val_loss_start": 1.0, "val_loss_best": 0.9, "best_step": 200, "minutes": 4.0}}
+  name, overrides = study.FAMILIES["layers"][0]
+  recorded = study._json(overrides)                   # as adapt_study.json holds it: lists
+  md = study.markdown("layers", [study.row("base", None, {"k32_d0": {**draws["k32_d0"], "val_loss_best": 0.95}}),
+                                 study.row(name, recorded, draws)], tmp_path, tmp_path, "/m")
+  flag = next(w for w in shlex.split(md.split("Its classifiers: `")[1].split("`")[0]) if "lora.targets" in w)
+  from absl import flags
+  from ml_collections import config_flags
+  values = flags.FlagValues()
+  monkeypatch.setattr(sys, "argv", ["prog", flag])   # ml-collections defines override flags from sys.argv
+  config_flags.DEFINE_config_dict("config", experiment.default_config("fewshot"), flag_values=values)
+  values(["prog", flag])
+  assert values.config.fewshot.adapt.lora.targets == overrides["lora.targets"]

@@ -20,6 +20,7 @@ Finished variants are read from WORKDIR/adapt_study.json; `--variants` runs only
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,11 @@ FAMILIES = {
     # prior preservation: that share of each batch from the pretraining images (the site's device left out)
     "prior": [("prior 0", {"prior.weight": 0.0}), ("prior 0.25", {"prior.weight": 0.25}),
               ("prior 0.5", {"prior.weight": 0.5})],
+    # Which layers carry adapters (the site's new device row is trained in every variant): the attention and the
+    # paths the labels enter by (the condition MLP and each block's projection of it), which diffusion LoRA
+    # recipes adapt first; or the decoder alone, where the image's texture is finished.
+    "layers": [("attention and conditioning", {"lora.targets": (r".*attn/.*", r".*cond_proj", r"cond_\d")}),
+               ("decoder", {"lora.targets": (r"up/.*", "tail_conv")})],
 }
 
 
@@ -50,6 +56,11 @@ def _get(cfg, key: str):
   for part in key.split("."):
     cfg = cfg[part]
   return cfg
+
+
+def _json(x):
+  """`x` as it reads back from adapt_study.json (tuples become lists), so recorded overrides compare equal."""
+  return json.loads(json.dumps(x))
 
 
 def markers(family: str) -> tuple[str, str]:
@@ -111,7 +122,8 @@ def markdown(family: str, rows: list[dict], base: Path, work: Path, model_run: s
     lines.append(f"| {name} | {r['val_loss']:.5f} | {100 * r['gain']:.1f}% | {steps} | {r['minutes']:.1f} |")
   lines += ["", f"Selected: {best['variant']}."]
   if best["overrides"]:
-    flags = " ".join(f"--config.fewshot.adapt.{k}={v}" for k, v in best["overrides"].items())
+    flags = " ".join(shlex.quote(f"--config.fewshot.adapt.{k}={tuple(v) if isinstance(v, list) else v}")
+                     for k, v in best["overrides"].items())
     lines += [f"Its classifiers: `busgen-jax experiment --config configs/experiment.py:fewshot --workdir "
               f"{variant_dir(work, family, best['variant'])} --config.pretrained={model_run} {flags}` (the adaptation is "
               "reused)."]
@@ -151,7 +163,7 @@ def main():
       old = recorded.get(name)
       if all(own[k] == v for k, v in overrides.items()):
         continue   # the base run's own recipe: its row above
-      elif old and old["overrides"] == overrides and sorted(old["draws"]) == sorted(keys):
+      elif old and old["overrides"] == _json(overrides) and sorted(old["draws"]) == sorted(keys):
         rows.append(old)   # finished: recorded with its times (the adapters stay where they are)
       elif not a.variants or any(v in name for v in a.variants.split("|")):
         rows.append(row(name, overrides, run_variant(base, work, family, name, overrides, keys)))
