@@ -224,7 +224,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: in
   _, _, last, _ = loop.run(state, it, step_fn, mesh=setup.mesh, ckpt=ckpt, writer=writer, progress=progress,
                            num_steps=cfg.num_steps, log_every=cfg.log_every, batch_size=cfg.data.batch_size,
                            meta=lambda: meta, hooks=hooks, stop_after=stop_after, name="diffusion")
-  return last
+  # The decay the EMA ended with: below optim.ema_decay when the warm-up's cap never reached it (a short run).
+  return {**last, "ema_decay_last": float(train_state.ema_decay_at(cfg.optim, cfg.num_steps - 1, np))}
 
 
 def check_labels(local, model_cfg):
