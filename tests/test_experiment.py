@@ -522,3 +522,18 @@ def test_adapt_study_layer_variants_target_part_of_the_model_and_print_a_flag_th
   config_flags.DEFINE_config_dict("config", experiment.default_config("fewshot"), flag_values=values)
   values(["prog", flag])
   assert values.config.fewshot.adapt.lora.targets == overrides["lora.targets"]
+
+
+def test_recipe_study_refuses_an_ema_variant_that_trains_the_base_model(monkeypatch):
+  """An EMA decay above the warm-up's cap at the run's last step is never reached: such a variant is the base's
+  model (the 0.999 run was), and the study says so instead of training it; the family's 0.99 does differ."""
+  monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
+  study = config_files.module(ROOT / "docs" / "experiments" / "recipe_study.py")
+  base = experiment.default_config("cpu")
+  def variant(decay):
+    v = ml_collections.ConfigDict(base.to_dict())
+    v.diffusion.optim.ema_decay = decay
+    return v, {"diffusion.optim.ema_decay": decay, "generate.multiples": (1.0,)}
+  assert study.same_ema_only(base, *variant(0.999))
+  ema = next(ov for name, ov in study.FAMILIES["schedule"][2] if name.startswith("EMA"))   # the family's own
+  assert not study.same_ema_only(base, *variant(ema["diffusion.optim.ema_decay"]))

@@ -126,6 +126,17 @@ def equal_flops_steps(base_cfg, cfg) -> int:
   return max(1, round(base_cfg.diffusion.num_steps * cost(base_cfg) / cost(cfg)))
 
 
+def same_ema_only(base_cfg, cfg, overrides: dict) -> bool:
+  """Whether a variant differs from the base only in EMA decays that its run never reaches (same model)."""
+  from busgen_jax.train import state
+  if not {k for k in overrides if k.startswith("diffusion.")} <= {"diffusion.optim.ema_decay"} or \
+      cfg.diffusion.num_steps != base_cfg.diffusion.num_steps or "diffusion.optim.ema_decay" not in overrides:
+    return False
+  steps = np.arange(cfg.diffusion.num_steps)
+  return bool(np.array_equal(state.ema_decay_at(base_cfg.diffusion.optim, steps, np),
+                             state.ema_decay_at(cfg.diffusion.optim, steps, np)))
+
+
 def base_config(base: Path):
   """The base run's own settings (its config.json), on today's defaults: variants differ from the base run by
   their overrides alone, whatever the `cpu` preset has become since."""
@@ -154,6 +165,9 @@ def run_variant(base: Path, work: Path, family: str, name: str, overrides: dict)
   cfg.update_from_flattened_dict({k: v for k, v in overrides.items() if v != SAME_FLOPS})
   if overrides.get("diffusion.num_steps") == SAME_FLOPS:   # after the overrides that change the step's cost
     cfg.diffusion.num_steps = equal_flops_steps(base_cfg, cfg)
+  if same_ema_only(base_cfg, cfg, overrides):
+    raise SystemExit(f"{family} / {name}: its EMA decays equal the base's at every step (the warm-up's cap "
+                     "(1 + s) / (10 + s) is below both ema_decay values): it would train the base's model")
   out = variant_dir(work, family, name)
   if any(k.startswith("diffusion.") for k in overrides):
     # A model of its own on the base run's converted data; the real-only classifier is the base's (same data,
