@@ -129,8 +129,7 @@ def equal_flops_steps(base_cfg, cfg) -> int:
 def same_ema_only(base_cfg, cfg, overrides: dict) -> bool:
   """Whether a variant differs from the base only in EMA decays that its run never reaches (same model)."""
   from busgen_jax.train import state
-  if not {k for k in overrides if k.startswith("diffusion.")} <= {"diffusion.optim.ema_decay"} or \
-      cfg.diffusion.num_steps != base_cfg.diffusion.num_steps or "diffusion.optim.ema_decay" not in overrides:
+  if {k for k in overrides if k.startswith("diffusion.")} != {"diffusion.optim.ema_decay"}:
     return False
   steps = np.arange(cfg.diffusion.num_steps)
   return bool(np.array_equal(state.ema_decay_at(base_cfg.diffusion.optim, steps, np),
