@@ -502,7 +502,7 @@ def test_adapt_study_layer_variants_target_part_of_the_model_and_print_a_flag_th
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
   study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
   from busgen_jax.models import lora, unet
-  cfg = experiment.default_config("fewshot")
+  cfg = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:fewshot")
   every = lora.inject(unet.create(cfg.diffusion.model), cfg.fewshot.adapt.lora)
   for name, overrides in study.FAMILIES["layers"]:
     lcfg = ml_collections.ConfigDict(cfg.fewshot.adapt.lora.to_dict())
@@ -519,7 +519,7 @@ def test_adapt_study_layer_variants_target_part_of_the_model_and_print_a_flag_th
   from ml_collections import config_flags
   values = flags.FlagValues()
   monkeypatch.setattr(sys, "argv", ["prog", flag])   # ml-collections defines override flags from sys.argv
-  config_flags.DEFINE_config_dict("config", experiment.default_config("fewshot"), flag_values=values)
+  config_flags.DEFINE_config_dict("config", cfg, flag_values=values)
   values(["prog", flag])
   assert values.config.fewshot.adapt.lora.targets == overrides["lora.targets"]
 
@@ -529,7 +529,7 @@ def test_recipe_study_refuses_an_ema_variant_that_trains_the_base_model(monkeypa
   model (the 0.999 run was), and the study says so instead of training it; the family's 0.99 does differ."""
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
   study = config_files.module(ROOT / "docs" / "experiments" / "recipe_study.py")
-  base = experiment.default_config("cpu")
+  base = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:cpu")   # 1,400 steps, ema_decay 0.995
   def variant(decay):
     v = ml_collections.ConfigDict(base.to_dict())
     v.diffusion.optim.ema_decay = decay
