@@ -484,6 +484,36 @@ def test_adapt_study_variant_lands_where_the_experiment_reuses_it(fewshot_run, t
   assert set(s["fewshot"]["tests"][fewshot.SITE]["4"]["arms"]) == set(fewshot.ARMS)
 
 
+def test_fewshot_curve_summary_orders_k_numerically_and_reports_a_skipped_k(tmp_path):
+  """The k-curve preset's report (several k, one skipped by the site's size), which the CI run's single k never
+  builds: k in numeric order in every table and the plot, per-k means over that k's draws only, the skip said."""
+  rng = np.random.default_rng(0)
+  site = {"source": "site_ds", "device": "Scanner-B", "n": 139, "counts": {"benign": 71, "malignant": 68},
+          "cases": 72, "val_counts": {"benign": 14, "malignant": 14},
+          "skipped": {"64": "64 shots per class leave {'benign': 3, 'malignant': 1} test images"}}
+  draws = {}
+  for k in (8, 16, 32):
+    for d in range(3):
+      res = {arm: {test: {"n": 40, "n_positive": 20, "auc": float(rng.uniform(0.5, 0.9)),
+                          "auc_ci95": [0.4, 0.95], "val_auc": float(rng.uniform(0.6, 0.9))}
+                   for test in (fewshot.SITE, "external_a")} for arm in fewshot.ARMS}
+      draws[f"k{k}_d{d}"] = {"k": k, "draw": d, "results": res}
+  s = fewshot.summarise(site, draws)
+  for test in (fewshot.SITE, "external_a"):
+    assert list(s["tests"][test]) == ["8", "16", "32"]
+    cell = s["tests"][test]["16"]["arms"][fewshot.SHOTS]
+    want = [draws[f"k16_d{d}"]["results"][fewshot.SHOTS][test]["auc"] for d in range(3)]
+    assert cell["n_draws"] == 3 and cell["auc_mean"] == pytest.approx(np.mean(want))
+    assert cell["auc_std"] == pytest.approx(np.std(want, ddof=1))
+  cfg = _config("fewshot_curve")
+  md = fewshot.markdown(cfg, {**s, "held_out": True}, tmp_path)
+  assert "k = 64 skipped: 64 shots per class leave" in md
+  rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+  assert rows == ["8", "16", "32"] * 3            # validation, the site, the external set
+  for test in (fewshot.SITE, "external_a"):
+    assert (tmp_path / f"fewshot_{test}.png").stat().st_size > 0 and f"![k-curve {test}]" in md
+
+
 def test_validation_cases_are_whole_cases_near_the_fraction():
   label = np.array(["benign"] * 30 + ["malignant"] * 20)
   cases = np.array([f"c{i // 2}" for i in range(50)])          # two views per case
