@@ -126,8 +126,9 @@ def _fewshot(c):
 
 
 def _fewshot_curve(c):
-  """The whole k-curve: k = 8, 16, 32, 64 shots per class, three draws each (hours on 2 cores). On BUS-BRA's
-  Toshiba images k = 64 leaves too few test images and is reported as skipped."""
+  """The whole k-curve: k = 8, 16, 32, 64 shots per class, three draws each (about 2 hours on 2 cores
+  with pretraining: docs/EXPERIMENTS.md, The k-curve). On BUS-BRA's Toshiba images k = 64 leaves too few test
+  images and is reported as skipped."""
   _fewshot(c)
   c.fewshot.k = (8, 16, 32, 64)
 
