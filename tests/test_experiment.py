@@ -498,7 +498,7 @@ def test_fewshot_curve_summary_orders_k_numerically_and_reports_a_skipped_k(tmp_
                           "auc_ci95": [0.4, 0.95], "val_auc": float(rng.uniform(0.6, 0.9))}
                    for test in (fewshot.SITE, "external_a")} for arm in fewshot.ARMS}
       draws[f"k{k}_d{d}"] = {"k": k, "draw": d, "results": res}
-  s = fewshot.summarise(site, draws)
+  s = fewshot.summarise(site, dict(sorted(draws.items())))   # keyed k16, k32, k8: the order names sort in
   for test in (fewshot.SITE, "external_a"):
     assert list(s["tests"][test]) == ["8", "16", "32"]
     cell = s["tests"][test]["16"]["arms"][fewshot.SHOTS]
