@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = "Toshiba"       # the scanner kept out of the internal data: the "other hospital"
 
 
+def _config(preset: str) -> ml_collections.ConfigDict:
+  """A preset of configs/experiment.py, loaded as `--config configs/experiment.py:PRESET` loads it."""
+  return config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:{preset}")
+
+
 def _busbra_manifests(busbra: Path, out: Path) -> tuple[Path, Path]:
   """A CSV manifest of a small BUS-BRA subset without one scanner (split by BUS-BRA's own folds: 1 test, 2 val),
   and a folder with a manifest of that scanner's images (files beside it, as a user's export would be)."""
@@ -170,7 +175,7 @@ def test_rerun_reuses_every_stage_and_refuses_another_config(run):
 
 
 def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, caplog):
-  cfg = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci")
+  cfg = _config("ci")
   cfg.update(pretrained=str(run["work"]), skip=("quality", "audit"))
   cfg.generate.sampler.guidance_scale = 1.5
   cfg.generate.multiples = (1.0,)
@@ -194,7 +199,7 @@ def test_pretrained_reuses_the_model_and_varies_only_the_recipe(run, tmp_path, c
   # as the generated classifier fine-tuned on the real images.
   cfg2 = _with(cfg, generated_overrides=("num_steps=3", "data.ultrasound_augment=('gain',)"), mixed="finetune",
                finetune_overrides=("num_steps=2",))
-  cfg2.generate = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:ci").generate
+  cfg2.generate = _config("ci").generate
   s2 = experiment.run(cfg2, str(tmp_path / "variant2"))
   assert s2["generated"]["dataset"] == base["generated"]["dataset"]
   assert s2["tests"]["internal"]["arms"]["real"]["auc"] == real["auc"]
@@ -305,16 +310,6 @@ def test_open_config_keys_take_any_name():
 
 
 # ------------------------------------------------------------------------------------------------ few-shot arm
-
-def _config(preset: str):
-  sys.path.insert(0, str(ROOT / "configs"))
-  try:
-    import experiment as presets   # configs/experiment.py
-    return presets.get_config(preset)
-  finally:
-    sys.path.pop(0)
-    sys.modules.pop("experiment", None)
-
 
 @pytest.fixture(scope="module")
 def fewshot_run(tmp_path_factory):
@@ -532,7 +527,7 @@ def test_adapt_study_layer_variants_target_part_of_the_model_and_print_a_flag_th
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
   study = config_files.module(ROOT / "docs" / "experiments" / "adapt_study.py")
   from busgen_jax.models import lora, unet
-  cfg = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:fewshot")
+  cfg = _config("fewshot")
   every = lora.inject(unet.create(cfg.diffusion.model), cfg.fewshot.adapt.lora)
   for name, overrides in study.FAMILIES["layers"]:
     lcfg = ml_collections.ConfigDict(cfg.fewshot.adapt.lora.to_dict())
@@ -559,7 +554,7 @@ def test_recipe_study_refuses_an_ema_variant_that_trains_the_base_model(monkeypa
   model (the 0.999 run was), and the study says so instead of training it; the family's 0.99 does differ."""
   monkeypatch.syspath_prepend(str(ROOT / "docs" / "experiments"))
   study = config_files.module(ROOT / "docs" / "experiments" / "recipe_study.py")
-  base = config_files.load(f"{ROOT / 'configs' / 'experiment.py'}:cpu")   # 1,400 steps, ema_decay 0.995
+  base = _config("cpu")   # 1,400 steps, ema_decay 0.995
   def variant(decay):
     v = ml_collections.ConfigDict(base.to_dict())
     v.diffusion.optim.ema_decay = decay
