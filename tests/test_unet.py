@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,12 +109,34 @@ def test_transposed_conv_equals_pytorch_semantics():
   np.testing.assert_allclose(np.asarray(layer(x)), want, atol=1e-5)
 
 
-def test_chunked_attention_equals_dense_and_its_gradient():
+@pytest.mark.parametrize("min_keys", [None, 0])   # autodiff's backward, the written-out one (checkpointed in chunks)
+def test_chunked_attention_equals_dense_and_its_gradient(min_keys, monkeypatch):
+  if min_keys is not None:
+    monkeypatch.setattr(unet, "SOFTMAX_VJP_MIN_KEYS", min_keys)
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, 8)) for i in range(3))
   f = lambda impl: lambda q: unet.attention(q, k, v, impl=impl, chunk=64)
   np.testing.assert_allclose(f("chunked")(q), f("dense")(q), atol=1e-5)
   g = lambda impl: jax.grad(lambda q: jnp.sum(f(impl)(q) ** 2))(q)
   np.testing.assert_allclose(g("chunked"), g("dense"), atol=1e-4)
+
+
+def test_written_out_attention_backward_equals_autodiff():
+  """The custom VJP (dS = P * (dP - rowsum(dO * O)), transposes behind barriers) against autodiff of the plain
+  softmax form, for q, k and v; and `attention` takes it from SOFTMAX_VJP_MIN_KEYS keys on."""
+  def plain(q, k, v):
+    w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
+    return jnp.einsum("bqk,bkc->bqc", w, v)
+  for L, f in [(96, unet._softmax_attention), (unet.SOFTMAX_VJP_MIN_KEYS, lambda q, k, v: unet.attention(
+      q, k, v, impl="dense", chunk=64))]:
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (2, L, 8)) for i in range(4))
+    out, vjp = jax.vjp(f, q, k, v)
+    want, want_vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    for got, ref in zip(vjp(g), want_vjp(g)):
+      np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+  uses = lambda L: "custom_vjp_call" in str(jax.make_jaxpr(lambda q: unet.attention(q, q, q, impl="dense", chunk=64))(
+      jnp.zeros((1, L, 4))))
+  assert uses(unet.SOFTMAX_VJP_MIN_KEYS) and not uses(unet.SOFTMAX_VJP_MIN_KEYS // 2)
 
 
 @pytest.mark.parametrize("name", ["busgen_official", "busgen_toy_busi", "phantom_tiny", "busbra_pretrain"])
