@@ -2,11 +2,10 @@
 exactness of the sub-pixel upsampler and of chunked attention."""
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
-
-import math
 
 import jax
 import jax.numpy as jnp

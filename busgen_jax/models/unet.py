@@ -114,8 +114,8 @@ class Embedding(nnx.Module):
 
 
 # From this many keys on, attention's backward pass is written out (_softmax_attention): at the official model's
-# 4,096 positions it runs 1.15x faster on XLA:CPU than autodiff's; at 256-1,024 keys the two are level or autodiff
-# is ahead (docs/BENCHMARKS.md).
+# 4,096 positions one layer's forward + backward runs 1.15x faster on XLA:CPU than autodiff's, the whole 64 px train
+# step 1.19x; at 256-1,024 keys the two are level or autodiff is ahead (docs/BENCHMARKS.md).
 SOFTMAX_VJP_MIN_KEYS = 2048
 
 
@@ -131,10 +131,14 @@ def _softmax_attention(q, k, v):
   return _softmax_attention_fwd(q, k, v)[0]
 
 
+def _probabilities(q, k, dtype):
+  """softmax(q k^T / sqrt(C)) in `dtype`: the forward pass of both backward forms."""
+  w = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  return jax.nn.softmax(w, axis=-1).astype(dtype)
+
+
 def _softmax_attention_fwd(q, k, v):
-  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  p = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q * scale, k, preferred_element_type=jnp.float32), axis=-1)
-  p = p.astype(v.dtype)
+  p = _probabilities(q, k, v.dtype)
   o = jnp.einsum("bqk,bkc->bqc", p, v)
   return o, (q, k, v, p, o)
 
@@ -169,14 +173,11 @@ def attention(q, k, v, *, impl: str, chunk: int):
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
                                         implementation="cudnn")[:, :, 0]
-  scale = 1.0 / math.sqrt(C)
 
   def rows(qc):  # (B, n, C) queries against every key
     if L >= SOFTMAX_VJP_MIN_KEYS:
       return _softmax_attention(qc, k, v)
-    w = jnp.einsum("bqc,bkc->bqk", qc, k, preferred_element_type=jnp.float32) * scale
-    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
-    return jnp.einsum("bqk,bkc->bqc", w, v)
+    return jnp.einsum("bqk,bkc->bqc", _probabilities(qc, k, v.dtype), v)
 
   if impl == "dense":
     return rows(q)
