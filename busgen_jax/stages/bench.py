@@ -133,6 +133,35 @@ def _batch(B: int, S: int) -> dict:
           "pathology": np.ones(B, np.int32), "device": np.ones(B, np.int32)}
 
 
+def compiled_train_step(cfg, case: dict):
+  """`train`'s step for a bench case on one device, compiled and warmed up: (step, state, batch, compile s).
+  docs/experiments/step_profile.py profiles the same step."""
+  import jax
+  from busgen_jax import parallel
+  from busgen_jax.train import diffusion
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  setup = diffusion.Setup(cfg, mesh=mesh)
+  local = _batch(case["batch"], case["size"])
+  batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
+  state = setup.init_state(0)
+  t = time.perf_counter()
+  step = setup.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  state, m = step(state, batch)                      # warm-up
+  jax.block_until_ready(m)
+  return step, state, batch, compile_s
+
+
+def timed_steps(step, state, batch, n: int):
+  """n steps from `state`: (the new state, seconds per step)."""
+  import jax
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return state, (time.perf_counter() - t) / n
+
+
 def _train(cfg, case: dict, fwd_flops: float) -> dict:
   import jax
   from busgen_jax import parallel
@@ -149,22 +178,12 @@ def _train(cfg, case: dict, fwd_flops: float) -> dict:
     batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
     mem = setup.train_step.lower(setup.abstract_state, batch).compile().memory_analysis()
     out[f"temp_gib_{impl}_attention"] = mem.temp_size_in_bytes / 2 ** 30
-  setup = diffusion.Setup(cfg, mesh=mesh)
-  state = setup.init_state(0)
-  batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
-  t = time.perf_counter()
-  step = setup.train_step.lower(state, batch).compile()
-  out["train_compile_s"] = time.perf_counter() - t
-  state, m = step(state, batch)                      # warm-up
-  jax.block_until_ready(m)
+  step, state, batch, out["train_compile_s"] = compiled_train_step(cfg, case)
 
   def ours():
     nonlocal state
-    t = time.perf_counter()
-    for _ in range(case["steps"]):
-      state, m = step(state, batch)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t) / case["steps"]
+    state, s = timed_steps(step, state, batch, case["steps"])
+    return s
 
   step_s = ours()
   if case.get("torch_reference"):

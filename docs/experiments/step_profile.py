@@ -1,49 +1,33 @@
-"""Where a train step's time goes on XLA:CPU (docs/BENCHMARKS.md), and the attention backward's A/B.
+"""Where a train step's time goes on XLA:CPU (docs/BENCHMARKS.md), and A/Bs of its written-out backward passes.
 
   python docs/experiments/step_profile.py --case official_64px                 # the step's slowest fusions
   python docs/experiments/step_profile.py --case official_64px --ab-attention  # written-out vs autodiff backward
+  python docs/experiments/step_profile.py --case official_64px --ab-group-norm  # unet.GroupNorm vs nnx.GroupNorm
+  python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
 
 The first form traces two steps of a `busgen-jax bench` case (its model, size and batch) with jax.profiler and
 lists the fusions that took longest per step, each with its result shape and the JAX operation it came from (XLA's
 metadata). Eigen's convolutions run on their own thread pool and appear only as short dispatches: the step's wall
 time minus the listed fusions is mostly convolution. The second form compiles the step twice, with attention's
 backward written out (`unet.SOFTMAX_VJP_MIN_KEYS`, the default) and with autodiff's, and times them in
-alternating rounds in one process, so that the machine's drift hits both.
+alternating rounds in one process, so that the machine's drift hits both; the third does the same for GroupNorm's
+written-out backward (`unet.GroupNorm`) against flax's autodiff one, and the fourth for two values of one field of
+the bench case (`bench.case`'s arguments).
 """
 
 import argparse
+import statistics
 
 from busgen_jax import xla_env  # noqa: E402
 
 xla_env.script()   # as the CLI does, before jax is first imported
 
 
-def _setup(case_name):
-  import jax
-  from busgen_jax import parallel
+def _setup(case_name, **overrides):
   from busgen_jax.stages import bench
-  from busgen_jax.train import diffusion
-  case = dict(bench.default_config().cases[case_name])
-  cfg = bench._config(case)
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-  setup = diffusion.Setup(cfg, mesh=mesh)
-  local = bench._batch(case["batch"], case["size"])
-  batch = parallel.global_batch({k: local[k] for k in setup.batch_keys}, setup.mesh, setup.rules)
-  state = setup.init_state(0)
-  step = setup.train_step.lower(state, batch).compile()
-  state, m = step(state, batch)                       # warm-up
-  jax.block_until_ready(m)
+  case = dict(bench.default_config().cases[case_name], **overrides)
+  step, state, batch, _ = bench.compiled_train_step(bench._config(case), case)
   return step, state, batch
-
-
-def _timed(step, state, batch, n):
-  import time
-  import jax
-  t = time.perf_counter()
-  for _ in range(n):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  return state, (time.perf_counter() - t) / n
 
 
 def profile(case_name, top):
@@ -54,14 +38,15 @@ def profile(case_name, top):
   import tempfile
   from pathlib import Path
   import jax
+  from busgen_jax.stages import bench
   step, state, batch = _setup(case_name)
-  state, step_s = _timed(step, state, batch, 1)
+  state, step_s = bench.timed_steps(step, state, batch, 1)
   what = {}                                             # fusion name -> (shape, op_name) from the HLO text
   for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", step.as_text(), re.M):
     what[m.group(1)] = (m.group(2), m.group(3))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
-      _timed(step, state, batch, 2)
+      bench.timed_steps(step, state, batch, 2)
     trace = json.load(gzip.open(next(Path(d).rglob("*perfetto_trace.json.gz"))))
   total = collections.Counter()
   for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
@@ -73,24 +58,60 @@ def profile(case_name, top):
     print(f"{ms:9.1f} ms  {name:32s} {shape:28s} {op[:90]}")
 
 
-def ab_attention(case_name, rounds):
-  from busgen_jax.models import unet
+def _ab(case_name, variants, rounds):
+  """variants: label -> a function that compiles the step. Alternating rounds: the best round of each, and the
+  ratio within each round."""
   from busgen_jax.stages import bench
   import jax.numpy as jnp
-  compiled = {}
-  for label, keys in [("written-out backward", unet.SOFTMAX_VJP_MIN_KEYS), ("autodiff backward", 10 ** 12)]:
-    unet.SOFTMAX_VJP_MIN_KEYS = keys                   # read when the step is traced
-    compiled[label] = list(_setup(case_name))
+  compiled = {label: list(make()) for label, make in variants.items()}
   print(f"matmul peak {bench._matmul_peak(jnp.float32) / 1e9:.0f} GFLOP/s")
-  best = {}
+  times = {label: [] for label in compiled}
   for r in range(rounds):
     for label, (step, state, batch) in compiled.items():
-      state, s = _timed(step, state, batch, 2)
+      state, s = bench.timed_steps(step, state, batch, 2)
       compiled[label][1] = state
-      best[label] = min(best.get(label, s), s)
+      times[label].append(s)
       print(f"round {r}: {label}: {s:.2f} s per step")
-  a, b = best.values()
-  print(f"best rounds: {a:.2f} against {b:.2f} s per step: the written-out backward {b / a:.2f}x")
+  (a, ta), (b, tb) = times.items()
+  ratios = sorted(y / x for x, y in zip(ta, tb))   # each round's pair: the machine drifts less within a round
+  print(f"best rounds: {a} {min(ta):.2f} against {b} {min(tb):.2f} s per step: {a} {min(tb) / min(ta):.2f}x; "
+        f"per round {', '.join(f'{x:.2f}' for x in ratios)}x (median {statistics.median(ratios):.2f}x)")
+
+
+def ab_attention(case_name, rounds):
+  from busgen_jax.models import unet
+  keys = unet.SOFTMAX_VJP_MIN_KEYS
+
+  def with_threshold(n):
+    def make():
+      unet.SOFTMAX_VJP_MIN_KEYS = n                    # read when the step is traced
+      try:
+        return _setup(case_name)
+      finally:
+        unet.SOFTMAX_VJP_MIN_KEYS = keys
+    return make
+  _ab(case_name, {"written-out backward": with_threshold(keys), "autodiff backward": with_threshold(10 ** 12)},
+      rounds)
+
+
+def ab_group_norm(case_name, rounds):
+  from flax import nnx
+  from busgen_jax.models import unet
+  written = unet.GroupNorm.__call__
+
+  def make(call):
+    def setup():
+      unet.GroupNorm.__call__ = call                   # read when the step is traced
+      try:
+        return _setup(case_name)
+      finally:
+        unet.GroupNorm.__call__ = written
+    return setup
+  _ab(case_name, {"written-out GroupNorm": make(written), "flax GroupNorm": make(nnx.GroupNorm.__call__)}, rounds)
+
+
+def ab_case(case_name, field, values, rounds):
+  _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
 
 
 def main():
@@ -98,10 +119,20 @@ def main():
   p.add_argument("--case", default="official_64px", help="a `busgen-jax bench` case (configs of bench.py)")
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--ab-attention", action="store_true")
+  p.add_argument("--ab-group-norm", action="store_true")
+  p.add_argument("--ab", metavar="FIELD=A,B", help="A/B two values of a bench case field, e.g. attention=dense,chunked")
   p.add_argument("--rounds", type=int, default=3)
   a = p.parse_args()
   if a.ab_attention:
     ab_attention(a.case, a.rounds)
+  elif a.ab_group_norm:
+    ab_group_norm(a.case, a.rounds)
+  elif a.ab:
+    field, values = a.ab.split("=", 1)
+    values = values.split(",")
+    if len(values) != 2:
+      p.error(f"--ab {a.ab}: give exactly two values, FIELD=A,B")
+    ab_case(a.case, field, values, a.rounds)
   else:
     profile(a.case, a.top)
 
