@@ -94,43 +94,10 @@ def ab_attention(case_name, rounds):
       rounds)
 
 
-def _group_norm_layer(case_name, call, rounds=5):
-  """Best seconds of one GroupNorm + swish, forward + backward, at the case's (batch, size, size, 2 ch): the
-  largest GroupNorm input of the official UNet (the up path's concatenations)."""
-  import time
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from busgen_jax.models import unet
-  from busgen_jax.stages import bench
-  case = dict(bench.default_config().cases[case_name])
-  m = bench._config(case).model
-  x = jax.random.normal(jax.random.key(0), (case["batch"], case["size"], case["size"], 2 * m.ch))
-  norm = unet._norm(2 * m.ch, m.num_groups, jnp.float32)
-  graphdef, params = nnx.split(norm)
-
-  def loss(params, x):
-    layer = nnx.merge(graphdef, params)
-    return jnp.sum(nnx.swish(call(layer, x)) * x)
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  jax.block_until_ready(grad(params, x))
-  best = float("inf")
-  for _ in range(rounds):
-    t = time.perf_counter()
-    for _ in range(10):
-      out = grad(params, x)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t) / 10)
-  return x.shape, best
-
-
 def ab_group_norm(case_name, rounds):
   from flax import nnx
   from busgen_jax.models import unet
   written = unet.GroupNorm.__call__
-  (shape, a), (_, b) = (_group_norm_layer(case_name, call) for call in (written, nnx.GroupNorm.__call__))
-  print(f"one GroupNorm + swish at {shape}, forward + backward: written-out {a * 1e3:.1f} ms, flax "
-        f"{b * 1e3:.1f} ms: {b / a:.2f}x")
 
   def make(call):
     def setup():
