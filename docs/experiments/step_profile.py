@@ -1,8 +1,7 @@
-"""Where a train step's time goes on XLA:CPU (docs/BENCHMARKS.md), and A/Bs of its written-out backward passes.
+"""Where a train step's time goes on XLA:CPU (docs/BENCHMARKS.md), and A/Bs of its variants.
 
   python docs/experiments/step_profile.py --case official_64px                 # the step's slowest fusions
   python docs/experiments/step_profile.py --case official_64px --ab-attention  # written-out vs autodiff backward
-  python docs/experiments/step_profile.py --case official_64px --ab-group-norm  # unet.GroupNorm vs nnx.GroupNorm
   python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
 
 The first form traces two steps of a `busgen-jax bench` case (its model, size and batch) with jax.profiler and
@@ -10,9 +9,8 @@ lists the fusions that took longest per step, each with its result shape and the
 metadata). Eigen's convolutions run on their own thread pool and appear only as short dispatches: the step's wall
 time minus the listed fusions is mostly convolution. The second form compiles the step twice, with attention's
 backward written out (`unet.SOFTMAX_VJP_MIN_KEYS`, the default) and with autodiff's, and times them in
-alternating rounds in one process, so that the machine's drift hits both; the third does the same for GroupNorm's
-written-out backward (`unet.GroupNorm`) against flax's autodiff one, and the fourth for two values of one field of
-the bench case (`bench.case`'s arguments).
+alternating rounds in one process, so that the machine's drift hits both; the third does the same for two values
+of one field of the bench case (`bench.case`'s arguments).
 """
 
 import argparse
@@ -94,22 +92,6 @@ def ab_attention(case_name, rounds):
       rounds)
 
 
-def ab_group_norm(case_name, rounds):
-  from flax import nnx
-  from busgen_jax.models import unet
-  written = unet.GroupNorm.__call__
-
-  def make(call):
-    def setup():
-      unet.GroupNorm.__call__ = call                   # read when the step is traced
-      try:
-        return _setup(case_name)
-      finally:
-        unet.GroupNorm.__call__ = written
-    return setup
-  _ab(case_name, {"written-out GroupNorm": make(written), "flax GroupNorm": make(nnx.GroupNorm.__call__)}, rounds)
-
-
 def ab_case(case_name, field, values, rounds):
   _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
 
@@ -119,14 +101,11 @@ def main():
   p.add_argument("--case", default="official_64px", help="a `busgen-jax bench` case (configs of bench.py)")
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--ab-attention", action="store_true")
-  p.add_argument("--ab-group-norm", action="store_true")
   p.add_argument("--ab", metavar="FIELD=A,B", help="A/B two values of a bench case field, e.g. attention=dense,chunked")
   p.add_argument("--rounds", type=int, default=3)
   a = p.parse_args()
   if a.ab_attention:
     ab_attention(a.case, a.rounds)
-  elif a.ab_group_norm:
-    ab_group_norm(a.case, a.rounds)
   elif a.ab:
     field, values = a.ab.split("=", 1)
     values = values.split(",")
