@@ -93,6 +93,17 @@ def ab_attention(case_name, rounds):
 
 
 def ab_case(case_name, field, values, rounds):
+  """values are strings from the command line, converted to the field's type in the case (bool from true/false)."""
+  from busgen_jax.stages import bench
+  case = bench.default_config().cases[case_name]
+  if field not in case:
+    raise SystemExit(f"--ab {field}=...: {case_name} has no field {field!r}; its fields: {', '.join(sorted(case))}")
+  kind = type(case[field])
+  parse = (lambda v: {"true": True, "false": False}[v.lower()]) if kind is bool else kind
+  try:
+    values = [parse(v) for v in values]
+  except (KeyError, ValueError) as e:
+    raise SystemExit(f"--ab {field}={','.join(values)}: not a {kind.__name__} ({e})") from None
   _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
 
 
@@ -104,6 +115,8 @@ def main():
   p.add_argument("--ab", metavar="FIELD=A,B", help="A/B two values of a bench case field, e.g. attention=dense,chunked")
   p.add_argument("--rounds", type=int, default=3)
   a = p.parse_args()
+  if a.rounds < 1:
+    p.error(f"--rounds {a.rounds}: at least one round")
   if a.ab_attention:
     ab_attention(a.case, a.rounds)
   elif a.ab:
