@@ -121,7 +121,7 @@ def test_chunked_attention_equals_dense_and_its_gradient(min_keys, monkeypatch):
 
 def test_written_out_attention_backward_equals_autodiff():
   """The custom VJP (dS = P * (dP - rowsum(dO * O)), transposes behind barriers) against autodiff of the plain
-  softmax form, for q, k and v; and `attention` takes it from SOFTMAX_VJP_MIN_KEYS keys on."""
+  softmax form, for q, k and v; and `attention` takes it from SOFTMAX_VJP_MIN_KEYS keys on (on CPU)."""
   def plain(q, k, v):
     w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(q.shape[-1]), axis=-1)
     return jnp.einsum("bqk,bkc->bqc", w, v)
@@ -133,9 +133,12 @@ def test_written_out_attention_backward_equals_autodiff():
     np.testing.assert_allclose(out, want, atol=1e-5)
     for got, ref in zip(vjp(g), want_vjp(g)):
       np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
-  uses = lambda L: "custom_vjp_call" in str(jax.make_jaxpr(lambda q: unet.attention(q, q, q, impl="dense", chunk=64))(
-      jnp.zeros((1, L, 4))))
-  assert uses(unet.SOFTMAX_VJP_MIN_KEYS) and not uses(unet.SOFTMAX_VJP_MIN_KEYS // 2)
+  jaxpr = lambda L: jax.make_jaxpr(lambda q: unet.attention(q, q, q, impl="dense", chunk=64))(jnp.zeros((1, L, 4)))
+  assert "custom_vjp_call" not in str(jaxpr(unet.SOFTMAX_VJP_MIN_KEYS // 2))
+  # From the threshold on both forms are staged out and lowering picks: the written-out one for CPU only.
+  (switch,) = [e for e in jaxpr(unet.SOFTMAX_VJP_MIN_KEYS).jaxpr.eqns if e.primitive.name == "cond"]
+  assert "platform_index" in str(jaxpr(unet.SOFTMAX_VJP_MIN_KEYS))
+  assert sorted("custom_vjp_call" in str(b) for b in switch.params["branches"]) == [False, True]
 
 
 @pytest.mark.parametrize("name", ["busgen_official", "busgen_toy_busi", "phantom_tiny", "busbra_pretrain"])

@@ -113,9 +113,12 @@ class Embedding(nnx.Module):
     return jnp.take(self.embedding.value, idx, axis=0)
 
 
-# From this many keys on, attention's backward pass is written out (_softmax_attention): at the official model's
-# 4,096 positions one layer's forward + backward runs 1.15x faster on XLA:CPU than autodiff's, the whole 64 px train
-# step 1.19x; at 256-1,024 keys the two are level or autodiff is ahead (docs/BENCHMARKS.md).
+# From this many keys on, attention's backward pass is written out (_softmax_attention) in programs lowered for CPU:
+# at the official model's 4,096 positions one layer's forward + backward runs 1.15x faster on XLA:CPU than
+# autodiff's, the whole 64 px train step 1.19x; at 256-1,024 keys the two are level or autodiff is ahead
+# (docs/BENCHMARKS.md). Elsewhere autodiff's stays (lax.platform_dependent, resolved when the program is lowered,
+# so an AOT compile for TPU on a CPU host gets it): the materialised transposes cost HBM, and on a v5p-64 the
+# official train step at batch 8192 took 76.9 GiB per chip with them against 67.5 without (`busgen-jax aot`).
 SOFTMAX_VJP_MIN_KEYS = 2048
 
 
@@ -175,9 +178,10 @@ def attention(q, k, v, *, impl: str, chunk: int):
                                         implementation="cudnn")[:, :, 0]
 
   def rows(qc):  # (B, n, C) queries against every key
-    if L >= SOFTMAX_VJP_MIN_KEYS:
-      return _softmax_attention(qc, k, v)
-    return jnp.einsum("bqk,bkc->bqc", _probabilities(qc, k, v.dtype), v)
+    autodiff = lambda qc, k, v: jnp.einsum("bqk,bkc->bqc", _probabilities(qc, k, v.dtype), v)
+    if L >= SOFTMAX_VJP_MIN_KEYS:   # the written-out backward in programs lowered for CPU only
+      return jax.lax.platform_dependent(qc, k, v, cpu=_softmax_attention, default=autodiff)
+    return autodiff(qc, k, v)
 
   if impl == "dense":
     return rows(q)
