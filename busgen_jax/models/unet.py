@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from busgen_jax.models import winograd
+
 CONV_AXES = (None, None, "conv_in", "channels")
 DENSE_AXES = ("embed", "channels")
 VECTOR_AXES = ("vector",)
@@ -45,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.remat = False              # rematerialise each res block in the backward pass
   c.attention = "auto"         # "dense" | "chunked" (memory-efficient) | "cudnn" (GPU) | "auto"
   c.attention_chunk = 1024     # query rows per chunk for chunked attention
+  # "winograd": 3x3 convolutions with >= 128 channels at >= 32x32 pixels by Winograd's F(2x2, 3x3) in programs
+  # lowered for CPU (models/winograd.py; f32 results within ~1e-6); "direct": XLA's convolution everywhere.
+  c.conv = "direct"
   # A guidance-distilled student (busgen-jax distill): the guidance scale is an input ("guidance" in cond, (B,)
   # floats), embedded like the time and added to it (Meng et al. 2023), so one evaluation replaces the
   # conditional + unconditional pair. Zero-initialised: a fresh student is its teacher's conditional model.
@@ -54,9 +59,17 @@ def default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ layers
 
-def _conv(cin, cout, k, rng, stride=1, padding=None, dtype=None):
+CONVS = {"direct": jax.lax.conv_general_dilated, "winograd": winograd.conv_general_dilated}
+
+
+def _conv_fn(cfg):
+  return CONVS[cfg.get("conv", "direct")]   # model cards written before the option lack the key
+
+
+def _conv(cin, cout, k, rng, stride=1, padding=None, dtype=None, conv=jax.lax.conv_general_dilated):
   p = (k - 1) // 2 if padding is None else padding
   return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)), dtype=dtype, rngs=nnx.Rngs(0),
+                  conv_general_dilated=conv,
                   kernel_init=_torch_uniform(rng, cin * k * k), bias_init=_torch_uniform(rng, cin * k * k),
                   kernel_metadata={"axes": CONV_AXES}, bias_metadata={"axes": ("channels",)})
 
@@ -215,10 +228,11 @@ class AttnBlock(nnx.Module):
 class ResBlock(nnx.Module):
   def __init__(self, cin, cout, tdim, attn, cfg, rng, dtype):
     g = cfg.num_groups
-    self.norm1, self.conv1 = _norm(cin, g, dtype), _conv(cin, cout, 3, rng, dtype=dtype)
+    conv = _conv_fn(cfg)
+    self.norm1, self.conv1 = _norm(cin, g, dtype), _conv(cin, cout, 3, rng, dtype=dtype, conv=conv)
     self.temb_proj = _dense(tdim, cout, rng, dtype)
     self.cond_proj = _dense(tdim, cout, rng, dtype)
-    self.norm2, self.conv2 = _norm(cout, g, dtype), _conv(cout, cout, 3, rng, dtype=dtype)
+    self.norm2, self.conv2 = _norm(cout, g, dtype), _conv(cout, cout, 3, rng, dtype=dtype, conv=conv)
     self.dropout = nnx.Dropout(cfg.dropout)
     self.shortcut = _conv(cin, cout, 1, rng, dtype=dtype) if cin != cout else None
     self.attn = AttnBlock(cout, g, cfg, rng, dtype) if attn else None
@@ -252,12 +266,12 @@ class TransposedConv(nnx.Module):
 
   _PHASE_TAPS = np.array([[1, 3, 5], [0, 2, 4]])  # taps (offsets -1, 0, +1) of the front-zero-padded kernel
 
-  def __init__(self, c, k, rng, dtype, padding=2):
+  def __init__(self, c, k, rng, dtype, padding=2, conv=jax.lax.conv_general_dilated):
     if (k, padding) != (5, 2):
       raise ValueError("TransposedConv implements the official 5x5 / padding 2 / output padding 1 upsampler")
     self.kernel = nnx.Param(_torch_uniform(rng, c * k * k)(None, (k, k, c, c)), axes=CONV_AXES)
     self.bias = nnx.Param(_torch_uniform(rng, c * k * k)(None, (c,)), axes=("channels",))
-    self.dtype = dtype
+    self.dtype, self.conv = dtype, conv
 
   def __call__(self, x):
     dt = self.dtype or x.dtype
@@ -266,16 +280,15 @@ class TransposedConv(nnx.Module):
     phases = k[t[:, None, :, None], t[None, :, None, :]]                             # (a, b, 3, 3, I, O)
     B, H, W, C = x.shape
     kp = jnp.transpose(phases, (2, 3, 4, 0, 1, 5)).reshape(3, 3, C, 4 * C)          # out channels (a, b, O)
-    y = jax.lax.conv_general_dilated(x.astype(dt), kp, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = self.conv(x.astype(dt), kp, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y.reshape(B, H, W, 2, 2, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C)
     return y + self.bias.value.astype(dt)
 
 
 class UpSample(nnx.Module):
-  def __init__(self, c, rng, dtype):
-    self.t = TransposedConv(c, 5, rng, dtype)
-    self.c = _conv(c, c, 3, rng, dtype=dtype)
+  def __init__(self, c, rng, dtype, conv=jax.lax.conv_general_dilated):
+    self.t = TransposedConv(c, 5, rng, dtype, conv=conv)
+    self.c = _conv(c, c, 3, rng, dtype=dtype, conv=conv)
 
   def __call__(self, x):
     return self.c(self.t(x))
@@ -305,6 +318,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.attn_levels: {cfg.attn_levels!r} must be level indices in [-{levels}, {levels})")
   if not 0 <= float(cfg.dropout) < 1:
     raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout!r}")
+  if cfg.get("conv", "direct") not in CONVS:
+    raise ValueError(f"model.conv must be one of {', '.join(CONVS)}, got {cfg.conv!r}")
   unknown = set(cfg.conditions) - {"pathology", "device", "box", "mask"}
   if isinstance(cfg.conditions, str) or unknown:
     raise ValueError(f"model.conditions: unknown {sorted(unknown) or cfg.conditions!r} (pathology, device, box, mask)")
@@ -352,7 +367,7 @@ class UNet(nnx.Module):
         up.append(ResBlock(chs.pop() + now, ch * mult, tdim, False, cfg, rng, dtype))
         now = ch * mult
       if i != 0:
-        up.append(UpSample(now, rng, dtype))
+        up.append(UpSample(now, rng, dtype, conv=_conv_fn(cfg)))
     self.up = nnx.List(up)
     self.tail_norm = _norm(now, cfg.num_groups, dtype)
     self.tail_conv = _conv(now, 3, 3, rng, dtype=dtype)
@@ -442,6 +457,7 @@ def flops_per_image(cfg: ml_collections.ConfigDict, size: int, *, backward: bool
   """Model FLOPs per image (forward, or forward + backward = 3x forward) from XLA's cost analysis."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.attention = "dense"  # the chunked form's loop body would be counted once
+  cfg.conv = "direct"      # the model's FLOPs, not those of Winograd's form of its convolutions (2.25x fewer)
   graphdef, params = nnx.split(abstract(cfg))
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)

@@ -1,6 +1,7 @@
 """Where a train step's time goes on XLA:CPU (docs/BENCHMARKS.md), and A/Bs of its variants.
 
   python docs/experiments/step_profile.py --case official_64px                 # the step's slowest fusions
+  python docs/experiments/step_profile.py --case official_64px --set conv=winograd
   python docs/experiments/step_profile.py --case official_64px --ab-attention  # written-out vs autodiff backward
   python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
 
@@ -28,7 +29,7 @@ def _setup(case_name, **overrides):
   return step, state, batch
 
 
-def profile(case_name, top):
+def profile(case_name, top, overrides=None):
   import collections
   import gzip
   import json
@@ -37,7 +38,7 @@ def profile(case_name, top):
   from pathlib import Path
   import jax
   from busgen_jax.stages import bench
-  step, state, batch = _setup(case_name)
+  step, state, batch = _setup(case_name, **(overrides or {}))
   state, step_s = bench.timed_steps(step, state, batch, 1)
   what = {}                                             # fusion name -> (shape, op_name) from the HLO text
   for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", step.as_text(), re.M):
@@ -92,18 +93,22 @@ def ab_attention(case_name, rounds):
       rounds)
 
 
-def ab_case(case_name, field, values, rounds):
+def _values(case_name, field, values, flag):
   """values are strings from the command line, converted to the field's type in the case (bool from true/false)."""
   from busgen_jax.stages import bench
   case = bench.default_config().cases[case_name]
   if field not in case:
-    raise SystemExit(f"--ab {field}=...: {case_name} has no field {field!r}; its fields: {', '.join(sorted(case))}")
+    raise SystemExit(f"{flag} {field}=...: {case_name} has no field {field!r}; its fields: {', '.join(sorted(case))}")
   kind = type(case[field])
   parse = (lambda v: {"true": True, "false": False}[v.lower()]) if kind is bool else kind
   try:
-    values = [parse(v) for v in values]
+    return [parse(v) for v in values]
   except (KeyError, ValueError) as e:
-    raise SystemExit(f"--ab {field}={','.join(values)}: not a {kind.__name__} ({e})") from None
+    raise SystemExit(f"{flag} {field}={','.join(values)}: not a {kind.__name__} ({e})") from None
+
+
+def ab_case(case_name, field, values, rounds):
+  values = _values(case_name, field, values, "--ab")
   _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
 
 
@@ -114,6 +119,8 @@ def main():
   p.add_argument("--ab-attention", action="store_true")
   p.add_argument("--ab", metavar="FIELD=A,B", help="A/B two values of a bench case field, e.g. attention=dense,chunked")
   p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                 help="profile the case with this field changed, e.g. conv=winograd (repeatable)")
   a = p.parse_args()
   if a.rounds < 1:
     p.error(f"--rounds {a.rounds}: at least one round")
@@ -126,7 +133,13 @@ def main():
       p.error(f"--ab {a.ab}: give exactly two values, FIELD=A,B")
     ab_case(a.case, field, values, a.rounds)
   else:
-    profile(a.case, a.top)
+    overrides = {}
+    for item in a.set:
+      if "=" not in item:
+        p.error(f"--set {item}: give FIELD=VALUE")
+      field, value = item.split("=", 1)
+      overrides[field] = _values(a.case, field, [value], "--set")[0]
+    profile(a.case, a.top, overrides)
 
 
 if __name__ == "__main__":
