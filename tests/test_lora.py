@@ -56,10 +56,11 @@ def test_zero_init_then_merge_equals_unmerged():
 
 def test_folded_kernel_equals_branch():
   """fold="kernel" (one conv with W + delta: the CPU default) and fold="branch" (the rank-r path beside the base)
-  give the same outputs and adapter gradients; adapter dropout always takes the branch."""
+  give the same outputs and adapter gradients; adapter dropout always takes the branch. "auto" stages out both and
+  lowering picks: on this CPU it is the folded kernel."""
   x, t, c = inputs()
-  forms = {}
-  for fold in ("kernel", "branch"):
+  forms, staged = {}, {}
+  for fold in ("kernel", "branch", "auto"):
     model = unet.create(tiny(), 0)
     cfg = lora.default_config()
     cfg.update(rank=4, fold=fold, dropout=0.5)
@@ -68,13 +69,17 @@ def test_folded_kernel_equals_branch():
     graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
     loss = lambda a: jnp.mean(nnx.merge(graphdef, a, rest)(x, t, c) ** 2)
     grads = jax.grad(loss)(adapters)
+    staged[fold] = "platform_index" in str(jax.make_jaxpr(loss)(adapters))
 
     def dropped(a):
       with lora.dropout(jax.random.PRNGKey(3)):
         return nnx.merge(graphdef, a, rest)(x, t, c)
 
     forms[fold] = (model(x, t, c), nnx.to_pure_dict(grads), jax.jit(dropped)(adapters))
-  (y_k, g_k, d_k), (y_b, g_b, d_b) = forms["kernel"], forms["branch"]
+  (y_k, g_k, d_k), (y_b, g_b, d_b), (y_a, g_a, _) = forms["kernel"], forms["branch"], forms["auto"]
+  assert staged == {"kernel": False, "branch": False, "auto": True}
+  np.testing.assert_allclose(np.asarray(y_a), np.asarray(y_k), rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9), g_a, g_k)
   np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_b), atol=2e-5)
   scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g_b))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale), g_k, g_b)

@@ -22,7 +22,8 @@ UNet calls its layers without RNGs.
 base kernel gets no gradient); "kernel" adds the delta to the base kernel and runs one convolution, whose
 kernel gradient gives dA and dB by two small products. On XLA:CPU the branch's thin convolutions (r output
 channels) and their gradients run far below the matmul rate and cost more than the full kernel gradient they
-avoid, so "auto" folds on CPU and keeps the branch elsewhere. Dropout on the branch input needs the branch.
+avoid, so "auto" folds in programs lowered for CPU and keeps the branch elsewhere (lax.platform_dependent, so
+an AOT compile for TPU on a CPU host gets the branch). Dropout on the branch input needs the branch.
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ def dropout(key: jax.Array | None):
 FOLDS = ("auto", "kernel", "branch")
 
 
-def _folds(fold: str, rate: float) -> bool:
-  """Whether a wrapped layer adds its delta to the base kernel (trace time: the backend and dropout are known)."""
-  if rate and _DROPOUT_KEY.get() is not None:
-    return False
-  return fold == "kernel" or (fold == "auto" and jax.default_backend() == "cpu")
+def _fold_or_branch(fold: str, rate: float, x, folded, branch):
+  """A wrapped layer's output: `folded` (the delta added to the base kernel) or `branch` (the rank-r path beside
+  it). Branch dropout needs the branch. "auto" stages out both and lowering picks (lax.platform_dependent): the
+  folded form in programs lowered for CPU, so an AOT compile for TPU on a CPU host gets the branch."""
+  if fold == "branch" or (rate and _DROPOUT_KEY.get() is not None):
+    return branch(x)
+  if fold == "kernel":
+    return folded(x)
+  return jax.lax.platform_dependent(x, cpu=folded, default=branch)
 
 
 def _with_kernel(b, x, delta, op):
@@ -104,12 +109,16 @@ class LoRADense(nnx.Module):
 
   def __call__(self, x):
     b = self.base
-    if _folds(self.fold, self.rate):
+
+    def folded(x):
       return _with_kernel(b, x, self.delta(), lambda x, k: b.dot_general(
           x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=b.precision))
-    y = b(x)
-    x = _drop(x.astype(jnp.float32), self.rate, self.uid)
-    return y + (self.scale * (x @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
+
+    def branch(x):
+      y = b(x)
+      h = _drop(x.astype(jnp.float32), self.rate, self.uid)
+      return y + (self.scale * (h @ self.lora_a.value) @ self.lora_b.value).astype(y.dtype)
+    return _fold_or_branch(self.fold, self.rate, x, folded, branch)
 
 
 class LoRAConv(nnx.Module):
@@ -133,11 +142,15 @@ class LoRAConv(nnx.Module):
 
   def __call__(self, x):
     b = self.base
-    if _folds(self.fold, self.rate):
+
+    def folded(x):
       return _with_kernel(b, x, self.delta(), lambda x, k: self._conv(x, k, b.conv_general_dilated))
-    y = b(x)
-    h = self._conv(_drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value)
-    return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
+
+    def branch(x):
+      y = b(x)
+      h = self._conv(_drop(x.astype(jnp.float32), self.rate, self.uid), self.lora_a.value)
+      return y + (self.scale * h @ self.lora_b.value).astype(y.dtype)
+    return _fold_or_branch(self.fold, self.rate, x, folded, branch)
 
 
 def _tuple(v, n):

@@ -7,9 +7,10 @@ gradient is the same convolution of dy with the flipped, transposed kernel, the 
 of the saved input tiles with the transformed dy. The transforms have only 0, +-1, +-1/2 coefficients, so f32
 results match the direct convolution to ~1e-6 relative.
 
-XLA:CPU's direct convolutions (Eigen) run a 3x3 layer's forward + backward at (4, 64, 64, 128) and
-(4, 32, 32, 256) 1.3-1.8x slower than this form; at 16x16 and below, or with fewer than 128 channels, the
-transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md). `conv_general_dilated` is a
+On XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.4-1.6x faster in
+this form than in XLA's (Eigen's) convolution; at 16x16 and below, or with fewer than 128 channels, the
+transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py).
+The saved input tiles take 4x the input's memory until the backward pass. `conv_general_dilated` is a
 drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it pays,
 and only in programs lowered for CPU (lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's
 convolution, which the MXU runs directly).
