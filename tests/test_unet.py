@@ -119,6 +119,21 @@ def test_chunked_attention_equals_dense_and_its_gradient(min_keys, monkeypatch):
   np.testing.assert_allclose(g("chunked"), g("dense"), atol=1e-4)
 
 
+def test_blocked_attention_equals_dense_and_its_gradients():
+  """Flash attention's scheme (blocks of queries forward, of keys backward, log-sum-exp saved) against the dense
+  form, for q, k and v, with logits large enough that an unstabilised softmax would overflow."""
+  q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 256, 8)) * s for i, s in enumerate((4, 4, 1, 1)))
+  f = lambda impl: lambda q, k, v: unet.attention(q, k, v, impl=impl, chunk=64)
+  out, vjp = jax.vjp(f("blocked"), q, k, v)
+  want, want_vjp = jax.vjp(f("dense"), q, k, v)
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  for got, ref in zip(vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(got, ref, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
+  assert "scan" in str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(f("blocked")(q, k, v))))(q))
+  with pytest.raises(ValueError, match="not divisible by attention_chunk=96"):
+    unet.attention(q, k, v, impl="blocked", chunk=96)
+
+
 def test_written_out_attention_backward_equals_autodiff():
   """The custom VJP (dS = P * (dP - rowsum(dO * O)), transposes behind barriers) against autodiff of the plain
   softmax form, for q, k and v; and `attention` takes it from SOFTMAX_VJP_MIN_KEYS keys on (on CPU)."""

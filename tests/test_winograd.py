@@ -1,5 +1,6 @@
-"""Winograd F(2x2, 3x3) convolutions (models/winograd.py): values and both gradients against XLA's convolution,
-where conv_general_dilated takes the form, and a UNet with model.conv=winograd against the direct one."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (models/winograd.py): values and both gradients against XLA's
+convolution, where conv_general_dilated takes the form, and a UNet with model.conv=winograd(4) against the direct
+one."""
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +17,25 @@ def _direct(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 8, 5, 7), (1, 2, 2, 3, 1)])
-def test_conv3x3_and_its_gradients_equal_xla(shape):
+@pytest.mark.parametrize("tile,shape", [(2, (2, 6, 8, 5, 7)), (2, (1, 2, 2, 3, 1)), (4, (2, 8, 12, 5, 7)),
+                                        (4, (1, 4, 4, 3, 1))])
+def test_conv3x3_and_its_gradients_equal_xla(tile, shape):
   N, H, W, I, O = shape
   rng = np.random.default_rng(0)
   x, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((N, H, W, I), (N, H, W, O)))
   w = jnp.asarray(rng.standard_normal((3, 3, I, O)), jnp.float32)
-  y, vjp = jax.vjp(winograd.conv3x3, x, w)
+  y, vjp = jax.vjp(lambda x, w: winograd.conv3x3(x, w, tile), x, w)
   want, want_vjp = jax.vjp(_direct, x, w)
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  # F(4x4)'s coefficients (4, 5, 8, 1/6, 1/24) round to ~1e-5 of the largest value; F(2x2)'s to ~1e-6.
+  scaled = {2: 0, 4: 3e-5}[tile]
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=max(1e-5, scaled * float(jnp.max(jnp.abs(want)))))
   for got, ref in zip(vjp(dy), want_vjp(dy)):
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=max(1e-4, scaled * float(jnp.max(jnp.abs(ref)))))
 
 
 def _applies(lhs=(2, 32, 32, 128), rhs=(3, 3, 128, 128), dtype=jnp.float32, strides=(1, 1),
-             padding=((1, 1), (1, 1)), dilation=None, groups=1, dn=DN):
-  return winograd.applies(lhs, rhs, dtype, strides, padding, None, dilation, dn, groups)
+             padding=((1, 1), (1, 1)), dilation=None, groups=1, dn=DN, tile=2):
+  return winograd.applies(lhs, rhs, dtype, strides, padding, None, dilation, dn, groups, tile=tile)
 
 
 def test_applies_only_where_the_form_pays():
@@ -41,6 +45,7 @@ def test_applies_only_where_the_form_pays():
   assert not _applies(lhs=(2, 32, 32, 64), rhs=(3, 3, 64, 128))     # below MIN_CHANNELS
   assert not _applies(rhs=(3, 3, 128, 3))
   assert not _applies(lhs=(2, 33, 32, 128))                         # odd height
+  assert _applies(lhs=(2, 36, 32, 128), tile=4) and not _applies(lhs=(2, 34, 32, 128), tile=4)
   assert not _applies(rhs=(5, 5, 128, 128))
   assert not _applies(strides=(2, 2))
   assert not _applies(padding=((0, 0), (0, 0))) and not _applies(padding="SAME")
@@ -68,7 +73,8 @@ def test_conv_general_dilated_is_winograd_on_cpu_only_where_it_applies():
   assert " convolution(" in compiled(_direct) and " convolution(" not in compiled(conv)
 
 
-def test_unet_with_winograd_convolutions_equals_direct():
+@pytest.mark.parametrize("conv", ["winograd", "winograd4"])
+def test_unet_with_winograd_convolutions_equals_direct(conv):
   """A UNet whose 32x32, 128-channel convolutions (res blocks, upsampler) take the Winograd form: the same
   parameters, output and gradients within f32 rounding."""
   cfg = unet.default_config()
@@ -79,12 +85,12 @@ def test_unet_with_winograd_convolutions_equals_direct():
   x = jnp.asarray(rng.standard_normal((B, S, S, 3)), jnp.float32)
   cond = {"pathology": jnp.asarray([1]), "device": jnp.asarray([2]), "box": jnp.zeros((B, S, S, 1))}
   out = {}
-  for mode in ("direct", "winograd"):
+  for mode in ("direct", conv):
     cfg.conv = mode
     graphdef, params, rest = nnx.split(unet.UNet(cfg, seed=0), nnx.Param, ...)
     f = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(x, jnp.asarray([7]), cond) ** 2)
     out[mode] = (params, *jax.jit(jax.value_and_grad(f))(params))
-  (p0, l0, g0), (p1, l1, g1) = out["direct"], out["winograd"]
+  (p0, l0, g0), (p1, l1, g1) = out["direct"], out[conv]
   jax.tree.map(np.testing.assert_array_equal, p0, p1)
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))

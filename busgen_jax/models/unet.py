@@ -13,6 +13,7 @@ Parameters carry logical axis names (metadata "axes") that parallel.Rules maps o
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -45,10 +46,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.conditions = ("pathology", "device", "box")  # any of these, plus "mask" (lesion-mask channel)
   c.dtype = "float32"          # compute dtype ("bfloat16": bf16 activations, f32 parameters)
   c.remat = False              # rematerialise each res block in the backward pass
-  c.attention = "auto"         # "dense" | "chunked" (memory-efficient) | "cudnn" (GPU) | "auto"
-  c.attention_chunk = 1024     # query rows per chunk for chunked attention
+  c.attention = "auto"         # "dense" | "chunked" | "blocked" (memory-efficient) | "cudnn" (GPU) | "auto"
+  c.attention_chunk = 1024     # query rows (and keys) per chunk for chunked and blocked attention
   # "winograd": 3x3 convolutions with >= 128 channels at >= 32x32 pixels by Winograd's F(2x2, 3x3) in programs
-  # lowered for CPU (models/winograd.py; f32 results within ~1e-6); "direct": XLA's convolution everywhere.
+  # lowered for CPU (models/winograd.py; f32 results within ~1e-6); "winograd4": by F(4x4, 3x3) (fewer multiplies,
+  # within ~1e-5); "direct": XLA's convolution everywhere.
   c.conv = "direct"
   # A guidance-distilled student (busgen-jax distill): the guidance scale is an input ("guidance" in cond, (B,)
   # floats), embedded like the time and added to it (Meng et al. 2023), so one evaluation replaces the
@@ -59,7 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------------------------------------ layers
 
-CONVS = {"direct": jax.lax.conv_general_dilated, "winograd": winograd.conv_general_dilated}
+CONVS = {"direct": jax.lax.conv_general_dilated, "winograd": winograd.conv_general_dilated,
+         "winograd4": functools.partial(winograd.conv_general_dilated, tile=4)}
 
 
 def _conv_fn(cfg):
@@ -175,6 +178,76 @@ def _softmax_attention_bwd(res, g):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
+def _blocked_forward(q, k, v, block):
+  """o = softmax(q k^T / sqrt(C)) v a block of query rows at a time, and each row's log-sum-exp (B, L)."""
+  B, L, C = q.shape
+  k = k * (1.0 / math.sqrt(C))          # the scale on the (L, C) operand rather than the (block, L) logits
+
+  def rows(_, qb):                      # qb (B, block, C)
+    s = jnp.einsum("bqc,bkc->bqk", qb, k, preferred_element_type=jnp.float32)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bqk,bkc->bqc", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
+    return None, (o.astype(v.dtype), (m + jnp.log(l))[..., 0])
+
+  _, (o, lse) = jax.lax.scan(rows, None, _blocks(q, block))
+  return _unblock(o), _unblock(lse)
+
+
+def _blocks(x, block):                  # (B, L, ...) -> (L // block, B, block, ...)
+  return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unblock(x):                        # the inverse of _blocks
+  return x.swapaxes(0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_attention(q, k, v, block):
+  """softmax(q k^T / sqrt(C)) v with no (L, L) array: flash attention's scheme (Dao et al. 2022) as XLA loops.
+
+  The forward pass takes `block` query rows at a time and keeps each row's log-sum-exp; the backward pass takes
+  `block` keys at a time, recomputes their probabilities transposed, P^T = exp(k q^T / sqrt(C) - lse), and forms
+  dV = P^T dO, dS^T = P^T * (V dO^T - rowsum(dO * O)), dK = dS^T Q and dQ += dS K. Seven (L, L, C) products
+  instead of six, but no (B, L, L) array (256 MB at the official model's 4,096 positions, batch 4): the
+  elementwise passes run over (B, block, L) blocks, and only dQ's product needs a transposed copy of one.
+  On XLA:CPU, with 512-row blocks, it made the official 64 px train step faster than _softmax_attention's
+  materialised form (docs/BENCHMARKS.md); on accelerators it is a memory-efficient form with one recomputed
+  product where "chunked" recomputes the whole forward pass."""
+  return _blocked_forward(q, k, v, block)[0]
+
+
+def _blocked_attention_fwd(q, k, v, block):
+  o, lse = _blocked_forward(q, k, v, block)
+  return o, (q, k, v, o, lse)
+
+
+def _blocked_attention_bwd(block, res, g):
+  q, k, v, o, lse = res
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  d = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, None, :]   # rowsum(P * dP), (B, 1, L)
+  qs = q * scale
+  lse = lse[:, None, :]
+
+  def keys(dq, kv):                     # kb, vb (B, block, C)
+    kb, vb = kv
+    pt = jnp.exp(jnp.einsum("bkc,bqc->bkq", kb, qs, preferred_element_type=jnp.float32) - lse)
+    dv = jnp.einsum("bkq,bqc->bkc", pt.astype(g.dtype), g, preferred_element_type=jnp.float32)
+    dpt = jnp.einsum("bkc,bqc->bkq", vb, g, preferred_element_type=jnp.float32)
+    dst = (pt * (dpt - d)).astype(q.dtype)
+    dk = jnp.einsum("bkq,bqc->bkc", dst, qs, preferred_element_type=jnp.float32)
+    ds = jax.lax.optimization_barrier(dst.swapaxes(1, 2))    # XLA would fold the transpose back into the dot
+    dq = dq + jnp.einsum("bqk,bkc->bqc", ds, kb, preferred_element_type=jnp.float32)
+    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+  dq, (dk, dv) = jax.lax.scan(keys, jnp.zeros(q.shape, jnp.float32), (_blocks(k, block), _blocks(v, block)))
+  return (dq * scale).astype(q.dtype), _unblock(dk), _unblock(dv)
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
 def attention(q, k, v, *, impl: str, chunk: int):
   """Single-head softmax(q k^T / sqrt(C)) v over all pixels; q, k, v (B, L, C).
 
@@ -182,7 +255,9 @@ def attention(q, k, v, *, impl: str, chunk: int):
   jax.nn.dot_product_attention's fused GPU kernel (bf16); "chunked": `chunk` query rows at a time under
   jax.checkpoint, so neither pass holds more than chunk x L logits (160 px full-resolution attention has
   L = 25,600: 2.6 GB of f32 logits per image when materialised); "auto": dense up to `chunk` pixels (or while
-  L <= 4096), chunked above."""
+  L <= 4096), chunked above; "blocked": flash attention's scheme (_blocked_attention), `chunk` query rows at a
+  time forward and `chunk` keys at a time backward, no (L, L) array in either pass and one recomputed product
+  instead of chunked's whole recomputed forward pass."""
   B, L, C = q.shape
   if impl == "auto":
     impl = "dense" if L <= max(chunk, 4096) or L % chunk else "chunked"
@@ -198,12 +273,14 @@ def attention(q, k, v, *, impl: str, chunk: int):
 
   if impl == "dense":
     return rows(q)
-  if impl != "chunked":
-    raise ValueError(f"model.attention must be dense, chunked, cudnn or auto, got {impl!r}")
+  if impl not in ("chunked", "blocked"):
+    raise ValueError(f"model.attention must be dense, chunked, blocked, cudnn or auto, got {impl!r}")
   if L <= chunk:     # one chunk: the dense form is the same computation
     return rows(q)
   if L % chunk:
-    raise ValueError(f"chunked attention: {L} pixels are not divisible by attention_chunk={chunk}")
+    raise ValueError(f"{impl} attention: {L} pixels are not divisible by attention_chunk={chunk}")
+  if impl == "blocked":
+    return _blocked_attention(q, k, v, chunk)
   qs = q.reshape(B, L // chunk, chunk, C).swapaxes(0, 1)
   return jax.lax.map(jax.checkpoint(rows), qs).swapaxes(0, 1).reshape(B, L, C)
 

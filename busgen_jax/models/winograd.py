@@ -1,20 +1,25 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, 2016), for training on XLA:CPU.
+"""3x3 convolutions by Winograd's minimal filtering, F(m x m, 3x3) (Lavin & Gray, 2016), for training on XLA:CPU.
 
-Each 4x4 input tile at stride 2 meets the 3x3 kernel in 16 products instead of 36: the convolution becomes an
-input transform (B^T d B), 16 independent (tiles x in) @ (in x out) matmuls against the transformed kernel
-(G g G^T), and an output transform (A^T m A). Its backward pass is written out in the same terms: the input
-gradient is the same convolution of dy with the flipped, transposed kernel, the kernel gradient is 16 products
-of the saved input tiles with the transformed dy. The transforms have only 0, +-1, +-1/2 coefficients, so f32
-results match the direct convolution to ~1e-6 relative.
+With output tiles of m = 2 (the default), each 4x4 input tile at stride 2 meets the 3x3 kernel in 16 products
+instead of 36; with m = 4, each 6x6 tile at stride 4 in 36 instead of 144. The convolution becomes an input
+transform (B^T d B), (m+2)^2 independent (tiles x in) @ (in x out) matmuls against the transformed kernel
+(G g G^T), and an output transform (A^T y A). Its backward pass is written out in the same terms: the input
+gradient is the same convolution of dy with the flipped, transposed kernel, the kernel gradient is (m+2)^2
+products of the saved input tiles with the transformed dy. F(2x2)'s transforms have only 0, +-1, +-1/2
+coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24)
+round to ~1e-5.
 
-On XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.4-1.6x faster in
-this form than in XLA's (Eigen's) convolution; at 16x16 and below, or with fewer than 128 channels, the
-transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py).
-The saved input tiles take 4x the input's memory until the backward pass. `conv_general_dilated` is a
-drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it pays,
-and only in programs lowered for CPU (lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's
-convolution, which the MXU runs directly).
+On XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.4-1.6x faster with
+m = 2 than XLA's (Eigen's) convolution, and 1.5-2.2x with m = 4; at 16x16 and below, or with fewer than 128
+channels, the transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md,
+docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x)
+until the backward pass. `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as
+an argument) that takes this form only where it pays, and only in programs lowered for CPU
+(lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution, which the MXU runs
+directly).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +29,17 @@ import numpy as np
 MIN_CHANNELS = 128
 MIN_PIXELS = 32 * 32
 
-_BT = np.array(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)), np.float32)
-_G = np.array(((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)), np.float32)
-_AT = np.array(((1, 1, 1, 0), (0, 1, -1, -1)), np.float32)
+# Per output tile size m: B^T (a x a), G (a x 3), A^T (m x a) for input tiles of a = m + 2 (Lavin & Gray, 2016).
+TRANSFORMS = {
+    2: (np.array(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)), np.float64),
+        np.array(((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)), np.float64),
+        np.array(((1, 1, 1, 0), (0, 1, -1, -1)), np.float64)),
+    4: (np.array(((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                  (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)), np.float64),
+        np.array(((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+                  (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)), np.float64),
+        np.array(((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)), np.float64)),
+}
 
 
 def _combine(coefs, parts):
@@ -34,70 +47,81 @@ def _combine(coefs, parts):
   out = None
   for c, p in zip(coefs, parts):
     if c:
-      term = p if c == 1 else -p if c == -1 else p * c
+      term = p if c == 1 else -p if c == -1 else p * np.float32(c)
       out = term if out is None else out + term
   return out
 
 
-def _input_tiles(x):
-  """(N, H, W, C) -> (16, N * H/2 * W/2, C): B^T d B of every 4x4 tile at stride 2 of x zero-padded by 1.
+def _input_tiles(x, m):
+  """(N, H, W, C) -> (a*a, N * H/m * W/m, C): B^T d B of every a x a tile at stride m of x zero-padded by 1.
 
-  Separable (rows, then columns), each stage one fusion over strided slices: ~2x faster on XLA:CPU than 16
-  sums of four 2-D strided slices each."""
+  Separable (rows, then columns), each stage one fusion over strided slices: ~2x faster on XLA:CPU than a*a
+  sums of 2-D strided slices."""
+  BT, a = TRANSFORMS[m][0], m + 2
   N, H, W, C = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = [xp[:, r:r + H:2] for r in range(4)]                                      # (N, H/2, W+2, C)
-  t = jnp.stack([_combine(_BT[a], rows) for a in range(4)])
-  cols = [t[:, :, :, c:c + W:2] for c in range(4)]                                 # (4, N, H/2, W/2, C)
-  return jnp.stack([_combine(_BT[b], cols) for b in range(4)], 1).reshape(16, -1, C)
+  rows = [xp[:, r:r + H:m] for r in range(a)]                                      # (N, H/m, W+2, C)
+  t = jnp.stack([_combine(BT[i], rows) for i in range(a)])
+  cols = [t[:, :, :, c:c + W:m] for c in range(a)]                                 # (a, N, H/m, W/m, C)
+  return jnp.stack([_combine(BT[j], cols) for j in range(a)], 1).reshape(a * a, -1, C)
 
 
-def _output_tiles(m, shape):
-  """(16, tiles, O) -> (N, H, W, O): A^T m A of every tile, its 2x2 outputs interleaved into the image."""
+def _output_tiles(y, shape, m):
+  """(a*a, tiles, O) -> (N, H, W, O): A^T y A of every tile, its m x m outputs interleaved into the image."""
+  AT, a = TRANSFORMS[m][2], m + 2
   N, H, W = shape
-  m = m.reshape(4, 4, N, H // 2, W // 2, -1)
-  parts = [m[p, q] for p in range(4) for q in range(4)]
-  y = [[_combine(np.outer(_AT[a], _AT[b]).ravel(), parts) for b in range(2)] for a in range(2)]
-  return jnp.stack([jnp.stack(row, 3) for row in y], 2).reshape(N, H, W, -1)
+  y = y.reshape(a, a, N, H // m, W // m, -1)
+  t = [_combine(AT[i], [y[p] for p in range(a)]) for i in range(m)]              # (a, N, H/m, W/m, O) each
+  out = [[_combine(AT[j], [ti[q] for q in range(a)]) for j in range(m)] for ti in t]
+  return jnp.stack([jnp.stack(row, 3) for row in out], 2).reshape(N, H, W, -1)
 
 
-def _output_tiles_transposed(dy):
-  """The transpose of _output_tiles: (N, H, W, O) -> (16, tiles, O)."""
-  rows = [dy[:, a::2] for a in range(2)]
-  t = jnp.stack([_combine(_AT[:, p], rows) for p in range(4)])                      # (4, N, H/2, W, O)
-  cols = [t[:, :, :, b::2] for b in range(2)]
-  return jnp.stack([_combine(_AT[:, q], cols) for q in range(4)], 1).reshape(16, -1, dy.shape[-1])
+def _output_tiles_transposed(dy, m):
+  """The transpose of _output_tiles: (N, H, W, O) -> (a*a, tiles, O)."""
+  AT, a = TRANSFORMS[m][2], m + 2
+  rows = [dy[:, i::m] for i in range(m)]
+  t = jnp.stack([_combine(AT[:, p], rows) for p in range(a)])                      # (a, N, H/m, W, O)
+  cols = [t[:, :, :, j::m] for j in range(m)]
+  return jnp.stack([_combine(AT[:, q], cols) for q in range(a)], 1).reshape(a * a, -1, dy.shape[-1])
 
 
-def _kernel_tiles(w):
-  """(3, 3, I, O) -> (16, I, O): G g G^T."""
-  return jnp.einsum("ar,bs,rsio->abio", _G, _G, w).reshape(16, *w.shape[2:])
+def _kernel_tiles(w, m):
+  """(3, 3, I, O) -> (a*a, I, O): G g G^T."""
+  G = TRANSFORMS[m][1].astype(np.float32)
+  return jnp.einsum("ar,bs,rsio->abio", G, G, w).reshape(-1, *w.shape[2:])
 
 
-@jax.custom_vjp
-def conv3x3(x, w):
-  """3x3, stride 1, zero padding 1 convolution of x (N, H, W, I) with w (3, 3, I, O); H and W even."""
-  return _conv3x3_fwd(x, w)[0]
+def conv3x3(x, w, tile: int = 2):
+  """3x3, stride 1, zero padding 1 convolution of x (N, H, W, I) with w (3, 3, I, O), by F(tile x tile, 3x3);
+  H and W multiples of tile (2 or 4)."""
+  return _conv3x3(x, w, tile)
 
 
-def _conv3x3_fwd(x, w):
-  tiles = _input_tiles(x)
-  m = jnp.einsum("sti,sio->sto", tiles, _kernel_tiles(w))
-  return _output_tiles(m, x.shape[:3]), (tiles, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, w, m):
+  return _conv3x3_fwd(x, w, m)[0]
 
 
-def _conv3x3_bwd(res, dy):
+def _conv3x3_fwd(x, w, m):
+  tiles = _input_tiles(x, m)
+  y = jnp.einsum("sti,sio->sto", tiles, _kernel_tiles(w, m))
+  return _output_tiles(y, x.shape[:3], m), (tiles, w)
+
+
+def _conv3x3_bwd(m, res, dy):
   tiles, w = res
-  dx = conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3))      # a stride-1 'same' conv's transpose
-  du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy)).reshape(4, 4, *w.shape[2:])
-  return dx, jnp.einsum("ar,bs,abio->rsio", _G, _G, du)
+  a = m + 2
+  dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), m)      # a stride-1 'same' conv's transpose
+  du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m)).reshape(a, a, *w.shape[2:])
+  G = TRANSFORMS[m][1].astype(np.float32)
+  return dx, jnp.einsum("ar,bs,abio->rsio", G, G, du)
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 def applies(lhs_shape, rhs_shape, dtype, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count=1) -> bool:
+            feature_group_count, batch_group_count=1, tile: int = 2) -> bool:
   """Whether conv_general_dilated takes the Winograd form for this convolution."""
   if len(lhs_shape) != 4 or tuple(rhs_shape[:2]) != (3, 3) or jnp.dtype(dtype) != jnp.float32:
     return False
@@ -107,13 +131,13 @@ def applies(lhs_shape, rhs_shape, dtype, window_strides, padding, lhs_dilation, 
   return (dn == jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
           and not isinstance(padding, str) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-          and feature_group_count == 1 and batch_group_count == 1 and H % 2 == 0 and W % 2 == 0
+          and feature_group_count == 1 and batch_group_count == 1 and H % tile == 0 and W % tile == 0
           and H * W >= MIN_PIXELS and min(C, rhs_shape[3]) >= MIN_CHANNELS)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None, **kwargs):
+                         preferred_element_type=None, tile: int = 2, **kwargs):
   """lax.conv_general_dilated, with qualifying 3x3 convolutions in Winograd's form in programs lowered for CPU."""
   def direct(x, w):
     return jax.lax.conv_general_dilated(
@@ -124,6 +148,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if (kwargs.get("out_sharding") is not None or preferred_element_type not in (None, jnp.float32)
       or rhs.dtype != lhs.dtype
       or not applies(lhs.shape, rhs.shape, lhs.dtype, window_strides, padding, lhs_dilation, rhs_dilation,
-                     dimension_numbers, feature_group_count, batch_group_count)):
+                     dimension_numbers, feature_group_count, batch_group_count, tile)):
     return direct(lhs, rhs)
-  return jax.lax.platform_dependent(lhs, rhs, cpu=conv3x3, default=direct)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=functools.partial(conv3x3, tile=tile), default=direct)

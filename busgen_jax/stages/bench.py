@@ -43,16 +43,18 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, official_steps=0, student_steps=0,
-         pipeline_batches=0, dtype="float32", attention="auto", conv="direct", compare_attention=False,
-         adapt_rank=0) -> dict:
+         pipeline_batches=0, dtype="float32", attention="auto", attention_chunk=1024, conv="direct",
+         compare_attention=False, adapt_rank=0) -> dict:
   """One bench case: the model (a MODELS key: the demo's "tiny", configs/experiment.py:cpu's "experiment_cpu", or
   "official"), image size and train batch, timed train steps, sampler batch and steps (0: no sampling), the
   official sampler's steps and a guidance student's (0: no such row; _samplers), pipeline batches (0: none),
-  compute dtype, attention and convolution implementations (model.attention, model.conv), whether to compare
-  dense with chunked attention's memory, and the LoRA rank of an adaptation step on every layer (0: none; _adapt)."""
+  compute dtype, attention and convolution implementations (model.attention, model.attention_chunk,
+  model.conv), whether to compare dense with chunked attention's memory, and the LoRA rank of an adaptation step
+  on every layer (0: none; _adapt)."""
   return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
               official_steps=official_steps, student_steps=student_steps, pipeline_batches=pipeline_batches,
-              dtype=dtype, attention=attention, conv=conv, compare_attention=compare_attention, adapt_rank=adapt_rank)
+              dtype=dtype, attention=attention, attention_chunk=attention_chunk, conv=conv,
+              compare_attention=compare_attention, adapt_rank=adapt_rank)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -122,6 +124,7 @@ def _config(case: dict):
     raise ValueError(f"bench case model must be one of {sorted(MODELS)}, got {case['model']!r}")
   cfg = MODELS[case["model"]]()
   cfg.model.dtype, cfg.model.attention, cfg.model.conv = case["dtype"], case["attention"], case["conv"]
+  cfg.model.attention_chunk = case["attention_chunk"]
   cfg.data.image_size, cfg.data.batch_size = case["size"], case["batch"]
   return cfg
 

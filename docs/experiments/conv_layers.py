@@ -1,7 +1,9 @@
-"""One 3x3 convolution layer on XLA:CPU: XLA's (Eigen) against Winograd's F(2x2, 3x3) (busgen_jax/models/winograd.py).
+"""One 3x3 convolution layer on XLA:CPU: XLA's (Eigen) against Winograd's F(2x2, 3x3) or F(4x4, 3x3)
+(busgen_jax/models/winograd.py).
 
   python docs/experiments/conv_layers.py                 # the official model's shapes at 64 px, batch 4, and the
                                                          # cpu preset's (32-64 channels, batch 16)
+  python docs/experiments/conv_layers.py --tile 4        # F(4x4, 3x3) (model.conv=winograd4)
   python docs/experiments/conv_layers.py --rounds 5
 
 For each (batch, height, width, in, out): the forward pass, and forward + both gradients of sum(y^2) / 2, each
@@ -26,6 +28,7 @@ SHAPES = [(4, 64, 64, 128, 128), (4, 64, 64, 256, 128), (4, 32, 32, 128, 256), (
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--tile", type=int, default=2, choices=(2, 4), help="Winograd's output tile: F(2x2) or F(4x4)")
   a = p.parse_args()
   if a.rounds < 1:
     p.error("--rounds must be at least 1")
@@ -38,9 +41,10 @@ def main():
   def direct(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  forms = {"xla": direct, "winograd": winograd.conv3x3}
+  forms = {"xla": direct, "winograd": lambda x, w: winograd.conv3x3(x, w, a.tile)}
   print(f"matmul peak {bench._matmul_peak(jnp.float32) / 1e9:.0f} GFLOP/s")
-  print("| batch, H, W, in, out | forward: XLA ms | Winograd ms | ratio | forward + backward: XLA ms | Winograd ms "
+  f = f"F({a.tile}x{a.tile}) ms"
+  print(f"| batch, H, W, in, out | forward: XLA ms | {f} | ratio | forward + backward: XLA ms | {f} "
         "| ratio | largest relative difference |")
   print("|---|---|---|---|---|---|---|---|")
   for N, H, W, I, O in SHAPES:

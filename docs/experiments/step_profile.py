@@ -4,6 +4,8 @@
   python docs/experiments/step_profile.py --case official_64px --set conv=winograd
   python docs/experiments/step_profile.py --case official_64px --ab-attention  # written-out vs autodiff backward
   python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
+  python docs/experiments/step_profile.py --case official_64px --set conv=winograd \
+      --against conv=winograd4 --against attention=blocked --against attention_chunk=512
 
 The first form traces two steps of a `busgen-jax bench` case (its model, size and batch) with jax.profiler and
 lists the fusions that took longest per step, each with its result shape and the JAX operation it came from (XLA's
@@ -11,7 +13,8 @@ metadata). Eigen's convolutions run on their own thread pool and appear only as 
 time minus the listed fusions is mostly convolution. The second form compiles the step twice, with attention's
 backward written out (`unet.SOFTMAX_VJP_MIN_KEYS`, the default) and with autodiff's, and times them in
 alternating rounds in one process, so that the machine's drift hits both; the third does the same for two values
-of one field of the bench case (`bench.case`'s arguments).
+of one field of the bench case (`bench.case`'s arguments); the fourth A/Bs the case with the --set fields against
+it with the --against fields changed as well.
 """
 
 import argparse
@@ -107,6 +110,13 @@ def _values(case_name, field, values, flag):
     raise SystemExit(f"{flag} {field}={','.join(values)}: not a {kind.__name__} ({e})") from None
 
 
+def ab_fields(case_name, base, changed, rounds):
+  """The case with `base` fields against it with `changed` fields too (dicts of parsed values)."""
+  label = lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "the case"
+  _ab(case_name, {label(base): lambda: _setup(case_name, **base),
+                  label(dict(base, **changed)): lambda: _setup(case_name, **base, **changed)}, rounds)
+
+
 def ab_case(case_name, field, values, rounds):
   values = _values(case_name, field, values, "--ab")
   _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
@@ -121,6 +131,8 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
                  help="profile the case with this field changed, e.g. conv=winograd (repeatable)")
+  p.add_argument("--against", metavar="FIELD=VALUE", action="append", default=[],
+                 help="A/B the case (with any --set fields) against it with this field changed too (repeatable)")
   a = p.parse_args()
   if a.rounds < 1:
     p.error(f"--rounds {a.rounds}: at least one round")
@@ -133,13 +145,19 @@ def main():
       p.error(f"--ab {a.ab}: give exactly two values, FIELD=A,B")
     ab_case(a.case, field, values, a.rounds)
   else:
-    overrides = {}
-    for item in a.set:
-      if "=" not in item:
-        p.error(f"--set {item}: give FIELD=VALUE")
-      field, value = item.split("=", 1)
-      overrides[field] = _values(a.case, field, [value], "--set")[0]
-    profile(a.case, a.top, overrides)
+    fields = lambda items, flag: dict(_parse(p, a.case, item, flag) for item in items)
+    overrides = fields(a.set, "--set")
+    if a.against:
+      ab_fields(a.case, overrides, fields(a.against, "--against"), a.rounds)
+    else:
+      profile(a.case, a.top, overrides)
+
+
+def _parse(p, case_name, item, flag):
+  if "=" not in item:
+    p.error(f"{flag} {item}: give FIELD=VALUE")
+  field, value = item.split("=", 1)
+  return field, _values(case_name, field, [value], flag)[0]
 
 
 if __name__ == "__main__":
