@@ -10,13 +10,13 @@ coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4
 round to ~1e-5.
 
 On XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.4-1.6x faster with
-m = 2 than XLA's (Eigen's) convolution, and 1.5-2.2x with m = 4; at 16x16 and below, or with fewer than 128
-channels, the transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md,
-docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x)
-until the backward pass. `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as
-an argument) that takes this form only where it pays, and only in programs lowered for CPU
-(lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution, which the MXU runs
-directly).
+m = 2 than XLA's (Eigen's) convolution, and 1.7-1.8x with m = 4 (1.2-2.1x over the official model's qualifying
+shapes); at 16x16 and below, or with fewer than 128 channels, the transforms' memory traffic outweighs the saved
+multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times
+the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated` is a drop-in for
+lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it pays, and only in
+programs lowered for CPU (lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution,
+which the MXU runs directly).
 """
 
 import functools
