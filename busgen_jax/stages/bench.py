@@ -48,13 +48,9 @@ def case(model, size, batch, *, steps=3, sample_batch=0, sample_steps=0, officia
   """One bench case: the model (a MODELS key: the demo's "tiny", configs/experiment.py:cpu's "experiment_cpu", or
   "official"), image size and train batch, timed train steps, sampler batch and steps (0: no sampling), the
   official sampler's steps and a guidance student's (0: no such row; _samplers), pipeline batches (0: none),
-  compute dtype, attention and convolution implementations (model.attention, model.attention_chunk,
-  model.conv), whether to compare dense with chunked attention's memory, and the LoRA rank of an adaptation step
-  on every layer (0: none; _adapt)."""
-  return dict(model=model, size=size, batch=batch, steps=steps, sample_batch=sample_batch, sample_steps=sample_steps,
-              official_steps=official_steps, student_steps=student_steps, pipeline_batches=pipeline_batches,
-              dtype=dtype, attention=attention, attention_chunk=attention_chunk, conv=conv,
-              compare_attention=compare_attention, adapt_rank=adapt_rank)
+  compute dtype, attention and convolution implementations (model.attention, attention_chunk, conv), whether to
+  compare dense with chunked attention's memory, and the LoRA rank of an adaptation step on every layer (0: none)."""
+  return dict(locals())     # the arguments, by name
 
 
 def default_config() -> ml_collections.ConfigDict:
