@@ -180,8 +180,7 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 def _blocked_forward(q, k, v, block):
   """o = softmax(q k^T / sqrt(C)) v a block of query rows at a time, and each row's log-sum-exp (B, L)."""
-  B, L, C = q.shape
-  k = k * (1.0 / math.sqrt(C))          # the scale on the (L, C) operand rather than the (block, L) logits
+  k = k * (1.0 / math.sqrt(q.shape[-1]))   # the scale on the (L, C) operand rather than the (block, L) logits
 
   def rows(_, qb):                      # qb (B, block, C)
     s = jnp.einsum("bqc,bkc->bqk", qb, k, preferred_element_type=jnp.float32)
@@ -258,7 +257,7 @@ def attention(q, k, v, *, impl: str, chunk: int):
   L <= 4096), chunked above; "blocked": flash attention's scheme (_blocked_attention), `chunk` query rows at a
   time forward and `chunk` keys at a time backward, no (L, L) array in either pass and one recomputed product
   instead of chunked's whole recomputed forward pass."""
-  B, L, C = q.shape
+  L = q.shape[1]
   if impl == "auto":
     impl = "dense" if L <= max(chunk, 4096) or L % chunk else "chunked"
   if impl == "cudnn":
@@ -281,8 +280,7 @@ def attention(q, k, v, *, impl: str, chunk: int):
     raise ValueError(f"{impl} attention: {L} pixels are not divisible by attention_chunk={chunk}")
   if impl == "blocked":
     return _blocked_attention(q, k, v, chunk)
-  qs = q.reshape(B, L // chunk, chunk, C).swapaxes(0, 1)
-  return jax.lax.map(jax.checkpoint(rows), qs).swapaxes(0, 1).reshape(B, L, C)
+  return _unblock(jax.lax.map(jax.checkpoint(rows), _blocks(q, chunk)))
 
 
 class AttnBlock(nnx.Module):

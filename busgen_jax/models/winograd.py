@@ -29,16 +29,17 @@ import numpy as np
 MIN_CHANNELS = 128
 MIN_PIXELS = 32 * 32
 
-# Per output tile size m: B^T (a x a), G (a x 3), A^T (m x a) for input tiles of a = m + 2 (Lavin & Gray, 2016).
+# Per output tile size m: B^T (a x a), G (a x 3), A^T (m x a) for input tiles of a = m + 2 (Lavin & Gray, 2016),
+# in f32 (the compute dtype: F(4x4)'s 1/6, 1/12, 1/24 round here once).
 TRANSFORMS = {
-    2: (np.array(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)), np.float64),
-        np.array(((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)), np.float64),
-        np.array(((1, 1, 1, 0), (0, 1, -1, -1)), np.float64)),
+    2: (np.array(((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)), np.float32),
+        np.array(((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)), np.float32),
+        np.array(((1, 1, 1, 0), (0, 1, -1, -1)), np.float32)),
     4: (np.array(((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
-                  (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)), np.float64),
+                  (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)), np.float32),
         np.array(((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
-                  (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)), np.float64),
-        np.array(((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)), np.float64)),
+                  (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)), np.float32),
+        np.array(((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)), np.float32)),
 }
 
 
@@ -47,7 +48,7 @@ def _combine(coefs, parts):
   out = None
   for c, p in zip(coefs, parts):
     if c:
-      term = p if c == 1 else -p if c == -1 else p * np.float32(c)
+      term = p if c == 1 else -p if c == -1 else p * c
       out = term if out is None else out + term
   return out
 
@@ -87,7 +88,7 @@ def _output_tiles_transposed(dy, m):
 
 def _kernel_tiles(w, m):
   """(3, 3, I, O) -> (a*a, I, O): G g G^T."""
-  G = TRANSFORMS[m][1].astype(np.float32)
+  G = TRANSFORMS[m][1]
   return jnp.einsum("ar,bs,rsio->abio", G, G, w).reshape(-1, *w.shape[2:])
 
 
@@ -113,7 +114,7 @@ def _conv3x3_bwd(m, res, dy):
   a = m + 2
   dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), m)      # a stride-1 'same' conv's transpose
   du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m)).reshape(a, a, *w.shape[2:])
-  G = TRANSFORMS[m][1].astype(np.float32)
+  G = TRANSFORMS[m][1]
   return dx, jnp.einsum("ar,bs,abio->rsio", G, G, du)
 
 
