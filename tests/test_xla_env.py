@@ -2,11 +2,13 @@
 with the pinned jaxlib (conftest applies them, as the CLI does)."""
 
 import os
+import platform
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from absl import flags
 
 from busgen_jax import xla_env
@@ -67,3 +69,66 @@ def test_convolutions_leave_ynnpack_and_dots_keep_it():
   m = jax.ShapeDtypeStruct((256, 256), jnp.float32)
   dot = jax.jit(lambda a, b: a @ b).lower(m, m).compile().as_text()
   assert "__ynn_fusion" in dot, dot
+
+
+_FAULTS = """
+import resource, statistics, sys
+from busgen_jax import xla_env
+print(xla_env.keep_host_memory() if sys.argv[1] == "keep" else "glibc")
+import jax, jax.numpy as jnp
+f = jax.jit(lambda a, b: a @ b)                 # a fresh 64 MiB result per call
+a, b = jnp.ones((8192, 64)), jnp.ones((64, 2048))
+pages = []
+for _ in range(30):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(a, b).block_until_ready()
+  pages.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(pages[10:]))   # the heap may grow over the first calls
+"""
+
+
+def test_freed_host_memory_is_reused_without_page_faults():
+  """XLA:CPU allocates each execution's buffers afresh: with glibc's defaults a 64 MiB buffer is a new mmap whose
+  16,384 pages fault in on every call; with keep_host_memory's settings, set by mallopt or inherited through the
+  environment by a child process, the freed buffer serves the next call. Each in a fresh process (malloc is set
+  before jax starts its threads)."""
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("glibc's malloc only")
+  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v})}
+  results = {}
+  inherited = {k: str(v % 2 ** 64) for k, (_, v) in xla_env.MALLOC.items()}
+  default = {"MALLOC_ARENA_TEST": "8"}         # glibc's own default value: a MALLOC_ variable that changes nothing
+  for how, extra in (("keep", {}), ("inherited", inherited), ("glibc", default)):
+    out = subprocess.run([sys.executable, "-c", _FAULTS, how], env={**env, **extra}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results[how] = out.stdout.split()
+  assert results["keep"][0] == "None" and float(results["keep"][1]) < 1000, results
+  assert float(results["inherited"][1]) < 1000, results
+  assert float(results["glibc"][1]) >= 16384, results
+
+
+def test_host_memory_is_an_option():
+  env = {}
+  xla_env.apply(env)                               # not this process's environment: nothing to set
+  assert not any(k.startswith("MALLOC_") for k in env)
+  with pytest.raises(ValueError, match=xla_env.HOST_MEMORY):
+    xla_env.apply({xla_env.HOST_MEMORY: "kept"})
+
+
+def test_a_users_malloc_settings_are_kept_with_a_warning():
+  code = "from busgen_jax import xla_env; xla_env.apply()"
+  env = dict(os.environ, **{xla_env.HOST_MEMORY: "keep", "MALLOC_ARENA_MAX": "4"})
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "the environment sets malloc" in out.stderr, out.stderr[-3000:]
+  inherited = dict(os.environ, **{xla_env.HOST_MEMORY: "keep"},
+                   **{k: str(v % 2 ** 64) for k, (_, v) in xla_env.MALLOC.items()})
+  out = subprocess.run([sys.executable, "-c", code], env=inherited, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "malloc" not in out.stderr, out.stderr[-3000:]    # a child of a keeping process
+
+
+def test_user_malloc():
+  assert not xla_env.user_malloc({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+  for env in ({"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+              {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, {"MALLOC_CONF": "background_thread:true"}):
+    assert xla_env.user_malloc(env), env

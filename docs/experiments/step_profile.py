@@ -6,6 +6,7 @@
   python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
   python docs/experiments/step_profile.py --case official_64px --set conv=winograd \
       --against conv=winograd4 --against attention=blocked --against attention_chunk=512
+  python docs/experiments/step_profile.py --case official_64px --host-memory   # BUSGEN_JAX_HOST_MEMORY=keep
 
 The first form traces two steps of a `busgen-jax bench` case (its model, size and batch) with jax.profiler and
 lists the fusions that took longest per step, each with its result shape and the JAX operation it came from (XLA's
@@ -14,7 +15,9 @@ time minus the listed fusions is mostly convolution. The second form compiles th
 backward written out (`unet.SOFTMAX_VJP_MIN_KEYS`, the default) and with autodiff's, and times them in
 alternating rounds in one process, so that the machine's drift hits both; the third does the same for two values
 of one field of the bench case (`bench.case`'s arguments); the fourth A/Bs the case with the --set fields against
-it with the --against fields changed as well.
+it with the --against fields changed as well. The fifth runs the step (with any --set fields) in fresh processes,
+alternately with BUSGEN_JAX_HOST_MEMORY=keep and with glibc's malloc as it comes (busgen_jax/xla_env.py), and
+counts the page faults per step (malloc is set at process start, so this A/B cannot share a process).
 """
 
 import argparse
@@ -122,6 +125,45 @@ def ab_case(case_name, field, values, rounds):
   _ab(case_name, {f"{field}={v}": (lambda v=v: _setup(case_name, **{field: v})) for v in values}, rounds)
 
 
+def _child(case_name, overrides, steps):
+  """One process's steps (after a first one): each step's seconds and minor page faults, as JSON."""
+  import json
+  import resource
+  from busgen_jax.stages import bench
+  step, state, batch = _setup(case_name, **overrides)
+  state, _ = bench.timed_steps(step, state, batch, 1)
+  seconds, faults = [], []
+  for _ in range(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    state, s = bench.timed_steps(step, state, batch, 1)
+    seconds.append(s)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  print(json.dumps({"seconds": seconds, "faults": faults}))
+
+
+def ab_host_memory(case_name, sets, rounds, steps=3):
+  import json
+  import os
+  import subprocess
+  import sys
+  from busgen_jax import xla_env
+  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
+  best = {}
+  for r in range(rounds):
+    for how in ("keep", "default"):
+      cmd = [sys.executable, __file__, "--case", case_name, "--child-steps", str(steps)]
+      cmd += [arg for x in sets for arg in ("--set", x)]
+      out = subprocess.run(cmd, env=dict(env, **{xla_env.HOST_MEMORY: how}), capture_output=True, text=True)
+      if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+      res = json.loads(out.stdout.strip().splitlines()[-1])
+      best.setdefault(how, []).append(min(res["seconds"]))
+      print(f"round {r}: {xla_env.HOST_MEMORY}={how}: {min(res['seconds']):.2f} s per step (best of {steps}); "
+            f"page faults per step {statistics.median(res['faults']):,.0f}")
+  print(f"best rounds: keep {min(best['keep']):.2f}, default {min(best['default']):.2f} s per step: keep "
+        f"{min(best['default']) / min(best['keep']):.2f}x")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--case", default="official_64px", help="a `busgen-jax bench` case (configs of bench.py)")
@@ -133,6 +175,8 @@ def main():
                  help="profile the case with this field changed, e.g. conv=winograd (repeatable)")
   p.add_argument("--against", metavar="FIELD=VALUE", action="append", default=[],
                  help="A/B the case (with any --set fields) against it with this field changed too (repeatable)")
+  p.add_argument("--host-memory", action="store_true", help="A/B BUSGEN_JAX_HOST_MEMORY=keep in fresh processes")
+  p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.rounds < 1:
     p.error(f"--rounds {a.rounds}: at least one round")
@@ -144,10 +188,14 @@ def main():
     if len(values) != 2:
       p.error(f"--ab {a.ab}: give exactly two values, FIELD=A,B")
     ab_case(a.case, field, values, a.rounds)
+  elif a.host_memory:
+    ab_host_memory(a.case, a.set, a.rounds)
   else:
     fields = lambda items, flag: dict(_parse(p, a.case, item, flag) for item in items)
     overrides = fields(a.set, "--set")
-    if a.against:
+    if a.child_steps:
+      _child(a.case, overrides, a.child_steps)
+    elif a.against:
       ab_fields(a.case, overrides, fields(a.against, "--against"), a.rounds)
     else:
       profile(a.case, a.top, overrides)
