@@ -31,6 +31,8 @@ CPU_FLAGS = (f"{YNN_FLAG}=-individual_convolution",)
 # glibc's variable -> (its mallopt parameter in <malloc.h>, the value): M_ARENA_MAX, M_MMAP_MAX and M_TRIM_THRESHOLD
 # (-1: never trim; the variable takes it as size_t, 2^64 - 1).
 MALLOC = {"MALLOC_ARENA_MAX": (-8, 1), "MALLOC_MMAP_MAX_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, -1)}
+MALLOC_ENV = {k: str(value % 2 ** 64) for k, (_, value) in MALLOC.items()}   # the variables' form, for children
+HOST_MEMORY = "BUSGEN_JAX_HOST_MEMORY"
 
 
 def xla_flags(current: str) -> str:
@@ -38,9 +40,6 @@ def xla_flags(current: str) -> str:
   given = {f.split("=", 1)[0] for f in current.split()}
   extra = [f for f in CPU_FLAGS if f.split("=", 1)[0] not in given]
   return " ".join([current.strip(), *extra]).strip()
-
-
-HOST_MEMORY = "BUSGEN_JAX_HOST_MEMORY"
 
 
 def apply(environ: MutableMapping[str, str] = os.environ) -> None:
@@ -64,8 +63,7 @@ def keep_host_memory() -> str | None:
   """MALLOC's settings for this process (mallopt) and, through the environment, its children (glibc reads the
   variables at start-up); None once they are in effect, else why not. Call it before jax starts its threads: a
   thread that has already allocated keeps its own arena."""
-  ours = {k: str(value % 2 ** 64) for k, (_, value) in MALLOC.items()}
-  if all(os.environ.get(k) == v for k, v in ours.items()):
+  if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
     return None                         # a child of a process that set them: glibc read them at start-up
   if user_malloc(os.environ):
     return "the environment sets malloc (MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD)"
@@ -74,7 +72,7 @@ def keep_host_memory() -> str | None:
   mallopt = ctypes.CDLL(None).mallopt
   if not all(mallopt(param, value) == 1 for param, value in MALLOC.values()):
     return "glibc's mallopt refused a setting"
-  os.environ.update(ours)
+  os.environ.update(MALLOC_ENV)
   return None
 
 

@@ -96,9 +96,8 @@ def test_freed_host_memory_is_reused_without_page_faults():
     pytest.skip("glibc's malloc only")
   env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v})}
   results = {}
-  inherited = {k: str(v % 2 ** 64) for k, (_, v) in xla_env.MALLOC.items()}
   default = {"MALLOC_ARENA_TEST": "8"}         # glibc's own default value: a MALLOC_ variable that changes nothing
-  for how, extra in (("keep", {}), ("inherited", inherited), ("glibc", default)):
+  for how, extra in (("keep", {}), ("inherited", xla_env.MALLOC_ENV), ("glibc", default)):
     out = subprocess.run([sys.executable, "-c", _FAULTS, how], env={**env, **extra}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -121,8 +120,7 @@ def test_a_users_malloc_settings_are_kept_with_a_warning():
   env = dict(os.environ, **{xla_env.HOST_MEMORY: "keep", "MALLOC_ARENA_MAX": "4"})
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "the environment sets malloc" in out.stderr, out.stderr[-3000:]
-  inherited = dict(os.environ, **{xla_env.HOST_MEMORY: "keep"},
-                   **{k: str(v % 2 ** 64) for k, (_, v) in xla_env.MALLOC.items()})
+  inherited = dict(os.environ, **{xla_env.HOST_MEMORY: "keep"}, **xla_env.MALLOC_ENV)
   out = subprocess.run([sys.executable, "-c", code], env=inherited, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "malloc" not in out.stderr, out.stderr[-3000:]    # a child of a keeping process
 
