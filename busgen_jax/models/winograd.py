@@ -9,14 +9,15 @@ products of the saved input tiles with the transformed dy. F(2x2)'s transforms h
 coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24)
 round to ~1e-5.
 
-On XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.3-1.4x faster with
-m = 2 than XLA's (Eigen's) convolution, and 1.7-1.8x with m = 4 (1.2-2.1x over the official model's qualifying
-shapes); at 16x16 and below, or with fewer than 128 channels, the transforms' memory traffic outweighs the saved
-multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times
-the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated` is a drop-in for
-lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it pays, and only in
-programs lowered for CPU (lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution,
-which the MXU runs directly).
+On an AVX2 host's XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.3-1.4x
+faster with m = 2 than XLA's (Eigen's) convolution, and 1.7-1.8x with m = 4 (1.2-2.1x over the official model's
+qualifying shapes); on an AVX-512 host, where Eigen reaches ~70% of the matmul peak, m = 4 pays only at 64x64
+(1.0-1.35x) and loses at 32x32 (0.67-0.90x); at 16x16 and below, or with fewer than 128 channels, the transforms'
+memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved input
+tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated` is a
+drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it paid on
+the AVX2 host (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU (lax.platform_dependent: an AOT
+compile for TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
 """
 
 import functools
