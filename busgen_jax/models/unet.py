@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.remat = False              # rematerialise each res block in the backward pass
   c.attention = "auto"         # "dense" | "chunked" | "blocked" (memory-efficient) | "cudnn" (GPU) | "auto"
   c.attention_chunk = 1024     # query rows (and keys) per chunk for chunked and blocked attention
-  # "winograd": 3x3 convolutions with >= 128 channels at >= 32x32 pixels by Winograd's F(2x2, 3x3) in programs
+  # "winograd": 3x3 convolutions with >= 128 channels at >= 16x16 pixels by Winograd's F(2x2, 3x3) in programs
   # lowered for CPU (models/winograd.py; f32 results within ~1e-6); "winograd4": by F(4x4, 3x3) (fewer multiplies,
   # within ~1e-5); "direct": XLA's convolution everywhere.
   c.conv = "direct"

@@ -9,15 +9,16 @@ products of the saved input tiles with the transformed dy. F(2x2)'s transforms h
 coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24)
 round to ~1e-5.
 
-On an AVX2 host's XLA:CPU a 3x3 layer's forward + backward at (4, 64, 64, 128) and (4, 32, 32, 256) runs 1.3-1.4x
-faster with m = 2 than XLA's (Eigen's) convolution, and 1.7-1.8x with m = 4 (1.2-2.1x over the official model's
-qualifying shapes); on an AVX-512 host, where Eigen reaches ~70% of the matmul peak, m = 4 pays only at 64x64
-(1.0-1.35x) and loses at 32x32 (0.67-0.90x); at 16x16 and below, or with fewer than 128 channels, the transforms'
-memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved input
-tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated` is a
-drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it paid on
-the AVX2 host (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU (lax.platform_dependent: an AOT
-compile for TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
+The kernel's transform is one (a*a, 9) @ (9, I*O) product (_KRON); as an einsum over G twice it had cost as
+much as the convolution's own products. Forward + backward of one layer against XLA's (Eigen's) convolution, F(4x4),
+on an AVX-512 host (Eigen at ~70% of its matmul peak): 1.25-1.68x at 64x64 and 32x32 with 128-256 channels, 1.2x
+at 16x16, 0.9x at 8x8; F(2x2) 0.9-1.3x there. On an AVX2 host, before the kernel transform was one product, m = 4
+gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer than 128 channels, the transforms'
+memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved
+input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated`
+is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it
+paid (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU (lax.platform_dependent: an AOT compile for
+TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
 """
 
 import functools
@@ -28,7 +29,7 @@ import numpy as np
 
 # Where the transform pays on XLA:CPU (measured per layer, docs/BENCHMARKS.md).
 MIN_CHANNELS = 128
-MIN_PIXELS = 32 * 32
+MIN_PIXELS = 16 * 16
 
 # Per output tile size m: B^T (a x a), G (a x 3), A^T (m x a) for input tiles of a = m + 2 (Lavin & Gray, 2016),
 # in f32 (the compute dtype: F(4x4)'s 1/6, 1/12, 1/24 round here once).
@@ -42,6 +43,9 @@ TRANSFORMS = {
                   (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)), np.float32),
         np.array(((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)), np.float32)),
 }
+# G (x) G: row (a, b), column (r, s) holds G[a, r] G[b, s], so that G g G^T = _KRON @ g flattened (products in f64).
+_KRON = {m: np.kron(G.astype(np.float64), G.astype(np.float64)).astype(np.float32)
+         for m, (_, G, _) in TRANSFORMS.items()}
 
 
 def _combine(coefs, parts):
@@ -88,9 +92,16 @@ def _output_tiles_transposed(dy, m):
 
 
 def _kernel_tiles(w, m):
-  """(3, 3, I, O) -> (a*a, I, O): G g G^T."""
-  G = TRANSFORMS[m][1]
-  return jnp.einsum("ar,bs,rsio->abio", G, G, w).reshape(-1, *w.shape[2:])
+  """(3, 3, I, O) -> (a*a, I, O): G g G^T, as one (a*a, 9) @ (9, I*O) product (_KRON).
+
+  Written as an einsum over G twice, XLA:CPU ran it as dots of inner size 3 behind transposes of the whole
+  kernel: at F(4x4) the kernel transforms took as long as the convolutions' own products."""
+  return jnp.dot(_KRON[m], w.reshape(9, -1)).reshape(-1, *w.shape[2:])
+
+
+def _kernel_tiles_transposed(du, m):
+  """The transpose of _kernel_tiles: (a*a, I, O) -> (3, 3, I, O)."""
+  return jnp.dot(_KRON[m].T, du.reshape(du.shape[0], -1)).reshape(3, 3, *du.shape[1:])
 
 
 def conv3x3(x, w, tile: int = 2):
@@ -112,11 +123,9 @@ def _conv3x3_fwd(x, w, m):
 
 def _conv3x3_bwd(m, res, dy):
   tiles, w = res
-  a = m + 2
   dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), m)      # a stride-1 'same' conv's transpose
-  du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m)).reshape(a, a, *w.shape[2:])
-  G = TRANSFORMS[m][1]
-  return dx, jnp.einsum("ar,bs,abio->rsio", G, G, du)
+  du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m))
+  return dx, _kernel_tiles_transposed(du, m)
 
 
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
