@@ -91,12 +91,14 @@ def _output_tiles_transposed(dy, m):
   return jnp.stack([_combine(AT[:, q], cols) for q in range(a)], 1).reshape(a * a, -1, dy.shape[-1])
 
 
-def _kernel_tiles(w, m):
-  """(3, 3, I, O) -> (a*a, I, O): G g G^T, as one (a*a, 9) @ (9, I*O) product (_KRON).
+def _kernel_tiles(w, m, flipped=False):
+  """(3, 3, I, O) -> (a*a, I, O): G g G^T, as one (a*a, 9) @ (9, I*O) product (_KRON); with `flipped`, of g rotated
+  by 180 degrees (the input gradient's kernel: reversing the 9 taps is reversing _KRON's columns, no copy of w).
 
   Written as an einsum over G twice, XLA:CPU ran it as dots of inner size 3 behind transposes of the whole
   kernel: at F(4x4) the kernel transforms took as long as the convolutions' own products."""
-  return jnp.dot(_KRON[m], w.reshape(9, -1)).reshape(-1, *w.shape[2:])
+  kron = _KRON[m][:, ::-1] if flipped else _KRON[m]
+  return jnp.dot(kron, w.reshape(9, -1)).reshape(-1, *w.shape[2:])
 
 
 def _kernel_tiles_transposed(du, m):
@@ -123,7 +125,10 @@ def _conv3x3_fwd(x, w, m):
 
 def _conv3x3_bwd(m, res, dy):
   tiles, w = res
-  dx = _conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), m)      # a stride-1 'same' conv's transpose
+  # dx: the same form for dy against the rotated kernel, contracted over its output channels (a stride-1 'same'
+  # convolution's transpose), so neither w nor its transform is transposed in memory.
+  dx = _output_tiles(jnp.einsum("sto,sio->sti", _input_tiles(dy, m), _kernel_tiles(w, m, flipped=True)),
+                     dy.shape[:3], m)
   du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m))
   return dx, _kernel_tiles_transposed(du, m)
 
