@@ -10,15 +10,15 @@ coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4
 round to ~1e-5.
 
 The kernel's transform is one (a*a, 9) @ (9, I*O) product (_KRON); as an einsum over G twice it had cost as
-much as the convolution's own products. Forward + backward of one layer against XLA's (Eigen's) convolution, F(4x4),
-on an AVX-512 host (Eigen at ~70% of its matmul peak): 1.12-1.71x at 64x64 and 32x32 with 128-256 channels, 1.4x
-at 16x16, 0.85x at 8x8; F(2x2) 0.88-1.12x there, 1.5x at 16x16. On an AVX2 host, before the kernel transform was one product, m = 4
-gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer than 128 channels, the transforms'
-memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py). The saved
-input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x) until the backward pass. `conv_general_dilated`
-is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes this form only where it
-paid (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU (lax.platform_dependent: an AOT compile for
-TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
+much as the convolution's own products. Forward + backward of one layer against XLA's (Eigen's) convolution on an
+AVX-512 host (Eigen at ~70% of its matmul peak), F(4x4): 1.12-1.71x at 64x64 and 32x32 with 128-256 channels,
+1.4x at 16x16, 0.85x at 8x8; F(2x2): 0.88-1.12x there, 1.5x at 16x16. On an AVX2 host, before the kernel
+transform was one product, m = 4 gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer
+than 128 channels, the transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md,
+docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x)
+until the backward pass. `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an
+argument) that takes this form only where it paid (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU
+(lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
 """
 
 import functools
