@@ -131,7 +131,8 @@ class Embedding(nnx.Module):
 
 # From this many keys on, attention's backward pass is written out (_softmax_attention) in programs lowered for CPU:
 # at the official model's 4,096 positions one layer's forward + backward runs 1.15x faster on XLA:CPU than
-# autodiff's, the whole 64 px train step 1.19x; at 256-1,024 keys the two are level or autodiff is ahead
+# autodiff's, the whole 64 px train step 1.19x (AVX2 host; one layer 1.14x on an AVX-512 host with dV and dK
+# computed transposed); at 256-1,024 keys the two are level or autodiff is ahead
 # (docs/BENCHMARKS.md). Elsewhere autodiff's stays (lax.platform_dependent, resolved when the program is lowered,
 # so an AOT compile for TPU on a CPU host gets it): the materialised transposes cost HBM, and on a v5p-64 the
 # official train step at batch 8192 took 76.9 GiB per chip with them against 67.5 without (`busgen-jax aot`).
@@ -143,10 +144,11 @@ def _softmax_attention(q, k, v):
   """softmax(q k^T / sqrt(C)) v with the standard backward pass (as flash attention's): dS = P * (dP - rowsum(dO * O)).
 
   Autodiff of the softmax multiplies (L, L) cotangents by materialised (L, L) broadcasts of the scale and the
-  row sums; here one elementwise pass makes dS. The two products that contract over the query axis (dV = P^T dO,
-  dK = dS^T Q) read their (L, L) operand transposed, which XLA:CPU's dot kernels run at about half the rate of the
-  untransposed form: a materialised transpose (kept by an optimization barrier, which XLA would otherwise fold
-  back into the dot) costs less than it saves."""
+  row sums; here one elementwise pass makes dS. The two products that contract over the query axis would read
+  their (L, L) operand transposed (dV = P^T dO, dK = dS^T Q), which XLA:CPU's dot kernels run at about half the
+  rate of the untransposed form; computed transposed, dV^T = dO^T P and dK^T = Q^T dS read P and dS as stored, and
+  only (L, C) arrays are transposed (dO and Q materialised behind an optimization barrier, which XLA would
+  otherwise fold back into the dot)."""
   return _softmax_attention_fwd(q, k, v)[0]
 
 
@@ -166,13 +168,13 @@ def _softmax_attention_bwd(res, g):
   q, k, v, p, o = res
   scale = 1.0 / math.sqrt(q.shape[-1])
   transposed = lambda a: jax.lax.optimization_barrier(a.swapaxes(1, 2))
-  dv = jnp.einsum("bkq,bqc->bkc", transposed(p), g.astype(p.dtype))
+  dvt = jnp.einsum("bcq,bqk->bck", transposed(g.astype(p.dtype)), p)       # dV^T = dO^T P
   dp = jnp.einsum("bqc,bkc->bqk", g, v, preferred_element_type=jnp.float32)
   d = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)   # = rowsum(P * dP)
   ds = (p.astype(jnp.float32) * (dp - d) * scale).astype(q.dtype)
   dq = jnp.einsum("bqk,bkc->bqc", ds, k)
-  dk = jnp.einsum("bkq,bqc->bkc", transposed(ds), q)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+  dkt = jnp.einsum("bcq,bqk->bck", transposed(q), ds)                      # dK^T = Q^T dS
+  return dq, dkt.swapaxes(1, 2).astype(k.dtype), dvt.swapaxes(1, 2).astype(v.dtype)
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
