@@ -54,13 +54,14 @@ def test_torch_reference_row_times_the_official_trainer_beside_ours(tmp_path):
     pytest.skip("BUSGEN_OFFICIAL (a checkout of the official BUSGen code) is not set")
   pytest.importorskip("torch")
   cfg = bench.default_config()
-  cfg.only, cfg.torch_reference = "official_64px", checkout
+  cfg.only, cfg.torch_reference, cfg.reference_rounds = "official_64px", checkout, 2
   cfg.cases.official_64px.update(size=16, batch=1, steps=1, sample_steps=0, pipeline_batches=0,
                                  compare_attention=False)
   r = bench.run(cfg, tmp_path / "work")["cases"]["official_64px"]
   assert len(r["torch_rounds"]) == 2 and all(x["torch_step_s"] > 0 and x["step_s"] > 0 for x in r["torch_rounds"])
   assert r["train_over_torch"] == pytest.approx(r["torch_train_step_s"] / r["train_step_s"])
   assert r["torch_train_step_s"] == min(x["torch_step_s"] for x in r["torch_rounds"])
+  assert r["train_step_s"] == min(x["step_s"] for x in r["torch_rounds"])   # as many draws of each
   assert "| official_64px | " in (tmp_path / "work" / "bench.md").read_text().split("official PyTorch trainer")[1]
 
 
