@@ -8,15 +8,15 @@
                                                # beside the official PyTorch trainer, in the same process
 
 Each case runs in its own process, so its peak host memory (ru_maxrss) is its own. In that process: the matmul peak
-(best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) before and after, because shared machines drift
-(fractions are of the higher); the train step's cold compile time, step time, images/s, model FLOPs (XLA's cost
+(best of ten jitted 2048^3 products; f32 on CPU, bf16 on an accelerator) before and after, because shared machines
+drift (fractions are of the higher); the train step's cold compile time, step time, images/s, model FLOPs (XLA's cost
 analysis, forward x 3) and their fraction of the measured peak, and on an accelerator the MFU against the chip's
-published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and memory- efficient
-(chunked) attention; a LoRA adaptation step in both of lora.fold's forms (cases with adapt_rank); generation's images/s
-and network evaluations per image for the official sampler, the case's solver setting and a guidance-distilled student
-(_samplers); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step consumes.
-Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between `<!-- bench:begin -->` and `<!--
-bench:end -->` of that file. The four CPU cases took 21 minutes on 2 cores with the PyTorch reference rows.
+published bf16 peak; XLA's compiled temporary memory of the step with materialised (dense) and memory-efficient
+(chunked) attention; a LoRA adaptation step in both of lora.fold's forms (cases with adapt_rank); generation's
+images/s and network evaluations per image for the official sampler, the case's solver setting and a guidance-distilled
+student (_samplers); the Grain pipeline's images/s at the case's size for 0 and 2 workers, beside what the train step
+consumes. Results: WORKDIR/bench.json and bench.md; with --config.docs, the section between `<!-- bench:begin -->`
+and `<!-- bench:end -->` of that file. The four CPU cases took 21-25 minutes on 2 cores with the reference rows.
 """
 
 from __future__ import annotations
