@@ -134,8 +134,9 @@ class Embedding(nnx.Module):
 # autodiff's, the whole 64 px train step 1.19x (AVX2 host; one layer 1.14x on an AVX-512 host with dV and dK
 # computed transposed); at 256-1,024 keys the two are level or autodiff is ahead
 # (docs/BENCHMARKS.md). Elsewhere autodiff's stays (lax.platform_dependent, resolved when the program is lowered,
-# so an AOT compile for TPU on a CPU host gets it): the materialised transposes cost HBM, and on a v5p-64 the
-# official train step at batch 8192 took 76.9 GiB per chip with them against 67.5 without (`busgen-jax aot`).
+# so an AOT compile for TPU on a CPU host gets it): on a v5p-64 the official train step at batch 8192 took 76.9 GiB
+# per chip with the form of then, which materialised two (L, L) transposes, against 67.5 without (`busgen-jax aot`);
+# today's form transposes only (L, C) arrays and has not been compiled for TPU.
 SOFTMAX_VJP_MIN_KEYS = 2048
 
 
