@@ -237,3 +237,30 @@ def test_ema_decay_is_capped_by_the_warm_up_so_a_short_run_ignores_a_larger_one(
   assert not np.array_equal(run(0.9), run(0.995))
   c.ema_warmup = False
   assert float(train_state.ema_decay_at(c, 10, np)) == pytest.approx(c.ema_decay)
+
+
+def test_clipping_is_torchs_and_takes_the_train_steps_norm():
+  """Every gradient times min(1, max / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ (the official trainer's);
+  the norm passed as grad_norm= is the one used (the step has it already); below the threshold nothing changes; the
+  state is optax's EmptyState (checkpoints keep their structure); within 1e-6 of optax.clip_by_global_norm."""
+  import optax
+  from busgen_jax.train import state as train_state
+  g = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.full((4,), -2.0)}
+  clip = train_state.clip_by_global_norm(1.0)
+  assert clip.init(g) == optax.EmptyState()
+  norm = float(optax.global_norm(g))
+  for given, used in [(None, norm), (jnp.float32(2 * norm), 2 * norm)]:
+    out, _ = clip.update(g, clip.init(g), grad_norm=given)
+    for k in g:
+      np.testing.assert_allclose(out[k], g[k] * (1.0 / (used + 1e-6)), rtol=1e-6)
+  want, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+  for k in g:
+    np.testing.assert_allclose(clip.update(g, None)[0][k], want[k], rtol=1e-6)
+  small = jax.tree.map(lambda x: x * 1e-3, g)
+  for k in g:
+    np.testing.assert_array_equal(clip.update(small, None)[0][k], small[k])
+  c = train_state.default_config()
+  tx = train_state.optimizer(c, 10)   # the chain passes grad_norm= through
+  assert jax.tree.structure(tx.init(g)) == jax.tree.structure(optax.chain(
+      optax.clip_by_global_norm(1.0), optax.adamw(train_state.learning_rate(c, 10))).init(g))
+  tx.update(g, tx.init(g), g, grad_norm=jnp.float32(norm))

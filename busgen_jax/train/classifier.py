@@ -133,12 +133,13 @@ class Setup:
       return loss, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), acc)
 
     (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm)
     new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "batch_stats": stats, "opt_state": opt_state, "rng": rng}
     finite = jnp.isfinite(loss)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), "lr": self.lr(state["step"]),
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "lr": self.lr(state["step"]),
                  "finite": finite}
 
   def _predict(self, params, stats, images):

@@ -107,7 +107,7 @@ def make_update_step(loss_fn, cfg: ml_collections.ConfigDict, tx: optax.Gradient
     grad_norm = optax.global_norm(grads)
 
     def apply(state):
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm)
       new_params = optax.apply_updates(state["params"], updates)
       return {"step": state["step"] + 1, "params": new_params,
               "ema": train_state.ema_update(state["ema"], new_params, state["step"], cfg.optim),

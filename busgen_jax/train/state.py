@@ -35,8 +35,23 @@ def learning_rate(c: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
   raise ValueError(f"optim.schedule must be cosine or constant, got {c.schedule!r}")
 
 
-def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  chain = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip else []
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping as torch.nn.utils.clip_grad_norm_ does it (the official trainer's): every gradient times
+  min(1, max_norm / (norm + 1e-6)). `update(..., grad_norm=n)` takes the norm from a caller that has computed it
+  (the train step, for its non-finite guard): optax.clip_by_global_norm's second pass over the gradients, and its
+  materialised g / norm, cost the official 64 px step ~50 ms on 2 CPU cores. Its state is optax's EmptyState, as
+  optax.clip_by_global_norm's is, so checkpoints keep their structure."""
+  def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformationExtraArgs:
+  """Clipping (grad_clip) then AdamW; `update` accepts grad_norm= (clip_by_global_norm)."""
+  chain = [clip_by_global_norm(c.grad_clip)] if c.grad_clip else []
   chain.append(optax.adamw(learning_rate(c, total_steps), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
   return optax.chain(*chain)
 
