@@ -108,6 +108,38 @@ def test_transposed_conv_equals_pytorch_semantics():
   np.testing.assert_allclose(np.asarray(layer(x)), want, atol=1e-5)
 
 
+def test_downsampler_is_one_5x5_convolution_with_the_same_values_and_gradients(monkeypatch):
+  """strided.downsample == c1(x) + c2(x), with the gradients of x and of both layers' parameters, in the phase
+  form of the input gradient (up to MAX_CHANNELS, lowered for CPU) and above it; as one convolution in the program;
+  LoRA-wrapped layers and `apart()` run the two; flops_per_image counts the two."""
+  from busgen_jax.models import lora, strided
+  rng = np.random.default_rng(0)
+  layer = unet.DownSample(6, rng, None)
+  graph, params = nnx.split(layer, nnx.Param)
+  apart = lambda p, x: (lambda m: m.c1(x) + m.c2(x))(nnx.merge(graph, p))
+  merged = lambda p, x: nnx.merge(graph, p)(x)
+  for size, max_channels in [(8, 6), (8, 5), (7, 6)]:   # phase form; XLA's gradient; odd size: XLA's
+    monkeypatch.setattr(strided, "MAX_CHANNELS", max_channels)
+    x = jnp.asarray(rng.standard_normal((2, size, size + 2, 6)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(apart(params, x).shape), jnp.float32)
+    (y, vjp), (want, want_vjp) = jax.vjp(merged, params, x), jax.vjp(apart, params, x)
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), vjp(g), want_vjp(g))
+  convs = lambda: str(jax.make_jaxpr(lambda p, x: merged(p, x))(params, x)).count("conv_general_dilated")
+  assert convs() == 1
+  with strided.apart():   # read at trace time: a fresh function (make_jaxpr and jit cache traces)
+    assert convs() == 2
+  with pytest.raises(ValueError, match="5x5 kernel"):
+    strided.conv5x5_s2(x, jnp.zeros((3, 3, 6, 6)))
+  lora.inject(layer, lora.default_config())
+  assert str(jax.make_jaxpr(lambda x: layer(x))(x)).count("conv_general_dilated") >= 2
+  cfg = unet.default_config()
+  cfg.update(ch=8, ch_mult=(1, 1), num_res_blocks=1, num_groups=4, attn_levels=(), mid_attn=False)
+  with strided.apart():
+    apart_flops = unet.flops_per_image(cfg, 8, backward=False)
+  assert unet.flops_per_image(cfg, 8, backward=False) == apart_flops
+
+
 @pytest.mark.parametrize("min_keys", [None, 0])   # autodiff's backward, the written-out one (checkpointed in chunks)
 def test_chunked_attention_equals_dense_and_its_gradient(min_keys, monkeypatch):
   if min_keys is not None:
