@@ -28,9 +28,7 @@ from flax import nnx
 MAX_CHANNELS = 128
 _DN = ("NHWC", "HWIO", "NHWC")
 _TAPS = np.array([[4, 2, 0], [5, 3, 1]])   # phase a: the kernel tap at output offsets -1, 0, +1 (5: the zero tap)
-
-
-_merge = True   # False inside apart()
+_merge = True                               # False inside apart()
 
 
 def downsample(c1: nnx.Module, c2: nnx.Module, x: jax.Array) -> jax.Array:
@@ -47,11 +45,11 @@ def downsample(c1: nnx.Module, c2: nnx.Module, x: jax.Array) -> jax.Array:
 def apart():
   """Traces inside run the downsampler as its two convolutions (the model's own FLOPs, for cost analysis)."""
   global _merge
-  _merge = False
+  before, _merge = _merge, False
   try:
     yield
   finally:
-    _merge = True
+    _merge = before
 
 
 def conv5x5_s2(x: jax.Array, k: jax.Array, precision=None) -> jax.Array:
