@@ -334,15 +334,10 @@ class DownSample(nnx.Module):
 
 
 class TransposedConv(nnx.Module):
-  """PyTorch ConvTranspose2d(5x5, stride 2, padding 2, output_padding 1), computed as a sub-pixel convolution.
-
-  The kernel is stored as the equivalent forward conv over the zero-dilated input, (kh, kw, in, out) = torch's
-  (in, out, kh, kw) spatially flipped (the importer converts). Output pixel (2i+a, 2j+b) only meets the kernel
-  taps of its parity, so one 3x3 stride-1 conv with 4x the output channels (a phase each) followed by
-  depth-to-space gives exactly the same sums without the zeros: the input-dilated form's kernel gradient runs
-  ~25x slower on XLA:CPU."""
-
-  _PHASE_TAPS = np.array([[1, 3, 5], [0, 2, 4]])  # taps (offsets -1, 0, +1) of the front-zero-padded kernel
+  """PyTorch ConvTranspose2d(5x5, stride 2, padding 2, output_padding 1), computed as a sub-pixel convolution
+  (strided.transposed_conv5x5_s2). The kernel is stored as the equivalent forward conv over the zero-dilated input,
+  (kh, kw, in, out) = torch's (in, out, kh, kw) spatially flipped (the importer converts); the input-dilated
+  form's kernel gradient runs ~25x slower on XLA:CPU."""
 
   def __init__(self, c, k, rng, dtype, padding=2, conv=jax.lax.conv_general_dilated):
     if (k, padding) != (5, 2):
@@ -353,13 +348,7 @@ class TransposedConv(nnx.Module):
 
   def __call__(self, x):
     dt = self.dtype or x.dtype
-    k = jnp.pad(self.kernel.value, ((1, 0), (1, 0), (0, 0), (0, 0))).astype(dt)    # (6, 6, I, O)
-    t = self._PHASE_TAPS
-    phases = k[t[:, None, :, None], t[None, :, None, :]]                             # (a, b, 3, 3, I, O)
-    B, H, W, C = x.shape
-    kp = jnp.transpose(phases, (2, 3, 4, 0, 1, 5)).reshape(3, 3, C, 4 * C)          # out channels (a, b, O)
-    y = self.conv(x.astype(dt), kp, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y.reshape(B, H, W, 2, 2, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C)
+    y = strided.transposed_conv5x5_s2(x.astype(dt), self.kernel.value.astype(dt), self.conv)
     return y + self.bias.value.astype(dt)
 
 
