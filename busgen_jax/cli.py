@@ -65,12 +65,14 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+  from busgen_jax import xla_env
+  if argv is None:          # the program itself (not a caller's function call): glibc's huge pages, by re-exec
+    xla_env.reexec_with_hugepages()
+  argv = list(sys.argv if argv is None else argv)
   # XLA compilation dominates short CPU runs: keep compiled programs across runs (JAX's persistent cache;
   # read when jax is first imported, so set before any stage imports it).
-  argv = list(sys.argv if argv is None else argv)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "busgen_jax", "xla"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-  from busgen_jax import xla_env
   xla_env.apply()
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())

@@ -16,6 +16,13 @@ no trimming (keep_host_memory), so freed memory serves the next execution: no pa
 keeps its peak heap until it exits (which can grow over the first executions, until freed blocks fit the next ones),
 and every thread shares one arena (untried with a TPU host's input pipeline), so it is an option. A MALLOC_*
 variable, a glibc.malloc tunable or a preloaded allocator in the environment leaves malloc as the user set it.
+
+By default (BUSGEN_JAX_HOST_MEMORY unset or "hugepages") the CLI asks glibc's malloc for transparent huge pages
+(the glibc.malloc.hugetlb=1 tunable, glibc >= 2.35, where the kernel's THP mode is "madvise" or "always"): its large
+blocks are madvised, so a fresh 1.6 GB buffer faults in as ~800 2 MiB pages instead of ~400,000 4 KiB ones, while
+freed memory still goes back to the system. glibc reads tunables only at start-up, so the CLI re-executes itself
+once with the tunable set (reexec_with_hugepages; bench's and sweep's children inherit it). "glibc" leaves malloc as
+it comes. docs/BENCHMARKS.md, "Host memory", has the measurements.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 import warnings
 from typing import Mapping, MutableMapping
 
@@ -33,6 +41,9 @@ CPU_FLAGS = (f"{YNN_FLAG}=-individual_convolution",)
 MALLOC = {"MALLOC_ARENA_MAX": (-8, 1), "MALLOC_MMAP_MAX_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, -1)}
 MALLOC_ENV = {k: str(value % 2 ** 64) for k, (_, value) in MALLOC.items()}   # the variables' form, for children
 HOST_MEMORY = "BUSGEN_JAX_HOST_MEMORY"
+HOST_MEMORY_MODES = ("hugepages", "keep", "glibc")      # the first is the default
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def xla_flags(current: str) -> str:
@@ -46,11 +57,55 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> None:
   """Adds CPU_FLAGS to XLA_FLAGS (read once, when jax creates its first backend); in this process's own
   environment with BUSGEN_JAX_HOST_MEMORY=keep, keeps freed host memory (keep_host_memory)."""
   environ["XLA_FLAGS"] = xla_flags(environ.get("XLA_FLAGS", ""))
-  how = environ.get(HOST_MEMORY, "default")
-  if how not in ("default", "keep"):
-    raise ValueError(f"{HOST_MEMORY}={how!r}: expected 'keep' or 'default'")
+  how = host_memory(environ)
   if how == "keep" and environ is os.environ and (why := keep_host_memory()):
     warnings.warn(f"{HOST_MEMORY}=keep: {why}; malloc left as it is")
+
+
+def host_memory(environ: Mapping[str, str]) -> str:
+  """BUSGEN_JAX_HOST_MEMORY's value, checked: one of HOST_MEMORY_MODES."""
+  how = environ.get(HOST_MEMORY) or HOST_MEMORY_MODES[0]
+  if how not in HOST_MEMORY_MODES:
+    raise ValueError(f"{HOST_MEMORY}={how!r}: expected one of {', '.join(HOST_MEMORY_MODES)}")
+  return how
+
+
+def thp_mode(path: str = THP_MODE) -> str | None:
+  """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None where it has none."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return None
+  return text[text.find("[") + 1:text.find("]")] if "[" in text else None
+
+
+def hugepages_env(environ: Mapping[str, str], thp: str | None = None, libc: tuple[str, str] | None = None
+                  ) -> dict[str, str] | None:
+  """`environ` with glibc's huge-page tunable added to GLIBC_TUNABLES, or None where nothing is to change: another
+  host-memory mode, a user's own malloc settings, no THP (mode "never" or none), or a C library other than
+  glibc >= 2.35 (the tunable's first release). thp and libc default to this machine's."""
+  if host_memory(environ) != "hugepages" or user_malloc(environ):
+    return None
+  name, version = libc or platform.libc_ver()
+  if name != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+    return None
+  if (thp or thp_mode()) not in ("madvise", "always"):
+    return None
+  tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), HUGEPAGES_TUNABLE) if t)
+  return dict(environ, GLIBC_TUNABLES=tunables)
+
+
+def reexec_with_hugepages() -> None:
+  """Replaces this process with itself (the same interpreter and command line, sys.orig_argv) under hugepages_env,
+  where that changes anything; the new process finds the tunable set and goes on. Only a program's entry point
+  calls it (the CLI), before any output or thread: nothing of this process survives."""
+  env = hugepages_env(os.environ)
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def user_malloc(environ: Mapping[str, str]) -> bool:

@@ -107,6 +107,50 @@ def test_freed_host_memory_is_reused_without_page_faults():
   assert float(results["glibc"][1]) >= 16384, results
 
 
+def test_huge_pages_where_glibc_and_the_kernel_have_them():
+  base = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"}
+  env = xla_env.hugepages_env(base, thp="madvise", libc=("glibc", "2.36"))
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2:" + xla_env.HUGEPAGES_TUNABLE}
+  always = xla_env.hugepages_env({}, thp="always", libc=("glibc", "2.35"))
+  assert always == {"GLIBC_TUNABLES": xla_env.HUGEPAGES_TUNABLE}
+  assert xla_env.hugepages_env({xla_env.HOST_MEMORY: "hugepages"}, thp="madvise", libc=("glibc", "2.40"))
+  for environ, thp, libc in (({}, "never", ("glibc", "2.36")),
+                             ({}, "madvise", ("glibc", "2.34")), ({}, "madvise", ("", "")),
+                             ({xla_env.HOST_MEMORY: "keep"}, "madvise", ("glibc", "2.36")),
+                             ({xla_env.HOST_MEMORY: "glibc"}, "madvise", ("glibc", "2.36")),
+                             ({"MALLOC_ARENA_MAX": "2"}, "madvise", ("glibc", "2.36")),
+                             ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", ("glibc", "2.36"))):
+    assert xla_env.hugepages_env(environ, thp=thp, libc=libc) is None, (environ, thp, libc)
+  with pytest.raises(ValueError, match="hugepages, keep, glibc"):
+    xla_env.hugepages_env({xla_env.HOST_MEMORY: "huge"})
+
+
+def test_thp_mode(tmp_path):
+  (tmp_path / "enabled").write_text("always [madvise] never\n")
+  assert xla_env.thp_mode(str(tmp_path / "enabled")) == "madvise"
+  assert xla_env.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_the_cli_reexecutes_itself_with_huge_pages():
+  """glibc reads its tunables at start-up: reexec_with_hugepages replaces the process with itself (the same command
+  line, here `python -c CODE glibc`) under the tunable, and a fresh 64 MiB buffer then faults in as huge pages;
+  BUSGEN_JAX_HOST_MEMORY=glibc leaves the process as it is."""
+  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
+  if xla_env.hugepages_env(env) is None:
+    pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+  code = ("import os; from busgen_jax import xla_env; xla_env.reexec_with_hugepages(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))" + _FAULTS.replace(
+              'print(xla_env.keep_host_memory() if sys.argv[1] == "keep" else "glibc")\n', ""))
+  results = {}
+  for how in ("hugepages", "glibc"):
+    out = subprocess.run([sys.executable, "-c", code, how], env={**env, xla_env.HOST_MEMORY: how},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results[how] = out.stdout.split()
+  assert results["hugepages"][0] == xla_env.HUGEPAGES_TUNABLE and float(results["hugepages"][1]) < 1000, results
+  assert results["glibc"][0] == "None" and float(results["glibc"][1]) >= 16384, results
+
+
 def test_host_memory_is_an_option():
   env = {}
   xla_env.apply(env)                               # not this process's environment: nothing to set

@@ -6,7 +6,7 @@
   python docs/experiments/step_profile.py --case official_64px --ab attention=dense,chunked
   python docs/experiments/step_profile.py --case official_64px --set conv=winograd \
       --against conv=winograd4 --against attention=blocked --against attention_chunk=512
-  python docs/experiments/step_profile.py --case official_64px --host-memory   # BUSGEN_JAX_HOST_MEMORY=keep
+  python docs/experiments/step_profile.py --case official_64px --host-memory   # BUSGEN_JAX_HOST_MEMORY's modes
 
 The first form traces two steps of a `busgen-jax bench` case (its model, size and batch) with jax.profiler and
 lists the fusions that took longest per step, each with its result shape and the JAX operation it came from (XLA's
@@ -16,8 +16,9 @@ backward written out (`unet.SOFTMAX_VJP_MIN_KEYS`, the default) and with autodif
 alternating rounds in one process, so that the machine's drift hits both; the third does the same for two values
 of one field of the bench case (`bench.case`'s arguments); the fourth A/Bs the case with the --set fields against
 it with the --against fields changed as well. The fifth runs the step (with any --set fields) in fresh processes,
-alternately with BUSGEN_JAX_HOST_MEMORY=keep and with glibc's malloc as it comes (busgen_jax/xla_env.py), and
-counts the page faults per step (malloc is set at process start, so this A/B cannot share a process).
+in turn under each BUSGEN_JAX_HOST_MEMORY mode (hugepages, the CLI's default; keep; glibc's malloc as it comes:
+busgen_jax/xla_env.py), and counts the page faults per step (malloc is set at process start, so this A/B cannot
+share a process).
 """
 
 import argparse
@@ -150,18 +151,24 @@ def ab_host_memory(case_name, sets, rounds, steps=3):
   env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
   best = {}
   for r in range(rounds):
-    for how in ("keep", "default"):
+    for how in xla_env.HOST_MEMORY_MODES:
+      child = dict(env, **{xla_env.HOST_MEMORY: how})
+      child = xla_env.hugepages_env(child) or child       # what the CLI's re-exec gives it
       cmd = [sys.executable, __file__, "--case", case_name, "--child-steps", str(steps)]
       cmd += [arg for x in sets for arg in ("--set", x)]
-      out = subprocess.run(cmd, env=dict(env, **{xla_env.HOST_MEMORY: how}), capture_output=True, text=True)
+      out = subprocess.run(cmd, env=child, capture_output=True, text=True)
       if out.returncode:
         raise SystemExit(out.stderr[-3000:])
       res = json.loads(out.stdout.strip().splitlines()[-1])
       best.setdefault(how, []).append(min(res["seconds"]))
       print(f"round {r}: {xla_env.HOST_MEMORY}={how}: {min(res['seconds']):.2f} s per step (best of {steps}); "
             f"page faults per step {statistics.median(res['faults']):,.0f}")
-  print(f"best rounds: keep {min(best['keep']):.2f}, default {min(best['default']):.2f} s per step: keep "
-        f"{min(best['default']) / min(best['keep']):.2f}x")
+  glibc = min(best["glibc"])
+  print("best rounds: " + ", ".join(f"{how} {min(t):.2f} s per step ({glibc / min(t):.2f}x glibc's)"
+                                    for how, t in best.items()))
+  for how in ("hugepages", "keep"):
+    ratios = sorted(g / t for g, t in zip(best["glibc"], best[how]))
+    print(f"{how} per round: {', '.join(f'{x:.2f}' for x in ratios)}x (median {statistics.median(ratios):.2f}x)")
 
 
 def main():
@@ -175,7 +182,7 @@ def main():
                  help="profile the case with this field changed, e.g. conv=winograd (repeatable)")
   p.add_argument("--against", metavar="FIELD=VALUE", action="append", default=[],
                  help="A/B the case (with any --set fields) against it with this field changed too (repeatable)")
-  p.add_argument("--host-memory", action="store_true", help="A/B BUSGEN_JAX_HOST_MEMORY=keep in fresh processes")
+  p.add_argument("--host-memory", action="store_true", help="BUSGEN_JAX_HOST_MEMORY's modes in fresh processes")
   p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.rounds < 1:
