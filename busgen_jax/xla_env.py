@@ -88,7 +88,8 @@ def hugepages_env(environ: Mapping[str, str], thp: str | None = None, libc: tupl
   if host_memory(environ) != "hugepages" or user_malloc(environ):
     return None
   name, version = libc or platform.libc_ver()
-  if name != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+  release = tuple(int(v) for v in version.split(".")[:2] if v.isdigit())
+  if name != "glibc" or len(release) < 2 or release < (2, 35):
     return None
   if (thp or thp_mode()) not in ("madvise", "always"):
     return None

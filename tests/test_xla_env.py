@@ -116,6 +116,7 @@ def test_huge_pages_where_glibc_and_the_kernel_have_them():
   assert xla_env.hugepages_env({xla_env.HOST_MEMORY: "hugepages"}, thp="madvise", libc=("glibc", "2.40"))
   for environ, thp, libc in (({}, "never", ("glibc", "2.36")),
                              ({}, "madvise", ("glibc", "2.34")), ({}, "madvise", ("", "")),
+                             ({}, "madvise", ("glibc", "2.x")),
                              ({xla_env.HOST_MEMORY: "keep"}, "madvise", ("glibc", "2.36")),
                              ({xla_env.HOST_MEMORY: "glibc"}, "madvise", ("glibc", "2.36")),
                              ({"MALLOC_ARENA_MAX": "2"}, "madvise", ("glibc", "2.36")),
