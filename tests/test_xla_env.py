@@ -71,10 +71,12 @@ def test_convolutions_leave_ynnpack_and_dots_keep_it():
   assert "__ynn_fusion" in dot, dot
 
 
-_FAULTS = """
+_FAULTS_SETUP = """
 import resource, statistics, sys
 from busgen_jax import xla_env
 print(xla_env.keep_host_memory() if sys.argv[1] == "keep" else "glibc")
+"""
+_FAULTS_BODY = """
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a, b: a @ b)                 # a fresh 64 MiB result per call
 a, b = jnp.ones((8192, 64)), jnp.ones((64, 2048))
@@ -85,6 +87,7 @@ for _ in range(30):
   pages.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(statistics.median(pages[10:]))   # the heap may grow over the first calls
 """
+_FAULTS = _FAULTS_SETUP + _FAULTS_BODY
 
 
 def test_freed_host_memory_is_reused_without_page_faults():
@@ -134,14 +137,13 @@ def test_thp_mode(tmp_path):
 
 def test_the_cli_reexecutes_itself_with_huge_pages():
   """glibc reads its tunables at start-up: reexec_with_hugepages replaces the process with itself (the same command
-  line, here `python -c CODE glibc`) under the tunable, and a fresh 64 MiB buffer then faults in as huge pages;
+  line, here `python -c CODE MODE`) under the tunable, and a fresh 64 MiB buffer then faults in as huge pages;
   BUSGEN_JAX_HOST_MEMORY=glibc leaves the process as it is."""
   env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
   if xla_env.hugepages_env(env) is None:
     pytest.skip("no glibc >= 2.35 with transparent huge pages here")
-  code = ("import os; from busgen_jax import xla_env; xla_env.reexec_with_hugepages(); "
-          "print(os.environ.get('GLIBC_TUNABLES'))" + _FAULTS.replace(
-              'print(xla_env.keep_host_memory() if sys.argv[1] == "keep" else "glibc")\n', ""))
+  code = ("import os, resource, statistics; from busgen_jax import xla_env; xla_env.reexec_with_hugepages(); "
+          "print(os.environ.get('GLIBC_TUNABLES'))" + _FAULTS_BODY)
   results = {}
   for how in ("hugepages", "glibc"):
     out = subprocess.run([sys.executable, "-c", code, how], env={**env, xla_env.HOST_MEMORY: how},
