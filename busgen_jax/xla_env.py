@@ -115,6 +115,12 @@ def user_malloc(environ: Mapping[str, str]) -> bool:
           or "malloc" in environ.get("LD_PRELOAD", ""))
 
 
+def without_malloc_settings(environ: Mapping[str, str]) -> dict[str, str]:
+  """`environ` less every variable user_malloc would see and BUSGEN_JAX_HOST_MEMORY: where a child process that
+  measures the host-memory modes starts from."""
+  return {k: v for k, v in environ.items() if not user_malloc({k: v}) and k != HOST_MEMORY}
+
+
 def keep_host_memory() -> str | None:
   """MALLOC's settings for this process (mallopt) and, through the environment, its children (glibc reads the
   variables at start-up); None once they are in effect, else why not. Call it before jax starts its threads: a

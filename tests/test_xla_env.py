@@ -97,7 +97,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
   before jax starts its threads)."""
   if platform.libc_ver()[0] != "glibc":
     pytest.skip("glibc's malloc only")
-  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v})}
+  env = xla_env.without_malloc_settings(os.environ)
   results = {}
   default = {"MALLOC_ARENA_TEST": "8"}         # glibc's own default value: a MALLOC_ variable that changes nothing
   for how, extra in (("keep", {}), ("inherited", xla_env.MALLOC_ENV), ("glibc", default)):
@@ -139,7 +139,7 @@ def test_the_cli_reexecutes_itself_with_huge_pages():
   """glibc reads its tunables at start-up: reexec_with_hugepages replaces the process with itself (the same command
   line, here `python -c CODE MODE`) under the tunable, and a fresh 64 MiB buffer then faults in as huge pages;
   BUSGEN_JAX_HOST_MEMORY=glibc leaves the process as it is."""
-  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
+  env = xla_env.without_malloc_settings(os.environ)
   if xla_env.hugepages_env(env) is None:
     pytest.skip("no glibc >= 2.35 with transparent huge pages here")
   code = ("import os, resource, statistics; from busgen_jax import xla_env; xla_env.reexec_with_hugepages(); "

@@ -148,7 +148,7 @@ def ab_host_memory(case_name, sets, rounds, steps=3):
   import subprocess
   import sys
   from busgen_jax import xla_env
-  env = {k: v for k, v in os.environ.items() if not xla_env.user_malloc({k: v}) and k != xla_env.HOST_MEMORY}
+  env = xla_env.without_malloc_settings(os.environ)
   best = {}
   for r in range(rounds):
     for how in xla_env.HOST_MEMORY_MODES:
@@ -166,7 +166,7 @@ def ab_host_memory(case_name, sets, rounds, steps=3):
   glibc = min(best["glibc"])
   print("best rounds: " + ", ".join(f"{how} {min(t):.2f} s per step ({glibc / min(t):.2f}x glibc's)"
                                     for how, t in best.items()))
-  for how in ("hugepages", "keep"):
+  for how in (h for h in xla_env.HOST_MEMORY_MODES if h != "glibc"):
     ratios = sorted(g / t for g, t in zip(best["glibc"], best[how]))
     print(f"{how} per round: {', '.join(f'{x:.2f}' for x in ratios)}x (median {statistics.median(ratios):.2f}x)")
 
