@@ -3,17 +3,19 @@
 With output tiles of m = 2 (the default), each 4x4 input tile at stride 2 meets the 3x3 kernel in 16 products
 instead of 36; with m = 4, each 6x6 tile at stride 4 in 36 instead of 144. The convolution becomes an input
 transform (B^T d B), (m+2)^2 independent (tiles x in) @ (in x out) matmuls against the transformed kernel
-(G g G^T), and an output transform (A^T y A). Its backward pass is written out in the same terms: the input
-gradient is the same convolution of dy with the flipped, transposed kernel, the kernel gradient is (m+2)^2
-products of the saved input tiles with the transformed dy. F(2x2)'s transforms have only 0, +-1, +-1/2
+(G g G^T), and an output transform (A^T y A). Its backward pass is written out in the same terms, both gradients
+from dy's tiles transformed once (A dy A^T, the output transform's transpose): the input gradient is the forward
+pass transposed, (m+2)^2 products against the transformed kernel over its output channels, then the input
+transform's transpose (B t B^T of each tile, overlap-added), and the kernel gradient is (m+2)^2 products of the
+saved input tiles with them. F(2x2)'s transforms have only 0, +-1, +-1/2
 coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24)
 round to ~1e-5.
 
 The kernel's transform is one (a*a, 9) @ (9, I*O) product (_KRON); as an einsum over G twice it had cost as
 much as the convolution's own products. Forward + backward of one layer against XLA's (Eigen's) convolution on an
-AVX-512 host (Eigen at ~70% of its matmul peak), F(4x4): 1.12-1.71x at 64x64 and 32x32 with 128-256 channels,
-1.4x at 16x16, 0.85x at 8x8; F(2x2): 0.88-1.12x there, 1.5x at 16x16. On an AVX2 host, before the kernel
-transform was one product, m = 4 gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer
+AVX-512 host, F(4x4): 1.50-1.74x at 64x64 and 32x32 with 128-256 channels, 1.35x at 16x16, 0.91x at 8x8;
+F(2x2): 1.01-1.21x there, 1.54x at 16x16. On an AVX2 host, before the kernel transform was one product, m = 4
+gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer
 than 128 channels, the transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md,
 docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x)
 until the backward pass. `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an
@@ -91,14 +93,33 @@ def _output_tiles_transposed(dy, m):
   return jnp.stack([_combine(AT[:, q], cols) for q in range(a)], 1).reshape(a * a, -1, dy.shape[-1])
 
 
-def _kernel_tiles(w, m, flipped=False):
-  """(3, 3, I, O) -> (a*a, I, O): G g G^T, as one (a*a, 9) @ (9, I*O) product (_KRON); with `flipped`, of g rotated
-  by 180 degrees (the input gradient's kernel: reversing the 9 taps is reversing _KRON's columns, no copy of w).
+def _overlap_add(parts, m, axis):
+  """The transpose of taking the a = m + 2 slices parts[c] = x_padded[c::m] of an axis zero-padded by 1: parts[c]
+  (n tiles on `axis`) lands at padded position m*u + c, where tiles overlap by 2; returns positions 1..m*n."""
+  n = parts[0].shape[axis]
+  pad = lambda p, lo, hi: jnp.pad(p, [(lo, hi) if d == axis else (0, 0) for d in range(p.ndim)])
+  phases = [pad(parts[c], 0, 1) + pad(parts[c + m], 1, 0) if c + m < len(parts) else pad(parts[c], 0, 1)
+            for c in range(m)]                                                  # padded position m*u + c, u <= n
+  full = jnp.stack(phases, axis + 1)
+  full = full.reshape(*full.shape[:axis], (n + 1) * m, *full.shape[axis + 2:])
+  return jax.lax.slice_in_dim(full, 1, m * n + 1, axis=axis)
+
+
+def _input_tiles_transposed(t, shape, m):
+  """The transpose of _input_tiles: (a*a, tiles, C) -> (N, H, W, C), each tile's B d B^T overlap-added."""
+  BT, a = TRANSFORMS[m][0], m + 2
+  N, H, W = shape
+  t = t.reshape(a, a, N, H // m, W // m, -1)
+  cols = _overlap_add([_combine(BT[:, c], [t[:, j] for j in range(a)]) for c in range(a)], m, 3)  # (a, N, H/m, W, C)
+  return _overlap_add([_combine(BT[:, r], [cols[i] for i in range(a)]) for r in range(a)], m, 1)
+
+
+def _kernel_tiles(w, m):
+  """(3, 3, I, O) -> (a*a, I, O): G g G^T, as one (a*a, 9) @ (9, I*O) product (_KRON).
 
   Written as an einsum over G twice, XLA:CPU ran it as dots of inner size 3 behind transposes of the whole
   kernel: at F(4x4) the kernel transforms took as long as the convolutions' own products."""
-  kron = _KRON[m][:, ::-1] if flipped else _KRON[m]
-  return jnp.dot(kron, w.reshape(9, -1)).reshape(-1, *w.shape[2:])
+  return jnp.dot(_KRON[m], w.reshape(9, -1)).reshape(-1, *w.shape[2:])
 
 
 def _kernel_tiles_transposed(du, m):
@@ -125,11 +146,13 @@ def _conv3x3_fwd(x, w, m):
 
 def _conv3x3_bwd(m, res, dy):
   tiles, w = res
-  # dx: the same form for dy against the rotated kernel, contracted over its output channels (a stride-1 'same'
-  # convolution's transpose), so neither w nor its transform is transposed in memory.
-  dx = _output_tiles(jnp.einsum("sto,sio->sti", _input_tiles(dy, m), _kernel_tiles(w, m, flipped=True)),
-                     dy.shape[:3], m)
-  du = jnp.einsum("sti,sto->sio", tiles, _output_tiles_transposed(dy, m))
+  # Both gradients start from dy's transposed output transform (A dy A^T per tile): dx is the forward pass
+  # transposed step by step (products against the transformed kernel over its output channels, then the input
+  # transform's transpose, an overlap-add), so dy is transformed once. w's transform is the forward pass's,
+  # recomputed (one small product) rather than saved at (m+2)^2 / 9 times the kernel's memory.
+  dyt = _output_tiles_transposed(dy, m)
+  dx = _input_tiles_transposed(jnp.einsum("sto,sio->sti", dyt, _kernel_tiles(w, m)), dy.shape[:3], m)
+  du = jnp.einsum("sti,sto->sio", tiles, dyt)
   return dx, _kernel_tiles_transposed(du, m)
 
 
