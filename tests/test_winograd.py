@@ -33,7 +33,6 @@ def test_conv3x3_and_its_gradients_equal_xla(tile, shape):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=max(1e-4, scaled * float(jnp.max(jnp.abs(ref)))))
 
 
-
 @pytest.mark.parametrize("tile", [2, 4])
 def test_transposed_transforms_are_the_transforms_transposes(tile):
   """The backward pass's overlap-add and dy transform are the linear transposes of the forward's two transforms."""
@@ -45,6 +44,7 @@ def test_transposed_transforms_are_the_transforms_transposes(tile):
   np.testing.assert_allclose(winograd._input_tiles_transposed(t, x.shape[:3], tile), want, rtol=1e-6, atol=1e-5)
   want, = jax.linear_transpose(lambda t: winograd._output_tiles(t, x.shape[:3], tile), t)(x)
   np.testing.assert_allclose(winograd._output_tiles_transposed(x, tile), want, rtol=1e-6, atol=1e-5)
+
 
 def _applies(lhs=(2, 32, 32, 128), rhs=(3, 3, 128, 128), dtype=jnp.float32, strides=(1, 1),
              padding=((1, 1), (1, 1)), dilation=None, groups=1, dn=DN, tile=2):

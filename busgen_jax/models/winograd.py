@@ -7,19 +7,18 @@ transform (B^T d B), (m+2)^2 independent (tiles x in) @ (in x out) matmuls again
 from dy's tiles transformed once (A dy A^T, the output transform's transpose): the input gradient is the forward
 pass transposed, (m+2)^2 products against the transformed kernel over its output channels, then the input
 transform's transpose (B t B^T of each tile, overlap-added), and the kernel gradient is (m+2)^2 products of the
-saved input tiles with them. F(2x2)'s transforms have only 0, +-1, +-1/2
-coefficients, so f32 results match the direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24)
-round to ~1e-5.
+saved input tiles with them. F(2x2)'s transforms have only 0, +-1, +-1/2 coefficients, so f32 results match the
+direct convolution to ~1e-6 relative; F(4x4)'s (4, 5, 8, 1/6, 1/24) round to ~1e-5.
 
 The kernel's transform is one (a*a, 9) @ (9, I*O) product (_KRON); as an einsum over G twice it had cost as
 much as the convolution's own products. Forward + backward of one layer against XLA's (Eigen's) convolution on an
 AVX-512 host, F(4x4): 1.50-1.74x at 64x64 and 32x32 with 128-256 channels, 1.35x at 16x16, 0.91x at 8x8;
 F(2x2): 1.01-1.21x there, 1.54x at 16x16. On an AVX2 host, before the kernel transform was one product, m = 4
-gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer
-than 128 channels, the transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md,
-docs/experiments/conv_layers.py). The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x)
-until the backward pass. `conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an
-argument) that takes this form only where it paid (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU
+gave 1.7-2.1x at 64x64 and 32x32 and m = 2 1.3-1.6x. Below 16x16, or with fewer than 128 channels, the
+transforms' memory traffic outweighs the saved multiplies (docs/BENCHMARKS.md, docs/experiments/conv_layers.py).
+The saved input tiles take (m+2)^2/m^2 times the input's memory (4x, 2.25x) until the backward pass.
+`conv_general_dilated` is a drop-in for lax.conv_general_dilated (nnx.Conv takes it as an argument) that takes
+this form only where it paid (MIN_CHANNELS, MIN_PIXELS), and only in programs lowered for CPU
 (lax.platform_dependent: an AOT compile for TPU on a CPU host gets XLA's convolution, which the MXU runs directly).
 """
 
